@@ -1,0 +1,42 @@
+//! gram-core: the shared vocabulary of GRAM-rs, with no burn in it. Record types, the GRAM
+//! prompt templates and label tokens, tokenizers and chat templates, readers of checkpoint
+//! formats (HF config.json, safetensors, GGUF), and errors.
+
+pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod schema;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::{Checkpoint, Format};
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use template::{LabelIds, PromptStyle, Templates};
+pub use tokenizer::GramTokenizer;
+pub use weights::{F32Tensor, Weights};
+
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename, so a
+/// crash leaves either the old file or the new one, never half of one.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The Arrow schemas of every dataset the tools write or read, loaded from the versioned files in
+//! `schemas/` (compiled in, so a binary needs no checkout), and the check run on every read and
+//! write: a column missing or of another type is a one-line error naming the file and column.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Which dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dataset {
+    /// Pairs as a source gives them, after the pipeline's mapping.
+    RawPairs,
+    /// Stage-1 (unlabeled pairs).
+    Stage1,
+    /// Stage-2 (labeled judge prompts).
+    Stage2,
+    /// Rows that reached no dataset, with reasons.
+    Rejects,
+}
+
+impl Dataset {
+    fn source(self) -> &'static str {
+        match self {
+            Self::RawPairs => include_str!("../../../schemas/raw_pairs.v1.json"),
+            Self::Stage1 => include_str!("../../../schemas/stage1.v1.json"),
+            Self::Stage2 => include_str!("../../../schemas/stage2.v1.json"),
+            Self::Rejects => include_str!("../../../schemas/rejects.v1.json"),
+        }
+    }
+
+    /// The schema's name and version, as stored in Parquet metadata (`gram.schema`).
+    pub fn tag(self) -> String {
+        let f = self.file();
+        format!("{}.v{}", f.name, f.version)
+    }
+
+    fn file(self) -> SchemaFile {
+        // The files are part of the build; a parse failure is a bug caught by the tests below.
+        serde_json::from_str(self.source()).unwrap_or_else(|e| panic!("schemas/{self:?}: {e}"))
+    }
+
+    /// The Arrow schema, with `gram.schema` metadata.
+    pub fn schema(self) -> SchemaRef {
+        let f = self.file();
+        let fields: Vec<Field> = f
+            .fields
+            .iter()
+            .map(|c| Field::new(&c.name, parse_type(&c.ty).unwrap_or(DataType::Null), c.nullable))
+            .collect();
+        let mut md = std::collections::HashMap::new();
+        md.insert("gram.schema".to_string(), format!("{}.v{}", f.name, f.version));
+        Arc::new(Schema::new_with_metadata(fields, md))
+    }
+}
+
+#[derive(Deserialize)]
+struct SchemaFile {
+    name: String,
+    version: u32,
+    fields: Vec<FieldFile>,
+}
+
+#[derive(Deserialize)]
+struct FieldFile {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+    nullable: bool,
+}
+
+/// Parses the type names used in `schemas/*.json` (and in pipeline specs).
+pub fn parse_type(s: &str) -> Option<DataType> {
+    Some(match s.trim() {
+        "utf8" | "string" => DataType::Utf8,
+        "bool" => DataType::Boolean,
+        "int64" => DataType::Int64,
+        "uint32" => DataType::UInt32,
+        "uint64" => DataType::UInt64,
+        "float64" => DataType::Float64,
+        other => {
+            let inner = other.strip_prefix("list<")?.strip_suffix('>')?;
+            DataType::List(Arc::new(Field::new("item", parse_type(inner)?, true)))
+        }
+    })
+}
+
+fn same_type(a: &DataType, b: &DataType) -> bool {
+    match (a, b) {
+        (DataType::List(x), DataType::List(y)) | (DataType::LargeList(x), DataType::List(y)) => {
+            same_type(x.data_type(), y.data_type())
+        }
+        (DataType::Utf8View | DataType::LargeUtf8, DataType::Utf8) => true,
+        _ => a == b,
+    }
+}
+
+/// Checks that `actual` has every column of `dataset` with its type (extra columns allowed);
+/// `path` names the file in the error.
+pub fn check(actual: &Schema, dataset: Dataset, path: &Path) -> Result<()> {
+    let want = dataset.schema();
+    for f in want.fields() {
+        match actual.field_with_name(f.name()) {
+            Err(_) => {
+                return Err(Error::format(
+                    path,
+                    format!("column `{}` of the {} schema is missing", f.name(), dataset.tag()),
+                ));
+            }
+            Ok(a) if !same_type(a.data_type(), f.data_type()) => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "column `{}` is {}, the {} schema says {}",
+                        f.name(),
+                        a.data_type(),
+                        dataset.tag(),
+                        f.data_type()
+                    ),
+                ));
+            }
+            Ok(a) if a.is_nullable() && !f.is_nullable() && actual.metadata().get("gram.schema").is_none() => {
+                // Files not written by us may mark columns nullable; values are checked on use.
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_schema_file_parses() {
+        for d in [Dataset::RawPairs, Dataset::Stage1, Dataset::Stage2, Dataset::Rejects] {
+            let s = d.schema();
+            assert!(s.fields().iter().all(|f| f.data_type() != &DataType::Null), "{d:?}: unknown type");
+            assert!(d.tag().ends_with(".v1"));
+        }
+    }
+
+    #[test]
+    fn check_names_the_column() {
+        let s = Schema::new(vec![Field::new("id", DataType::Int64, false)]);
+        let e = check(&s, Dataset::RawPairs, Path::new("x.parquet")).unwrap_err().to_string();
+        assert!(e.contains("x.parquet") && e.contains("`id`") && e.contains("Int64"), "{e}");
+        let e = check(&Schema::empty(), Dataset::Stage2, Path::new("y")).unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        check(&Dataset::Stage1.schema(), Dataset::Stage1, Path::new("z")).expect("own schema passes");
+    }
+}
