@@ -1,0 +1,23 @@
+//! Backend selection: the CPU (burn's flex backend) or any GPU wgpu reaches.
+
+use burn::prelude::*;
+
+/// Where tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// burn's pure-Rust CPU backend (flex).
+    Cpu,
+    /// wgpu: Vulkan, Metal, DX12 (and Mesa's lavapipe on a CPU).
+    Wgpu,
+}
+
+/// Opens the device of a backend; wgpu fails with a clear message when no adapter is found.
+pub fn device(backend: Backend) -> crate::Result<Device> {
+    match backend {
+        Backend::Cpu => Ok(Device::flex()),
+        Backend::Wgpu => Device::wgpu_options()
+            .init()
+            .map_err(|e| crate::Error::Device(format!("no usable wgpu device ({e}); install a Vulkan driver (e.g. Mesa's mesa-vulkan-drivers) or use --backend cpu"))),
+    }
+}

@@ -1,0 +1,14 @@
+//! gram-model: the burn model of GRAM-rs. LLaMA / Qwen2 / Qwen3 decoders (config -> modules ->
+//! forward), weights from what gram-core reads, the GRAM and Bradley-Terry losses, devices.
+
+pub mod device;
+pub mod error;
+pub mod load;
+pub mod loss;
+pub mod model;
+pub mod rope;
+
+pub use device::{Backend, device};
+pub use error::{Error, Result};
+pub use load::{from_weights, load};
+pub use model::{CausalLm, CausalLmConfig};

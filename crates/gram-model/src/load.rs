@@ -1,0 +1,118 @@
+//! Checkpoint import: f32 tensors by HF name (from gram-core's safetensors and GGUF readers)
+//! checked against the shapes the config implies, renamed onto module paths by one table
+//! ([`HF_TO_BURN`]), and applied with burn-store (which transposes PyTorch linear weights).
+
+use std::collections::BTreeMap;
+
+use burn::prelude::*;
+use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, burn_pack};
+use burn::tensor::{Bytes, DType};
+use gram_core::{Checkpoint, ModelConfig, Weights};
+
+use crate::error::{Error, Result};
+use crate::model::{CausalLm, CausalLmConfig};
+
+/// HF tensor name -> module path. Module fields carry HF's names, so only the RMS norms differ
+/// (burn calls their scale `gamma`).
+pub const HF_TO_BURN: &[(&str, &str)] = &[(r"^(.*norm)\.weight$", "$1.gamma")];
+
+/// The tensors, by HF name, that a checkpoint of this configuration must hold, with their shapes.
+pub fn expected_shapes(c: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
+    let (h, i, v, d) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim);
+    let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let mut m = BTreeMap::new();
+    m.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+    m.insert("model.norm.weight".to_string(), vec![h]);
+    if !c.tie_word_embeddings {
+        m.insert("lm_head.weight".to_string(), vec![v, h]);
+    }
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let mut put = |name: &str, shape: Vec<usize>| {
+            m.insert(format!("{p}.{name}"), shape);
+        };
+        put("self_attn.q_proj.weight", vec![q, h]);
+        put("self_attn.k_proj.weight", vec![kv, h]);
+        put("self_attn.v_proj.weight", vec![kv, h]);
+        put("self_attn.o_proj.weight", vec![h, q]);
+        if c.qkv_bias {
+            put("self_attn.q_proj.bias", vec![q]);
+            put("self_attn.k_proj.bias", vec![kv]);
+            put("self_attn.v_proj.bias", vec![kv]);
+        }
+        if c.o_bias {
+            put("self_attn.o_proj.bias", vec![h]);
+        }
+        if c.qk_norm {
+            put("self_attn.q_norm.weight", vec![d]);
+            put("self_attn.k_norm.weight", vec![d]);
+        }
+        put("mlp.gate_proj.weight", vec![i, h]);
+        put("mlp.up_proj.weight", vec![i, h]);
+        put("mlp.down_proj.weight", vec![h, i]);
+        if c.mlp_bias {
+            put("mlp.gate_proj.bias", vec![i]);
+            put("mlp.up_proj.bias", vec![i]);
+            put("mlp.down_proj.bias", vec![h]);
+        }
+        put("input_layernorm.weight", vec![h]);
+        put("post_attention_layernorm.weight", vec![h]);
+    }
+    m
+}
+
+/// Tensors a checkpoint may carry that the model does not use.
+fn ignorable(name: &str, c: &ModelConfig) -> bool {
+    name.ends_with("rotary_emb.inv_freq") || (c.tie_word_embeddings && name == "lm_head.weight")
+}
+
+/// Builds the model a checkpoint describes and loads its weights.
+pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<CausalLm> {
+    let weights = ckpt.weights()?;
+    from_weights(&ckpt.config, weights, &ckpt.path.display().to_string(), device)
+}
+
+/// Builds a model of `config` from f32 tensors by HF name; `origin` names them in errors.
+pub fn from_weights(config: &ModelConfig, weights: Weights, origin: &str, device: &Device) -> Result<CausalLm> {
+    let expected = expected_shapes(config);
+    let werr = |msg: String| Error::Weights { path: origin.to_string(), msg };
+    let missing: Vec<&String> = expected.keys().filter(|k| !weights.tensors.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
+        return Err(werr(format!(
+            "{} tensor(s) the config implies are missing, e.g. {}",
+            missing.len(),
+            shown.join(", ")
+        )));
+    }
+    let mut tensors = Vec::with_capacity(expected.len());
+    for (name, t) in weights.tensors {
+        let Some(shape) = expected.get(&name) else {
+            if ignorable(&name, config) {
+                continue;
+            }
+            return Err(werr(format!("tensor `{name}` is not part of a {:?} model of this config", config.architecture)));
+        };
+        if &t.shape != shape {
+            return Err(Error::Core(gram_core::Error::Shape {
+                path: origin.into(),
+                name,
+                expected: shape.clone(),
+                got: t.shape,
+            }));
+        }
+        if let Some(bad) = t.data.iter().position(|x| !x.is_finite()) {
+            return Err(werr(format!("tensor `{name}` holds a non-finite value at index {bad}")));
+        }
+        tensors.push(burn_pack::Tensor::new(name, DType::F32, t.shape, None, Bytes::from_elems(t.data)));
+    }
+    let remapper = KeyRemapper::from_patterns(HF_TO_BURN.to_vec()).map_err(|e| Error::Internal(e.to_string()))?;
+    let (tensors, _) = remapper.remap(tensors);
+
+    let mut model = CausalLmConfig::from_model_config(config).init(device);
+    let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
+        return Err(werr(format!("weights did not map onto the model:\n{result}")));
+    }
+    Ok(model)
+}

@@ -1,0 +1,300 @@
+//! The decoder: LLaMA / Qwen2 / Qwen3 in burn (Config -> init -> Module -> forward). Field names
+//! follow HF's so that checkpoint keys map onto module paths with one table (`crate::load`).
+
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use gram_core::{ModelConfig, RopeScaling};
+
+use crate::rope;
+
+/// Runtime configuration of [`CausalLm`], made from a checkpoint's [`ModelConfig`].
+#[derive(Config, Debug)]
+pub struct CausalLmConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Per-head size.
+    pub head_dim: usize,
+    /// RMS norm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RoPE scaling (JSON of [`RopeScaling`]).
+    pub rope_scaling: RopeScaling,
+    /// Biases on q, k, v.
+    pub qkv_bias: bool,
+    /// Bias on o.
+    pub o_bias: bool,
+    /// Biases in the MLP.
+    pub mlp_bias: bool,
+    /// Per-head q/k RMS norms.
+    pub qk_norm: bool,
+    /// Output head tied to the embedding.
+    pub tie_word_embeddings: bool,
+}
+
+impl CausalLmConfig {
+    /// From a checkpoint's configuration.
+    pub fn from_model_config(c: &ModelConfig) -> Self {
+        Self {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling.clone(),
+            qkv_bias: c.qkv_bias,
+            o_bias: c.o_bias,
+            mlp_bias: c.mlp_bias,
+            qk_norm: c.qk_norm,
+            tie_word_embeddings: c.tie_word_embeddings,
+        }
+    }
+
+    /// A randomly initialised model (weights as HF's `initializer_range` 0.02 would give).
+    pub fn init(&self, device: &Device) -> CausalLm {
+        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
+        let lin = |i: usize, o: usize, bias: bool| {
+            LinearConfig::new(i, o).with_bias(bias).with_initializer(init.clone()).init(device)
+        };
+        let norm = |d: usize| RmsNormConfig::new(d).with_epsilon(self.rms_norm_eps).init(device);
+        let (h, q, kv) = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: lin(h, q, self.qkv_bias),
+                    k_proj: lin(h, kv, self.qkv_bias),
+                    v_proj: lin(h, kv, self.qkv_bias),
+                    o_proj: lin(q, h, self.o_bias),
+                    q_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                    k_norm: self.qk_norm.then(|| norm(self.head_dim)),
+                    num_heads: self.num_attention_heads,
+                    num_kv_heads: self.num_key_value_heads,
+                    head_dim: self.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: lin(h, self.intermediate_size, self.mlp_bias),
+                    up_proj: lin(h, self.intermediate_size, self.mlp_bias),
+                    down_proj: lin(self.intermediate_size, h, self.mlp_bias),
+                },
+                input_layernorm: norm(h),
+                post_attention_layernorm: norm(h),
+            })
+            .collect();
+        let inv = rope::inv_freq(self.head_dim, self.rope_theta, &self.rope_scaling);
+        CausalLm {
+            model: Decoder {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, h).with_initializer(init.clone()).init(device),
+                layers,
+                norm: norm(h),
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| lin(h, self.vocab_size, false)),
+            inv_freq: inv,
+        }
+    }
+}
+
+/// Multi-head attention with grouped key/value heads.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Per-head query norm (Qwen3).
+    pub q_norm: Option<RmsNorm>,
+    /// Per-head key norm (Qwen3).
+    pub k_norm: Option<RmsNorm>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Head size.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `cos`/`sin`: `[batch, 1, seq, head_dim]`;
+    ///   `masked`: `[batch, 1, seq, seq]` (true where a query must not see a key)
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, masked: &Tensor<4, Bool>) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor<3>, n: usize, norm: &Option<RmsNorm>| {
+            let y = y.reshape([b, t, n, d]);
+            let y = match norm {
+                Some(nm) => nm.forward(y),
+                None => y,
+            };
+            y.swap_dims(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x.clone()), h, &self.q_norm);
+        let k = heads(self.k_proj.forward(x.clone()), kv, &self.k_norm);
+        let v = self.v_proj.forward(x).reshape([b, t, kv, d]).swap_dims(1, 2);
+        let q = rope::apply(q, cos, sin);
+        let k = rope::apply(k, cos, sin);
+        let (k, v) = if kv == h {
+            (k, v)
+        } else {
+            let rep = h / kv;
+            let expand = |y: Tensor<4>| y.unsqueeze_dim::<5>(2).repeat_dim(2, rep).reshape([b, h, t, d]);
+            (expand(k), expand(v))
+        };
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        // A large finite value rather than -inf: a fully masked row (a padding query) then
+        // softmaxes to a uniform row instead of NaN, and its output is never read.
+        let scores = scores.mask_fill(masked.clone().expand([b, h, t, t]), -1.0e30);
+        let attn = softmax(scores, 3);
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, t, h * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// The SwiGLU MLP.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// Gate.
+    pub gate_proj: Linear,
+    /// Up.
+    pub up_proj: Linear,
+    /// Down.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `down(silu(gate(x)) * up(x))`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// Attention.
+    pub self_attn: Attention,
+    /// MLP.
+    pub mlp: Mlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// # Shapes
+    /// `x`: `[batch, seq, hidden]` -> same.
+    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, masked: &Tensor<4, Bool>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, masked);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// Embedding, layers and final norm: HF's `model.*`.
+#[derive(Module, Debug)]
+pub struct Decoder {
+    /// Token embedding.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+}
+
+/// A causal LM: the decoder and its output head (HF's `*ForCausalLM`).
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    /// The decoder.
+    pub model: Decoder,
+    /// Output head; `None` when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// RoPE inverse frequencies (a constant, not a parameter).
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+}
+
+impl CausalLm {
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// - `ids`, `mask`: `[batch, seq]`, left-padded (mask 1 on real tokens)
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_hidden(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let positions = rope::position_ids(mask.clone());
+        let inv = Tensor::<1>::from_data(TensorData::new(self.inv_freq.clone(), [self.inv_freq.len()]), &device);
+        let (cos, sin) = rope::cos_sin(positions, &inv);
+        // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
+        // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
+        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]).expand([b, 1, t, t]);
+        let pad = mask.equal_elem(0).reshape([b, 1, 1, t]).expand([b, 1, t, t]);
+        let masked = future.bool_or(pad);
+        let mut x = self.model.embed_tokens.forward(ids);
+        for layer in &self.model.layers {
+            x = layer.forward(x, &cos, &sin, &masked);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// The output-head matrix as `[hidden, vocab]`.
+    fn head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(l) => l.weight.val(),
+            None => self.model.embed_tokens.weight.val().transpose(),
+        }
+    }
+
+    /// Logits at every position.
+    ///
+    /// # Shapes
+    /// - `ids`, `mask`: `[batch, seq]`; output: `[batch, seq, vocab]`
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<3> {
+        let h = self.forward_hidden(ids, mask);
+        let [b, t, d] = h.dims();
+        let w = self.head_weight();
+        let [_, v] = w.dims();
+        h.reshape([b * t, d]).matmul(w).reshape([b, t, v])
+    }
+
+    /// Logits of selected vocabulary rows at the last position (left padding puts every row's
+    /// last real token there): what GRAM's judge reads, without the rest of the output head.
+    ///
+    /// # Shapes
+    /// - `ids`, `mask`: `[batch, seq]`; output: `[batch, token_ids.len()]`
+    pub fn last_logits(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>, token_ids: &[u32]) -> Tensor<2> {
+        let h = self.forward_hidden(ids, mask);
+        let [b, t, d] = h.dims();
+        let last = h.slice([0..b, t - 1..t, 0..d]).reshape([b, d]);
+        let device = last.device();
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(token_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [token_ids.len()]),
+            &device,
+        );
+        let w = self.head_weight().select(1, idx);
+        last.matmul(w)
+    }
+}
