@@ -1,0 +1,113 @@
+//! `gram-data`: build GRAM's stage-1 and stage-2 datasets from raw preference files.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gram_data::build::{BuildOptions, build, print_stats};
+
+/// Turn raw preference files into GRAM's datasets.
+#[derive(Parser)]
+#[command(name = "gram-data", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run pipelines (pipelines/*.toml) into tokenised stage-1 / stage-2 Parquet datasets.
+    ///
+    /// Writes OUT/stage1/{train,valid,test}-NNNNN.parquet, OUT/stage2/..., OUT/rejects-00000.parquet
+    /// (every row that reached no dataset, with its reason), OUT/stats.json and OUT/manifest.json.
+    /// The folder appears only when the build is complete.
+    ///
+    /// Examples:
+    ///   gram-data build pipelines/hh-rlhf-harmless.toml --model ./SmolLM2 --out data/hh
+    ///   gram-data build pipelines/*.toml --model model.gguf --out data/all --max-tokens 1024
+    ///   gram-data build pipelines/chosen-rejected.toml --input 'my/*.jsonl' --out data/mine
+    #[command(verbatim_doc_comment)]
+    Build {
+        /// Pipeline spec files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+        /// Output folder (must not exist unless --overwrite).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Model folder or .gguf whose tokenizer and chat template tokenise the data (none: text only).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Input files or globs replacing the pipeline's own (one pipeline only).
+        #[arg(long = "input")]
+        inputs: Vec<PathBuf>,
+        /// Longest example in tokens; longer texts are cut (head and tail kept, marked).
+        #[arg(long, default_value_t = 2048)]
+        max_tokens: usize,
+        /// Reject pairs longer than this many tokens before truncation, instead of cutting them.
+        #[arg(long)]
+        drop_over: Option<usize>,
+        /// Use the model's chat template (default: when it has one).
+        #[arg(long, conflicts_with = "raw")]
+        chat: bool,
+        /// Plain prompts, no chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Fraction of prompts in the validation split.
+        #[arg(long, default_value_t = 0.05)]
+        valid: f64,
+        /// Fraction of prompts in the test split.
+        #[arg(long, default_value_t = 0.05)]
+        test: f64,
+        /// Seed of the random response order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stage 2: one (seeded random) order per pair instead of both.
+        #[arg(long)]
+        one_order: bool,
+        /// Rows per Parquet shard.
+        #[arg(long, default_value_t = 50_000)]
+        shard_rows: usize,
+        /// Rows read per chunk (bounds memory).
+        #[arg(long, default_value_t = 4096)]
+        chunk_rows: usize,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        overwrite: bool,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Build { pipelines, out, model, inputs, max_tokens, drop_over, chat, raw, valid, test, seed, one_order, shard_rows, chunk_rows, overwrite, quiet } = cli.cmd;
+    let opts = BuildOptions {
+        pipelines,
+        inputs,
+        out: out.clone(),
+        model,
+        chat: if chat { Some(true) } else if raw { Some(false) } else { None },
+        max_tokens,
+        drop_over,
+        valid_frac: valid,
+        test_frac: test,
+        seed,
+        both_orders: !one_order,
+        shard_rows,
+        chunk_rows,
+        overwrite,
+        progress: !quiet && std::env::var_os("NO_PROGRESS").is_none(),
+    };
+    match build(&opts) {
+        Ok(stats) => {
+            print_stats(&stats, &out);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("error: {msg}");
+            if msg.starts_with("internal error") { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
+}
