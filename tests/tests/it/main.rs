@@ -1,0 +1,5 @@
+//! GRAM-rs end-to-end tests, one module per area (one test binary, so burn links once).
+
+mod common;
+mod data;
+mod model;
