@@ -204,13 +204,18 @@ pub fn split_of(prompt: &str, valid: f64, test: f64) -> &'static str {
 }
 
 fn reason_key(r: &str) -> String {
-    // Group "column `x` is missing" with others of its kind, but keep distinct columns apart.
-    let r = r.split(':').next().unwrap_or(r);
-    let mut k: String = r.chars().take(60).collect();
-    if k.starts_with("duplicate of pair") {
-        k = "duplicate of an earlier pair".into();
+    // Group reasons of one kind; row-specific detail (ids, parser positions) is dropped.
+    let r = match r.strip_prefix("pair ") {
+        Some(rest) => rest.split_once(": ").map_or(rest, |(_, why)| why),
+        None => r,
+    };
+    if r.starts_with("malformed JSON") {
+        return "malformed JSON".into();
     }
-    k
+    if r.starts_with("duplicate of pair") {
+        return "duplicate of an earlier pair".into();
+    }
+    r.chars().take(80).collect()
 }
 
 /// A Parquet writer that rolls over every `rows` rows.

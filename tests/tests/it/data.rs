@@ -258,3 +258,61 @@ fn bad_files_and_specs_are_one_line_errors() -> Result<()> {
     ensure!(err.lines().filter(|l| l.starts_with("error")).count() == 1, "one line: {err}");
     Ok(())
 }
+
+#[test]
+fn csv_and_parquet_sources_and_truncation() -> Result<()> {
+    // CSV with a header, typed columns parsed from text.
+    let csv = "question,good,bad,score\n\"What is 2+2?\",4,5,1\n\"Say hi, politely\",\"Hello, nice to meet you.\",yo,2\nshort,x,y,notanumber\n";
+    let cols = "{ question = \"utf8\", good = \"utf8\", bad = \"utf8\", score = \"int64\" }";
+    let sql = "SELECT _file, _row, question AS prompt, good AS response_a, bad AS response_b, 'a' AS label FROM source";
+    let (ok, err, out) = run_bad("csv", "csv", cols, sql, "in.csv", csv.as_bytes())?;
+    ensure!(ok, "{err}");
+    let s = stats(&out)?;
+    ensure!(n(&s["pairs_written"]) == 2 && n(&s["rejected"]) == 1, "{s}");
+    ensure!(reasons(&out)?.iter().any(|(row, t)| *row == 4 && t.contains("`notanumber` is not an integer")), "{:?}", reasons(&out)?);
+
+    // Parquet: read back a stage-1 shard this tool wrote, with a tokenizer, and a tight token
+    // budget so that texts are cut but the template survives.
+    let root = repo_root();
+    let big = scratch("data-pq")?;
+    let long = "word ".repeat(400);
+    std::fs::write(big.join("in.jsonl"), format!("{}\n", serde_json::json!({"prompt": format!("Q {long}"), "chosen": format!("A {long}"), "rejected": format!("B {long}")})))?;
+    let o = big.join("out");
+    let r = gram_data(&[
+        "build", &root.join("pipelines/chosen-rejected.toml").display().to_string(), "--input", &big.join("in.jsonl").display().to_string(),
+        "--out", &o.display().to_string(), "--model", &fixtures().join("smollm2").display().to_string(), "--max-tokens", "300",
+        "--valid", "0", "--test", "0", "--quiet",
+    ])?;
+    ensure!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let s2 = read_parquet_dir(&o.join("stage2"), "train")?;
+    let tok = GramTokenizer::from_dir(&fixtures().join("smollm2"))?;
+    for b in &s2 {
+        let ids = b.column_by_name("input_ids").context("input_ids")?.as_list::<i32>();
+        let tr = b.column_by_name("truncated").context("truncated")?.as_boolean();
+        for i in 0..b.num_rows() {
+            let v: Vec<u32> = ids.value(i).as_primitive::<UInt32Type>().values().to_vec();
+            ensure!(tr.value(i) && v.len() <= 299, "row {i}: {} tokens, truncated {}", v.len(), tr.value(i));
+            let text = tok.decode(&v)?;
+            ensure!(text.contains(" [...] ") && text.contains("[The End of Assistant B's Answer]\n\n#Preferred:<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+        }
+    }
+    let (ok, err, out) = run_bad(
+        "pq",
+        "parquet",
+        "{ prompt = \"utf8\", response_a = \"utf8\", response_b = \"utf8\" }",
+        "SELECT _file, _row, prompt, response_a, response_b FROM source",
+        "in.parquet",
+        &std::fs::read(o.join("stage1/train-00000.parquet"))?,
+    )?;
+    ensure!(ok, "{err}");
+    ensure!(n(&stats(&out)?["pairs_written"]) == 1);
+    // --drop-over rejects instead of cutting.
+    let o2 = big.join("out2");
+    let r = gram_data(&[
+        "build", &root.join("pipelines/chosen-rejected.toml").display().to_string(), "--input", &big.join("in.jsonl").display().to_string(),
+        "--out", &o2.display().to_string(), "--model", &fixtures().join("smollm2").display().to_string(), "--drop-over", "300", "--quiet",
+    ])?;
+    ensure!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    ensure!(reasons(&o2)?.iter().any(|(_, t)| t.contains("> --drop-over 300")), "{:?}", reasons(&o2)?);
+    Ok(())
+}
