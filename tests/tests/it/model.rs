@@ -254,3 +254,44 @@ fn inspect_cli_describes_a_gguf_and_predicts() -> Result<()> {
     ensure!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/model"));
     Ok(())
 }
+
+#[test]
+fn f16_and_bf16_checkpoints_widen_exactly() -> Result<()> {
+    // The llama fixture rounded to f16 / bf16 and saved in that dtype must load to exactly the
+    // model whose f32 weights are those rounded values.
+    let tiny = fixtures().join("hf-tiny/llama");
+    let w = gram_core::Weights::from_hf_dir(&tiny)?;
+    let device = Device::flex();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 4, 5, 6, 7], [1, 5]), &device);
+    let m = Tensor::<2, Int>::ones([1, 5], &device);
+    for (name, dtype) in [("f16", safetensors::Dtype::F16), ("bf16", safetensors::Dtype::BF16)] {
+        let round = |x: f32| if name == "f16" { half::f16::from_f32(x).to_f32() } else { half::bf16::from_f32(x).to_f32() };
+        let dir_half = scratch(&format!("{name}-half"))?;
+        let dir_f32 = scratch(&format!("{name}-f32"))?;
+        std::fs::copy(tiny.join("config.json"), dir_half.join("config.json"))?;
+        std::fs::copy(tiny.join("config.json"), dir_f32.join("config.json"))?;
+        let mut bytes = Vec::new();
+        let mut rounded = std::collections::BTreeMap::new();
+        for (k, t) in &w.tensors {
+            let b: Vec<u8> = t
+                .data
+                .iter()
+                .flat_map(|&x| if name == "f16" { half::f16::from_f32(x).to_le_bytes() } else { half::bf16::from_f32(x).to_le_bytes() })
+                .collect();
+            bytes.push((k.clone(), b, t.shape.clone()));
+            rounded.insert(k.clone(), gram_core::F32Tensor { shape: t.shape.clone(), data: t.data.iter().map(|&x| round(x)).collect() });
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+            .iter()
+            .map(|(k, b, s)| Ok((k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b)?)))
+            .collect::<Result<_>>()?;
+        std::fs::write(dir_half.join("model.safetensors"), safetensors::tensor::serialize(views, None)?)?;
+        gram_core::weights::write_safetensors(&dir_f32.join("model.safetensors"), &rounded, None)?;
+        let ck = Checkpoint::open(&dir_half)?;
+        ensure!(ck.weights()?.stored_dtype == name, "stored dtype {}", ck.weights()?.stored_dtype);
+        let a: Vec<f32> = gram_model::load(&ck, &device)?.forward(ids.clone(), m.clone()).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let b: Vec<f32> = gram_model::load(&Checkpoint::open(&dir_f32)?, &device)?.forward(ids.clone(), m.clone()).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        ensure!(a == b, "{name}: logits differ from the f32 model of the rounded weights");
+    }
+    Ok(())
+}
