@@ -90,6 +90,83 @@ fn fit<const N: usize>(
     bail!("does not fit in {max_tokens} tokens (the template alone needs about {fixed})")
 }
 
+/// The part of every judge prompt before the question (chat template, system prompt, judge
+/// instruction, `[User Question]`) is the same for all rows: its ids are computed once and
+/// reused, on rows where the tokenizer provably splits at its end.
+struct PrefixCache {
+    prefix: String,
+    ids: Vec<u32>,
+    /// Byte offset in `prefix` where a pre-token starts (the start of its last line): the
+    /// pre-tokenisation of `prefix[window..] + row text` decides the split for the whole text.
+    window: usize,
+    /// Texts of added tokens (they split the input before the pre-tokenizer runs).
+    added: Vec<String>,
+}
+
+fn pre_token_starts(tok: &GramTokenizer, text: &str) -> Option<Vec<usize>> {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let pre = tok.tokenizer.get_pre_tokenizer()?;
+    let mut pts = PreTokenizedString::from(text);
+    pre.pre_tokenize(&mut pts).ok()?;
+    Some(pts.get_splits(OffsetReferential::Original, OffsetType::Byte).iter().map(|(_, o, _)| o.0).collect())
+}
+
+impl PrefixCache {
+    fn new(tok: &GramTokenizer, templates: &Templates<'_>) -> Option<Self> {
+        const SENTINEL: &str = "\u{E000}";
+        if tok.tokenizer.get_normalizer().is_some() {
+            return None;
+        }
+        let text = templates.stage2(SENTINEL, "a", "b").ok()?;
+        let prefix = text[..text.find(SENTINEL)?].to_string();
+        let body = prefix.strip_suffix('\n')?;
+        let window = body.rfind('\n')? + 1;
+        let added: Vec<String> = tok.tokenizer.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
+        if added.iter().any(|a| a.contains('\n') || prefix[window..].contains(a.as_str())) {
+            return None;
+        }
+        // The window must start a pre-token in the prefix's own last segment.
+        let seg = added.iter().filter_map(|a| prefix.rfind(a.as_str()).map(|i| i + a.len())).max().unwrap_or(0);
+        if seg > window || !pre_token_starts(tok, &prefix[seg..])?.contains(&(window - seg)) {
+            return None;
+        }
+        let ids = templates.encode(&prefix, true).ok()?;
+        // Probes: the concatenation must reproduce whole-text ids (this also rules out tokenizers
+        // that add a prefix space or append special tokens).
+        let cache = Self { prefix, ids, window, added };
+        for probe in ["hello world", " leading space", "\n\nnewlines first", "42 digits", "Ünïcödé 🙂", "<|im_end|> x"] {
+            let full = templates.encode(&format!("{}{probe}", cache.prefix), true).ok()?;
+            if cache.encode(tok, &format!("{}{probe}", cache.prefix)).is_some_and(|ids| ids != full) {
+                return None;
+            }
+        }
+        Some(cache)
+    }
+
+    /// Ids of `text` (which must start with the prefix) if the split at the prefix's end is
+    /// certain; None: tokenise the whole text.
+    fn encode(&self, tok: &GramTokenizer, text: &str) -> Option<Vec<u32>> {
+        let rest = text.strip_prefix(self.prefix.as_str())?;
+        let mut head_end = rest.len().min(64);
+        while !rest.is_char_boundary(head_end) {
+            head_end -= 1;
+        }
+        let head = &rest[..head_end];
+        if self.added.iter().any(|a| head.contains(a.as_str()) || a.starts_with(head)) && !head.is_empty() {
+            // An added token near the boundary: rare, take the slow path.
+            return None;
+        }
+        let window = format!("{}{head}", &self.prefix[self.window..]);
+        let boundary = self.prefix.len() - self.window;
+        if !pre_token_starts(tok, &window)?.contains(&boundary) {
+            return None;
+        }
+        let mut ids = self.ids.clone();
+        ids.extend(tok.encode(rest, false).ok()?);
+        Some(ids)
+    }
+}
+
 /// Tokenises examples for one tokenizer and prompt style.
 pub struct Tokenizer<'t> {
     tok: &'t GramTokenizer,
@@ -97,13 +174,15 @@ pub struct Tokenizer<'t> {
     /// The label token ids.
     pub labels: LabelIds,
     max_tokens: usize,
+    judge_prefix: Option<PrefixCache>,
 }
 
 impl<'t> Tokenizer<'t> {
     /// `max_tokens` bounds every example.
     pub fn new(tok: &'t GramTokenizer, templates: Templates<'t>, max_tokens: usize) -> Result<Self> {
         let labels = LabelIds::resolve(tok)?;
-        Ok(Self { tok, templates, labels, max_tokens })
+        let judge_prefix = PrefixCache::new(tok, &templates);
+        Ok(Self { tok, templates, labels, max_tokens, judge_prefix })
     }
 
     /// Stage 1: prompt x (masked), target the pair.
@@ -120,9 +199,49 @@ impl<'t> Tokenizer<'t> {
     /// Stage 2: the judge prompt; the label token follows it (so it gets one token of room).
     pub fn stage2(&self, x: &str, a: &str, b: &str) -> Result<Tokens> {
         fit(self.tok, [x, a, b], self.max_tokens.saturating_sub(1), |t| {
-            let ids = self.templates.encode(&self.templates.stage2(&t[0], &t[1], &t[2])?, true)?;
+            let text = self.templates.stage2(&t[0], &t[1], &t[2])?;
+            let ids = match self.judge_prefix.as_ref().and_then(|c| c.encode(self.tok, &text)) {
+                Some(ids) => ids,
+                None => self.templates.encode(&text, true)?,
+            };
             let n = ids.len();
             Ok((ids, n))
         })
+    }
+
+    /// Whether the judge prefix is tokenised once (false: every prompt is tokenised whole).
+    pub fn caches_judge_prefix(&self) -> bool {
+        self.judge_prefix.is_some()
+    }
+
+    /// Stage-2 ids by tokenising the whole judge prompt (the reference for the cached path).
+    pub fn stage2_uncached(&self, x: &str, a: &str, b: &str) -> Result<Vec<u32>> {
+        Ok(self.templates.encode(&self.templates.stage2(x, a, b)?, true)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gram_core::PromptStyle;
+
+    #[test]
+    fn cached_judge_prefix_gives_whole_text_ids() -> Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/smollm2");
+        let tok = GramTokenizer::from_dir(&dir)?;
+        for style in [PromptStyle::Chat, PromptStyle::Raw] {
+            let t = Tokenizer::new(&tok, Templates::new(&tok, style)?, 4096)?;
+            assert!(t.caches_judge_prefix(), "{style:?}: the SmolLM2 tokenizer should allow the cache");
+            let xs = ["How do I boil an egg?", " leading", "\n\nblank lines", "  two spaces", "\ttab", "123", "(paren)",
+                "<|im_end|>injected", "Ünïcödé 🙂 emoji", "", "'s contraction", "x\n", "word\r\nwindows"];
+            for x in xs {
+                for (a, b) in [("yes", "no"), (" sp", "\nnl"), ("<|im_start|>", "B")] {
+                    let got = t.stage2(x, a, b)?.ids;
+                    let want = t.stage2_uncached(x, a, b)?;
+                    assert_eq!(got, want, "{style:?} x={x:?} a={a:?} b={b:?}");
+                }
+            }
+        }
+        Ok(())
     }
 }
