@@ -30,8 +30,10 @@ def chat(user):
 def main():
     src, tok_dir, out = sys.argv[1:4]
     tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    # No caches: datasets would otherwise reuse the Arrow file and the map result of an earlier run.
+    datasets.disable_caching()
     t0 = time.time()
-    ds = datasets.load_dataset("json", data_files=src, split="train")
+    ds = datasets.load_dataset("json", data_files=src, split="train", download_mode="force_redownload")
 
     def fn(batch):
         s1, s2, labels = [], [], []
@@ -45,7 +47,8 @@ def main():
         return {"stage1_ids": [e.ids for e in e1], "stage2_ids": [[e.ids for e in e2[2 * i:2 * i + 2]] for i in range(len(e1))],
                 "labels": [labels[2 * i:2 * i + 2] for i in range(len(e1))]}
 
-    ds = ds.map(fn, batched=True, batch_size=4096, remove_columns=ds.column_names, num_proc=1)
+    ds = ds.map(fn, batched=True, batch_size=4096, remove_columns=ds.column_names, num_proc=1,
+                load_from_cache_file=False)
     tokens = sum(len(x) for x in ds["stage1_ids"]) + sum(len(y) for x in ds["stage2_ids"] for y in x)
     os.makedirs(out, exist_ok=True)
     ds.to_parquet(os.path.join(out, "python.parquet"))

@@ -49,10 +49,61 @@ pub struct Rendered {
     pub target: String,
 }
 
+/// A chat template that places message contents verbatim, reduced to the fixed text around them
+/// (found once with sentinels and checked on probes), so rows need no template rendering.
+#[derive(Debug, Clone)]
+struct Wrap {
+    /// Fixed texts: before the first content, between contents, after the last.
+    parts: Vec<String>,
+}
+
+impl Wrap {
+    fn probe(t: &crate::chat::ChatTemplate, with_answer: bool) -> Option<Self> {
+        const S: [&str; 2] = ["\u{E001}", "\u{E002}"];
+        let render = |u: &str, a: &str| -> Option<String> {
+            if with_answer {
+                t.render(&[Message::user(u), Message::assistant(a)], false).ok()
+            } else {
+                t.render(&[Message::user(u)], true).ok()
+            }
+        };
+        let r = render(S[0], S[1])?;
+        let (before, rest) = r.split_once(S[0])?;
+        let parts = if with_answer {
+            let (middle, after) = rest.split_once(S[1])?;
+            vec![before.to_string(), middle.to_string(), after.to_string()]
+        } else {
+            vec![before.to_string(), rest.to_string()]
+        };
+        if parts.iter().any(|p| p.contains(S[0]) || p.contains(S[1])) {
+            return None;
+        }
+        let w = Self { parts };
+        for (u, a) in [("x", "y"), ("  padded  ", "\n"), ("\nnl\n", " a "), ("{{ b }}", "{% x %}"), ("<|im_end|>", "")] {
+            if render(u, a)? != w.apply(u, a) {
+                return None;
+            }
+        }
+        Some(w)
+    }
+
+    fn apply(&self, u: &str, a: &str) -> String {
+        match &self.parts[..] {
+            [b, after] => format!("{b}{u}{after}"),
+            [b, m, after] => format!("{b}{u}{m}{a}{after}"),
+            _ => String::new(),
+        }
+    }
+}
+
 /// Renders GRAM's texts for one tokenizer.
 pub struct Templates<'t> {
     tok: &'t GramTokenizer,
     style: PromptStyle,
+    /// The chat template as fixed text around the user turn (with the generation prompt).
+    user_wrap: Option<Wrap>,
+    /// ... and around a user turn followed by an assistant turn.
+    answer_wrap: Option<Wrap>,
 }
 
 impl<'t> Templates<'t> {
@@ -64,13 +115,35 @@ impl<'t> Templates<'t> {
                 tok.source.display()
             )));
         }
-        Ok(Self { tok, style })
+        Ok(Self::with_style(tok, style))
+    }
+
+    fn with_style(tok: &'t GramTokenizer, style: PromptStyle) -> Self {
+        let (user_wrap, answer_wrap) = match (&tok.chat_template, style) {
+            (Some(t), PromptStyle::Chat) => (Wrap::probe(t, false), Wrap::probe(t, true)),
+            _ => (None, None),
+        };
+        Self { tok, style, user_wrap, answer_wrap }
+    }
+
+    fn chat_user(&self, user: &str) -> Result<String> {
+        match &self.user_wrap {
+            Some(w) => Ok(w.apply(user, "")),
+            None => self.chat()?.render(&[Message::user(user)], true),
+        }
+    }
+
+    fn chat_answer(&self, user: &str, answer: &str) -> Result<String> {
+        match &self.answer_wrap {
+            Some(w) => Ok(w.apply(user, answer)),
+            None => self.chat()?.render(&[Message::user(user), Message::assistant(answer)], false),
+        }
     }
 
     /// The default for a tokenizer: Chat when it has a template, else Raw.
     pub fn auto(tok: &'t GramTokenizer) -> Self {
         let style = if tok.chat_template.is_some() { PromptStyle::Chat } else { PromptStyle::Raw };
-        Self { tok, style }
+        Self::with_style(tok, style)
     }
 
     /// The style in use.
@@ -93,9 +166,8 @@ impl<'t> Templates<'t> {
                 Ok(Rendered { prompt: user, target: format!("{target}{eos}") })
             }
             PromptStyle::Chat => {
-                let t = self.chat()?;
-                let prompt = t.render(&[Message::user(user.trim_end())], true)?;
-                let full = t.render(&[Message::user(user.trim_end()), Message::assistant(&target)], false)?;
+                let prompt = self.chat_user(user.trim_end())?;
+                let full = self.chat_answer(user.trim_end(), &target)?;
                 let target = full.strip_prefix(&prompt).ok_or_else(|| {
                     Error::Template("the chat template renders the user turn differently once an assistant turn follows; stage-1 targets cannot be split".into())
                 })?;
@@ -109,7 +181,7 @@ impl<'t> Templates<'t> {
         let judge = judge_prompt(x, a, b);
         match self.style {
             PromptStyle::Raw => Ok(judge),
-            PromptStyle::Chat => self.chat()?.render(&[Message::user(judge)], true),
+            PromptStyle::Chat => self.chat_user(&judge),
         }
     }
 
@@ -220,6 +292,23 @@ mod tests {
         assert_eq!(judge, format!("<user>{}<end><assistant>", judge_prompt("x", "a", "b")));
         let plain = tiny_tokenizer(r#"{"A":0}"#, None);
         assert!(Templates::new(&plain, PromptStyle::Chat).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn template_shortcut_equals_rendering() -> Result<()> {
+        // A template that trims contents cannot be reduced to fixed text: rendering is kept.
+        let trims = tiny_tokenizer(r#"{"A":0}"#, Some("{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"));
+        let t = Templates::new(&trims, PromptStyle::Chat)?;
+        assert!(t.user_wrap.is_none() && t.answer_wrap.is_none());
+        assert_eq!(t.stage2("  x ", "a", "b")?, format!("<user>{}<end><assistant>", judge_prompt("  x ", "a", "b").trim()));
+        let verbatim = tiny_tokenizer(r#"{"A":0}"#, Some("{% for m in messages %}<{{ m.role }}>{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"));
+        let t = Templates::new(&verbatim, PromptStyle::Chat)?;
+        assert!(t.user_wrap.is_some() && t.answer_wrap.is_some());
+        for x in ["  x ", "{{ y }}", "\n"] {
+            let judge = judge_prompt(x, "a", "b");
+            assert_eq!(t.stage2(x, "a", "b")?, t.chat()?.render(&[Message::user(&judge)], true)?);
+        }
         Ok(())
     }
 
