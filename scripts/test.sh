@@ -8,6 +8,10 @@ bash scripts/setup.sh >/dev/null
 # shellcheck disable=SC1091
 source "${GRAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gram-rs}/env.sh"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# The Vulkan loader (wgpu tests on lavapipe) complains without a runtime dir; give it one.
+if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
+    XDG_RUNTIME_DIR="$(mktemp -d)"; chmod 700 "$XDG_RUNTIME_DIR"; export XDG_RUNTIME_DIR
+fi
 start=$(date +%s)
 cargo build --tests --bins
 built=$(date +%s)

@@ -274,6 +274,7 @@ impl Shards {
 }
 
 /// One row of a stage dataset, before it is columnised.
+#[derive(Clone)]
 struct StageRow {
     id: String,
     pair_id: String,
@@ -611,23 +612,7 @@ fn run(
 }
 
 fn stage_batch_refs(rows: &[&StageRow], ds: Dataset) -> Result<RecordBatch> {
-    // Columnise borrowed rows (the rows stay with the chunk).
-    let owned: Vec<StageRow> = rows
-        .iter()
-        .map(|r| StageRow {
-            id: r.id.clone(),
-            pair_id: r.pair_id.clone(),
-            source: r.source.clone(),
-            split: r.split,
-            prompt: r.prompt.clone(),
-            a: r.a.clone(),
-            b: r.b.clone(),
-            label: r.label,
-            swapped: r.swapped,
-            tokens: r.tokens.clone(),
-            label_token: r.label_token,
-        })
-        .collect();
+    let owned: Vec<StageRow> = rows.iter().map(|r| (*r).clone()).collect();
     stage_batch(&owned, ds)
 }
 

@@ -214,6 +214,22 @@ impl RowBuilder {
         self.len += 1;
     }
 
+    /// Hands a chunk to `sink` once `chunk_rows` rows (read or rejected) have gathered.
+    fn flush_if_full(&mut self, chunk_rows: usize, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
+        if self.len + self.rejects.len() >= chunk_rows {
+            sink(self.finish()?)?;
+        }
+        Ok(())
+    }
+
+    /// Hands over whatever is left at the end of a file.
+    fn flush_rest(&mut self, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
+        if self.len > 0 || !self.rejects.is_empty() {
+            sink(self.finish()?)?;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> Result<Chunk> {
         let mut arrays: Vec<ArrayRef> = self
             .builders
@@ -320,17 +336,12 @@ fn read_jsonl(
             Ok(other) => b.reject(lineno, format!("line is {}, expected a JSON object", kind_name(&other)), Some(text.to_string())),
             Err(e) => b.reject(lineno, format!("malformed JSON: {e}"), Some(text.to_string())),
         }
-        if b.len + b.rejects.len() >= chunk_rows {
-            sink(b.finish()?)?;
-        }
+        b.flush_if_full(chunk_rows, sink)?;
     }
     if rows == 0 {
         bail!("{}: no rows (only blank lines)", path.display());
     }
-    if b.len > 0 || !b.rejects.is_empty() {
-        sink(b.finish()?)?;
-    }
-    Ok(())
+    b.flush_rest(sink)
 }
 
 fn read_json_array(
@@ -361,14 +372,9 @@ fn read_json_array(
             Value::Object(obj) => b.push(row, obj, &item.to_string()),
             other => b.reject(row, format!("element is {}, expected an object", kind_name(other)), Some(other.to_string())),
         }
-        if b.len + b.rejects.len() >= chunk_rows {
-            sink(b.finish()?)?;
-        }
+        b.flush_if_full(chunk_rows, sink)?;
     }
-    if b.len > 0 || !b.rejects.is_empty() {
-        sink(b.finish()?)?;
-    }
-    Ok(())
+    b.flush_rest(sink)
 }
 
 fn read_csv(
@@ -426,17 +432,12 @@ fn read_csv(
                 None => b.push(line, &obj, &raw),
             }
         }
-        if b.len + b.rejects.len() >= chunk_rows {
-            sink(b.finish()?)?;
-        }
+        b.flush_if_full(chunk_rows, sink)?;
     }
     if rows == 0 {
         bail!("{}: no rows below the header", path.display());
     }
-    if b.len > 0 || !b.rejects.is_empty() {
-        sink(b.finish()?)?;
-    }
-    Ok(())
+    b.flush_rest(sink)
 }
 
 fn read_parquet(
