@@ -411,6 +411,7 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
     let parent = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = opts.out.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    remove_stale_partials(parent, name);
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -434,6 +435,21 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
         std::fs::rename(&tmp, &opts.out).with_context(|| format!("moving the build into {}", opts.out.display()))?;
     }
     Ok(stats)
+}
+
+/// Removes `.NAME.partial-PID` folders that killed builds left behind (their process is gone).
+fn remove_stale_partials(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let prefix = format!(".{name}.partial-");
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

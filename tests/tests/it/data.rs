@@ -156,7 +156,11 @@ fn list_specs_make_cross_and_all_pairs() -> Result<()> {
     ensure!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     ensure!(n(&stats(&o1)?["sources"]["chosen-rejected-lists"]["pairs_written"]) == 6, "2 chosen x 3 rejected");
     let o2 = out.join("multi");
+    // A killed earlier build left its partial folder; the next build clears it.
+    let stale = out.join(".multi.partial-4000000000");
+    std::fs::create_dir_all(stale.join("stage1"))?;
     let r = gram_data(&["build", &p("multi-response.toml"), "--out", &o2.display().to_string(), "--quiet"])?;
+    ensure!(!stale.exists(), "stale partial folder not removed");
     ensure!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let s = stats(&o2)?;
     ensure!(n(&s["sources"]["multi-response"]["pairs_written"]) == 7, "C(4,2) + C(2,2) pairs: {s}");
