@@ -274,7 +274,6 @@ impl Shards {
 }
 
 /// One row of a stage dataset, before it is columnised.
-#[derive(Clone)]
 struct StageRow {
     id: String,
     pair_id: String,
@@ -289,7 +288,7 @@ struct StageRow {
     label_token: Option<u32>,
 }
 
-fn stage_batch(rows: &[StageRow], dataset: Dataset) -> Result<RecordBatch> {
+fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
     let mut c: Vec<StringBuilder> = (0..7).map(|_| StringBuilder::new()).collect();
     let mut label = StringBuilder::new();
     let mut swapped = BooleanBuilder::new();
@@ -358,6 +357,9 @@ fn rejects_batch(source: &str, rejects: &[Reject]) -> Result<RecordBatch> {
 
 /// A checked pair, ready for the stages.
 struct Pair {
+    /// Input file and row it came from (for rejects).
+    file: String,
+    row: u64,
     id: String,
     source: String,
     split: &'static str,
@@ -506,35 +508,36 @@ fn run(
                     (0..chunk.batch.num_rows()).map(|i| (f.value(i).to_string(), r.value(i))).collect()
                 };
                 let mapped = mapper.map(chunk.batch).with_context(|| format!("{}: mapping {}", spec.path.display(), file.display()))?;
+                // Each pair's index within its input row (part of its id); the keys are the rows
+                // that produced pairs.
+                let mut per_row: HashMap<(String, u64), u32> = HashMap::new();
+                let indexed: Vec<(MappedPair, u32)> = mapped
+                    .into_iter()
+                    .map(|m| {
+                        let k = per_row.entry((m.file.clone(), m.row)).or_default();
+                        *k += 1;
+                        let idx = *k - 1;
+                        (m, idx)
+                    })
+                    .collect();
                 // Rows the mapping turned into no pair are rejected, never dropped silently.
-                let mut produced: HashMap<(String, u64), u32> = HashMap::new();
-                for m in &mapped {
-                    *produced.entry((m.file.clone(), m.row)).or_default() += 1;
-                }
                 for (f, r) in &in_rows {
-                    if !produced.contains_key(&(f.clone(), *r)) {
+                    if !per_row.contains_key(&(f.clone(), *r)) {
                         rejects.push(Reject { file: f.clone(), row: *r, reason: "the pipeline's mapping produced no pair for this row".into(), raw: None });
                     }
                 }
                 st.rows_rejected += rejects.len() as u64;
                 let row_rejects = rejects.len();
-                st.pairs += mapped.len() as u64;
-                let mut pairs = Vec::with_capacity(mapped.len());
-                let mut index_in_row: HashMap<(String, u64), u32> = HashMap::new();
-                for m in mapped {
-                    let k = index_in_row.entry((m.file.clone(), m.row)).or_default();
-                    let idx = *k;
-                    *k += 1;
+                st.pairs += indexed.len() as u64;
+                let mut pairs = Vec::with_capacity(indexed.len());
+                for (m, idx) in indexed {
                     match check_pair(m, idx, spec, opts, &mut seen) {
                         Ok(p) => pairs.push(p),
                         Err(r) => rejects.push(r),
                     }
                 }
                 // Tokenise in parallel; a pair that cannot be tokenised within the limits is rejected.
-                let made: Vec<std::result::Result<(Vec<StageRow>, Vec<StageRow>), (Reject, ())>> = pairs
-                    .par_iter()
-                    .map(|p| stage_rows(p, opts, tokenizer).map_err(|e| (Reject { file: String::new(), row: 0, reason: format!("{e:#}"), raw: None }, ())))
-                    .collect();
+                let made: Vec<Result<(Vec<StageRow>, Vec<StageRow>)>> = pairs.par_iter().map(|p| stage_rows(p, opts, tokenizer)).collect();
                 let mut s1 = Vec::new();
                 let mut s2 = Vec::new();
                 for (p, m) in pairs.iter().zip(made) {
@@ -546,11 +549,12 @@ fn run(
                             s1.extend(a);
                             s2.extend(b);
                         }
-                        Err((mut r, ())) => {
-                            r.file = file.display().to_string();
-                            r.reason = format!("pair {}: {}", p.id, r.reason);
-                            rejects.push(r);
-                        }
+                        Err(e) => rejects.push(Reject {
+                            file: p.file.clone(),
+                            row: p.row,
+                            reason: format!("pair {}: {e:#}", p.id),
+                            raw: None,
+                        }),
                     }
                 }
                 st.pairs_rejected += (rejects.len() - row_rejects) as u64;
@@ -563,7 +567,7 @@ fn run(
                         if part.is_empty() {
                             continue;
                         }
-                        let batch = stage_batch_refs(&part, ds)?;
+                        let batch = stage_batch(&part, ds)?;
                         let counts = if ds == Dataset::Stage1 { &mut stats.stage1 } else { &mut stats.stage2 };
                         *counts.entry(split.to_string()).or_default() += part.len() as u64;
                         let ls = if ds == Dataset::Stage1 { &mut stats.stage1_tokens } else { &mut stats.stage2_tokens };
@@ -627,11 +631,6 @@ fn run(
     Ok(stats)
 }
 
-fn stage_batch_refs(rows: &[&StageRow], ds: Dataset) -> Result<RecordBatch> {
-    let owned: Vec<StageRow> = rows.iter().map(|r| (*r).clone()).collect();
-    stage_batch(&owned, ds)
-}
-
 fn check_pair(m: MappedPair, idx: u32, spec: &Spec, opts: &BuildOptions, seen: &mut HashMap<[u8; 16], String>) -> std::result::Result<Pair, Reject> {
     let rej = |reason: String, m: &MappedPair| Reject {
         file: m.file.clone(),
@@ -679,6 +678,8 @@ fn check_pair(m: MappedPair, idx: u32, spec: &Spec, opts: &BuildOptions, seen: &
     }
     seen.insert(k, id.clone());
     Ok(Pair {
+        file: m.file.clone(),
+        row: m.row,
         id,
         source: spec.name.clone(),
         split: split_of(prompt, opts.valid_frac, opts.test_frac),
