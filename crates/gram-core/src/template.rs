@@ -185,6 +185,16 @@ impl<'t> Templates<'t> {
         }
     }
 
+    /// One response to a prompt as a scalar reward model reads it (the Bradley-Terry baseline):
+    /// the user turn and the assistant's answer (chat), or prompt and response separated by a
+    /// blank line (raw).
+    pub fn single(&self, x: &str, r: &str) -> Result<String> {
+        match self.style {
+            PromptStyle::Raw => Ok(format!("{x}\n\n{r}")),
+            PromptStyle::Chat => self.chat_answer(x, r),
+        }
+    }
+
     /// Token ids of a rendered text: the chat template carries its own special tokens, raw text
     /// gets the tokenizer's (BOS) in front.
     pub fn encode(&self, text: &str, at_start: bool) -> Result<Vec<u32>> {

@@ -6,9 +6,11 @@ pub mod error;
 pub mod load;
 pub mod loss;
 pub mod model;
+pub mod reward;
 pub mod rope;
 
 pub use device::{Backend, device};
 pub use error::{Error, Result};
-pub use load::{from_weights, load};
+pub use load::{ParamIds, from_weights, from_weights_with_ids, hf_tensors, load};
 pub use model::{CausalLm, CausalLmConfig};
+pub use reward::RewardModel;

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use burn::prelude::*;
-use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, burn_pack};
+use burn::store::{BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, burn_pack};
 use burn::tensor::{Bytes, DType};
-use gram_core::{Checkpoint, ModelConfig, Weights};
+use gram_core::{Checkpoint, F32Tensor, ModelConfig, Weights};
 
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, CausalLmConfig};
@@ -15,6 +15,13 @@ use crate::model::{CausalLm, CausalLmConfig};
 /// HF tensor name -> module path. Module fields carry HF's names, so only the RMS norms differ
 /// (burn calls their scale `gamma`).
 pub const HF_TO_BURN: &[(&str, &str)] = &[(r"^(.*norm)\.weight$", "$1.gamma")];
+
+/// The inverse of [`HF_TO_BURN`], for saving in the HF layout.
+pub const BURN_TO_HF: &[(&str, &str)] = &[(r"^(.*norm)\.gamma$", "$1.weight")];
+
+/// Burn parameter ids by HF tensor name. The optimiser keys its state by these ids, so a resumed
+/// run loads its weights under the ids they had when the optimiser state was saved.
+pub type ParamIds = BTreeMap<String, u64>;
 
 /// The tensors, by HF name, that a checkpoint of this configuration must hold, with their shapes.
 pub fn expected_shapes(c: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
@@ -74,6 +81,17 @@ pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<CausalLm> {
 
 /// Builds a model of `config` from f32 tensors by HF name; `origin` names them in errors.
 pub fn from_weights(config: &ModelConfig, weights: Weights, origin: &str, device: &Device) -> Result<CausalLm> {
+    from_weights_with_ids(config, weights, None, origin, device)
+}
+
+/// [`from_weights`], giving each parameter the id it had when saved (see [`ParamIds`]).
+pub fn from_weights_with_ids(
+    config: &ModelConfig,
+    weights: Weights,
+    ids: Option<&ParamIds>,
+    origin: &str,
+    device: &Device,
+) -> Result<CausalLm> {
     let expected = expected_shapes(config);
     let werr = |msg: String| Error::Weights { path: origin.to_string(), msg };
     let missing: Vec<&String> = expected.keys().filter(|k| !weights.tensors.contains_key(*k)).collect();
@@ -104,7 +122,8 @@ pub fn from_weights(config: &ModelConfig, weights: Weights, origin: &str, device
         if let Some(bad) = t.data.iter().position(|x| !x.is_finite()) {
             return Err(werr(format!("tensor `{name}` holds a non-finite value at index {bad}")));
         }
-        tensors.push(burn_pack::Tensor::new(name, DType::F32, t.shape, None, Bytes::from_elems(t.data)));
+        let id = ids.and_then(|m| m.get(&name).copied());
+        tensors.push(burn_pack::Tensor::new(name, DType::F32, t.shape, id, Bytes::from_elems(t.data)));
     }
     let remapper = KeyRemapper::from_patterns(HF_TO_BURN.to_vec()).map_err(|e| Error::Internal(e.to_string()))?;
     let (tensors, _) = remapper.remap(tensors);
@@ -115,4 +134,23 @@ pub fn from_weights(config: &ModelConfig, weights: Weights, origin: &str, device
         return Err(werr(format!("weights did not map onto the model:\n{result}")));
     }
     Ok(model)
+}
+
+/// A module's parameters by HF name, in PyTorch layout (linear weights transposed back), f32,
+/// with their burn parameter ids: what an HF `model.safetensors` holds.
+pub fn hf_tensors<M: ModuleSnapshot>(module: &M) -> Result<BTreeMap<String, (F32Tensor, u64)>> {
+    let tensors = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
+    let remapper = KeyRemapper::from_patterns(BURN_TO_HF.to_vec()).map_err(|e| Error::Internal(e.to_string()))?;
+    let (tensors, _) = remapper.remap(tensors);
+    let mut out = BTreeMap::new();
+    for t in tensors {
+        let (name, dtype, shape, id, bytes) = t.into_parts().map_err(|e| Error::Internal(e.to_string()))?;
+        if dtype != DType::F32 {
+            return Err(Error::Internal(format!("parameter `{name}` is {dtype:?}, expected f32")));
+        }
+        let data: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let id = id.ok_or_else(|| Error::Internal(format!("parameter `{name}` has no id")))?;
+        out.insert(name, (F32Tensor { shape: shape.to_vec(), data }, id));
+    }
+    Ok(out)
 }

@@ -224,6 +224,31 @@ pub struct Decoder {
     pub norm: RmsNorm,
 }
 
+impl Decoder {
+    /// Final hidden states (after the last norm), rotating by `inv_freq`.
+    ///
+    /// # Shapes
+    /// - `ids`, `mask`: `[batch, seq]`, left-padded (mask 1 on real tokens)
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>, inv_freq: &[f32]) -> Tensor<3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let positions = rope::position_ids(mask.clone());
+        let inv = Tensor::<1>::from_data(TensorData::new(inv_freq.to_vec(), [inv_freq.len()]), &device);
+        let (cos, sin) = rope::cos_sin(positions, &inv);
+        // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
+        // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
+        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]).expand([b, 1, t, t]);
+        let pad = mask.equal_elem(0).reshape([b, 1, 1, t]).expand([b, 1, t, t]);
+        let masked = future.bool_or(pad);
+        let mut x = self.embed_tokens.forward(ids);
+        for layer in &self.layers {
+            x = layer.forward(x, &cos, &sin, &masked);
+        }
+        self.norm.forward(x)
+    }
+}
+
 /// A causal LM: the decoder and its output head (HF's `*ForCausalLM`).
 #[derive(Module, Debug)]
 pub struct CausalLm {
@@ -243,21 +268,15 @@ impl CausalLm {
     /// - `ids`, `mask`: `[batch, seq]`, left-padded (mask 1 on real tokens)
     /// - output: `[batch, seq, hidden]`
     pub fn forward_hidden(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<3> {
-        let device = ids.device();
-        let [b, t] = ids.dims();
-        let positions = rope::position_ids(mask.clone());
-        let inv = Tensor::<1>::from_data(TensorData::new(self.inv_freq.clone(), [self.inv_freq.len()]), &device);
-        let (cos, sin) = rope::cos_sin(positions, &inv);
-        // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
-        // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
-        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]).expand([b, 1, t, t]);
-        let pad = mask.equal_elem(0).reshape([b, 1, 1, t]).expand([b, 1, t, t]);
-        let masked = future.bool_or(pad);
-        let mut x = self.model.embed_tokens.forward(ids);
-        for layer in &self.model.layers {
-            x = layer.forward(x, &cos, &sin, &masked);
-        }
-        self.model.norm.forward(x)
+        self.model.forward(ids, mask, &self.inv_freq)
+    }
+
+    /// Logits of hidden-state rows through the output head.
+    ///
+    /// # Shapes
+    /// `[n, hidden]` -> `[n, vocab]`
+    pub fn head(&self, h: Tensor<2>) -> Tensor<2> {
+        h.matmul(self.head_weight())
     }
 
     /// The output-head matrix as `[hidden, vocab]`.
