@@ -3,3 +3,4 @@
 mod common;
 mod data;
 mod model;
+mod train;

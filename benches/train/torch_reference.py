@@ -1,0 +1,65 @@
+"""PyTorch eager reference for benches/train_speed.sh: the same LLaMA config (transformers'
+LlamaForCausalLM, eager attention, f32), the same GRAM step (stage 2: label-smoothed
+cross-entropy over the A/B logits at the last position; stage 1: next-token loss on the target
+part), AdamW, random tokens of the same shape. Prints one JSON line like `gram-train bench`."""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-config", required=True)
+    ap.add_argument("--stage", default="finetune", choices=["finetune", "pretrain"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = json.load(open(a.model_config))
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    config._attn_implementation = "eager"
+    model = LlamaForCausalLM(config).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.0)
+    label_ids = torch.tensor([1, 2])
+    eps = 0.1
+    times = []
+    b, t = a.batch_size, a.seq_len
+    for i in range(a.warmup + a.steps):
+        ids = torch.randint(3, config.vocab_size, (b, t))
+        mask = torch.ones_like(ids)
+        t0 = time.perf_counter()
+        if a.stage == "finetune":
+            h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+            w = model.lm_head.weight[label_ids]  # only the two label rows, as gram-train does
+            logits = h @ w.T
+            target = torch.randint(0, 2, (b,))
+            loss = F.cross_entropy(logits, target, label_smoothing=eps)
+        else:
+            p = t // 4
+            h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, p - 1 : t - 1]
+            logits = model.lm_head(h)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, p:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"params": n_params, "batch_size": b, "seq_len": t, "steps": a.steps,
+                      "step_s_median": med, "tokens_per_s": b * t / med}))
+
+
+if __name__ == "__main__":
+    main()

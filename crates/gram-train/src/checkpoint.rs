@@ -1,0 +1,178 @@
+//! Run folders and checkpoints. A checkpoint is an HF model folder (config.json,
+//! model.safetensors, tokenizer files: transformers loads it as is) plus what resuming needs:
+//! `optimizer.bpk` (burn's AdamW state) and `trainer_state.json` (step, data position, parameter
+//! ids). Each is written into a temporary folder and renamed into place, then `latest` is
+//! rewritten atomically, so a killed run always leaves a complete latest checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::optim::ModuleOptimizer;
+use gram_core::{F32Tensor, GramTokenizer, LabelIds, ModelConfig};
+use gram_model::ParamIds;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::settings::Stage;
+
+/// Where a run stands; saved with each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Objective.
+    pub stage: Stage,
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Micro-batches of the current epoch already used.
+    pub batch_in_epoch: usize,
+    /// Steps the run will take.
+    pub total_steps: usize,
+    /// Real tokens trained on so far.
+    pub tokens: u64,
+    /// Seconds of training so far.
+    pub elapsed_s: f64,
+    /// Burn parameter id of each HF tensor (the optimiser state is keyed by them).
+    pub param_ids: ParamIds,
+}
+
+/// What `final/` and every checkpoint say about how the model was made (`gram.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// Written by.
+    pub trainer: String,
+    /// Objective of the last stage.
+    pub stage: Stage,
+    /// Starting checkpoint.
+    pub base_model: PathBuf,
+    /// Dataset folder.
+    pub data: PathBuf,
+    /// Label tokens (GRAM models).
+    pub label_ids: LabelIds,
+    /// Steps trained.
+    pub step: usize,
+}
+
+/// The model side of a save.
+pub struct SaveModel<'a> {
+    /// HF config.json contents.
+    pub config_json: serde_json::Value,
+    /// Tensors by HF name with their parameter ids.
+    pub tensors: BTreeMap<String, (F32Tensor, u64)>,
+    /// Tokenizer saved beside it.
+    pub tokenizer: &'a GramTokenizer,
+    /// gram.json (none for an untrained model).
+    pub card: Option<ModelCard>,
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(e.to_string()))?;
+    gram_core::atomic_write(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Writes an HF model folder into `dir` (created); returns the parameter ids.
+pub fn write_model(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_json(&dir.join("config.json"), &m.config_json)?;
+    let mut ids = ParamIds::new();
+    let mut weights = BTreeMap::new();
+    for (name, (t, id)) in m.tensors {
+        ids.insert(name.clone(), id);
+        weights.insert(name, t);
+    }
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    gram_core::weights::write_safetensors(&dir.join("model.safetensors"), &weights, Some(meta))?;
+    m.tokenizer.save_dir(dir)?;
+    if let Some(card) = &m.card {
+        write_json(&dir.join("gram.json"), card)?;
+    }
+    Ok(ids)
+}
+
+fn fresh_tmp(parent: &Path, name: &str) -> Result<PathBuf> {
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    Ok(tmp)
+}
+
+fn rename_into_place(tmp: &Path, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+    }
+    std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))
+}
+
+/// Saves checkpoint `step-NNNNNN` under `run/checkpoints`, points `run/latest` at it, and
+/// deletes all but the newest `keep`.
+pub fn save_checkpoint(
+    run: &Path,
+    model: SaveModel<'_>,
+    optim: &ModuleOptimizer,
+    mut state: TrainState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let parent = run.join("checkpoints");
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = format!("step-{:07}", state.step);
+    let tmp = fresh_tmp(&parent, &name)?;
+    state.param_ids = write_model(&tmp, model)?;
+    let opt_path = tmp.join("optimizer.bpk");
+    optim.save(&opt_path).map_err(|e| Error::Internal(format!("saving {}: {e}", opt_path.display())))?;
+    write_json(&tmp.join("trainer_state.json"), &state)?;
+    let dest = parent.join(&name);
+    rename_into_place(&tmp, &dest)?;
+    gram_core::atomic_write(&run.join("latest"), format!("checkpoints/{name}\n").as_bytes())?;
+    prune(&parent, keep)?;
+    Ok(dest)
+}
+
+/// Deletes all but the newest `keep` complete checkpoints and any temporary leftovers.
+fn prune(parent: &Path, keep: usize) -> Result<()> {
+    let mut done: Vec<PathBuf> = Vec::new();
+    for e in std::fs::read_dir(parent).map_err(|e| Error::io(parent, e))?.flatten() {
+        let p = e.path();
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("step-") {
+            done.push(p);
+        } else if n.starts_with(".step-") && !n.ends_with(&format!("-{}", std::process::id())) {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+    done.sort();
+    let n = done.len();
+    for p in done.into_iter().take(n.saturating_sub(keep)) {
+        std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// Writes the finished model as `run/final` (an HF folder, no optimiser state).
+pub fn save_final(run: &Path, model: SaveModel<'_>) -> Result<PathBuf> {
+    let tmp = fresh_tmp(run, "final")?;
+    write_model(&tmp, model)?;
+    let dest = run.join("final");
+    rename_into_place(&tmp, &dest)?;
+    Ok(dest)
+}
+
+/// The checkpoint `run/latest` names, with its state.
+pub fn latest(run: &Path) -> Result<(PathBuf, TrainState)> {
+    let ptr = run.join("latest");
+    let rel = std::fs::read_to_string(&ptr).map_err(|e| {
+        Error::Input(format!("{}: cannot resume: no checkpoint was completed in this run ({e})", ptr.display()))
+    })?;
+    let dir = run.join(rel.trim());
+    let sp = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+    let state: TrainState =
+        serde_json::from_str(&text).map_err(|e| Error::data(&sp, format!("not a trainer state: {e}")))?;
+    Ok((dir, state))
+}
+
+/// The HF config.json of a causal LM checkpoint.
+pub fn lm_config_json(config: &ModelConfig) -> serde_json::Value {
+    config.to_hf_json()
+}

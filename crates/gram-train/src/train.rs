@@ -1,0 +1,511 @@
+//! The training loop shared by the three objectives: batches in a seeded order, AdamW with a
+//! warm-up + cosine schedule, gradient accumulation and global-norm clipping, validation,
+//! metrics (JSONL + PNG), checkpoints, and exact resumption.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use gram_core::{Checkpoint, GramTokenizer, LabelIds, ModelConfig, Templates, Weights};
+use gram_model::reward::reward_config_json;
+use gram_model::{CausalLm, ParamIds, RewardModel, from_weights_with_ids, hf_tensors};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use crate::checkpoint::{self, ModelCard, SaveModel, TrainState};
+use crate::data::{self, Example, Split};
+use crate::error::{Error, Result};
+use crate::objective::{Ctx, Eval, Objective};
+use crate::settings::{Settings, Stage, lr_at};
+
+/// How a run is started.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue the run in `settings.out` from its latest checkpoint.
+    pub resume: bool,
+    /// Replace an existing run folder.
+    pub overwrite: bool,
+    /// Draw a progress bar (else log lines).
+    pub progress: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Run folder.
+    pub out: PathBuf,
+    /// The trained model (HF folder).
+    pub final_model: PathBuf,
+    /// Steps trained.
+    pub steps: usize,
+    /// Last training loss (mean of the last logging window).
+    pub train_loss: f64,
+    /// First training loss (first logging window).
+    pub first_train_loss: f64,
+    /// Final validation.
+    pub valid: Option<Eval>,
+    /// Training tokens per second (this process).
+    pub tokens_per_s: f64,
+}
+
+/// Everything loaded and checked before the first step.
+struct Prepared {
+    settings: Settings,
+    config: ModelConfig,
+    tokenizer: GramTokenizer,
+    labels: LabelIds,
+    train: Vec<Example>,
+    valid: Vec<Example>,
+    weights: Weights,
+    origin: String,
+    resume: Option<(PathBuf, TrainState)>,
+    progress: bool,
+}
+
+/// Runs (or resumes) a training run to its end.
+pub fn run(settings: Settings, opts: &RunOptions) -> Result<Summary> {
+    let p = prepare(settings, opts)?;
+    let base = gram_model::device(p.settings.backend)?;
+    let device = base.clone().autodiff();
+    device.seed(p.settings.seed);
+    let ids = p.resume.as_ref().map(|(_, s)| s.param_ids.clone());
+    match p.settings.stage {
+        Stage::Pretrain | Stage::Finetune => {
+            let model = from_weights_with_ids(&p.config, clone_weights(&p.weights), ids.as_ref(), &p.origin, &device)?;
+            train_loop(model, p, &device, &base)
+        }
+        Stage::Bt => {
+            let model = RewardModel::from_weights(&p.config, clone_weights(&p.weights), ids.as_ref(), &p.origin, &device)?;
+            train_loop(model, p, &device, &base)
+        }
+    }
+}
+
+fn clone_weights(w: &Weights) -> Weights {
+    Weights { tensors: w.tensors.clone(), stored_dtype: w.stored_dtype.clone(), files: w.files.clone() }
+}
+
+fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
+    let out = settings.out.clone();
+    let resume = if opts.resume {
+        let saved = out.join("settings.toml");
+        if !saved.exists() {
+            return Err(Error::Input(format!("{}: nothing to resume (no settings.toml)", out.display())));
+        }
+        let s = Settings::from_toml_file(&saved)?;
+        settings = Settings { out: out.clone(), ..s };
+        Some(checkpoint::latest(&out)?)
+    } else {
+        None
+    };
+    settings.validate()?;
+
+    // The model to start from: the base, or the checkpoint being resumed.
+    let start = resume.as_ref().map_or_else(|| settings.model.clone(), |(dir, _)| dir.clone());
+    let ckpt = Checkpoint::open(&start)?;
+    let config = ckpt.config.clone();
+    let tokenizer = ckpt.tokenizer()?;
+    let labels = LabelIds::resolve(&tokenizer)?;
+
+    // Data, checked against the model before any compute.
+    let train_split = data::read_split(&settings.data, settings.stage, "train")?;
+    check_meta(&train_split, &tokenizer, &labels, &settings.data)?;
+    let valid_split = data::read_split(&settings.data, settings.stage, "valid")?;
+    if !valid_split.files.is_empty() {
+        check_meta(&valid_split, &tokenizer, &labels, &settings.data)?;
+    }
+    let (train, mut valid) = if settings.stage == Stage::Bt {
+        let templates = Templates::auto(&tokenizer);
+        let max = settings.bt_max_tokens.min(config.max_position_embeddings);
+        let (t, _) = data::bt_pairs(&settings.data, "train", &templates, max)?;
+        let (v, _) = if valid_split.files.is_empty() { (Vec::new(), 0) } else { data::bt_pairs(&settings.data, "valid", &templates, max)? };
+        (t, v)
+    } else {
+        (train_split.examples, valid_split.examples)
+    };
+    if train.is_empty() {
+        return Err(Error::data(settings.data.join(settings.stage.dataset_dir()), "the train split is empty"));
+    }
+    let ctx_len = config.max_position_embeddings;
+    for (split, rows) in [("train", &train), ("valid", &valid)] {
+        if let Some(r) = rows.iter().find(|r| r.len() > ctx_len) {
+            return Err(Error::data(
+                &settings.data,
+                format!(
+                    "{split} pair {} has {} tokens, more than the model's context ({ctx_len}); rebuild the data with --max-tokens {ctx_len}",
+                    r.pair_id,
+                    r.len()
+                ),
+            ));
+        }
+    }
+    if settings.max_valid > 0 && valid.len() > settings.max_valid {
+        // Keep whole pairs: the first max_valid rows, extended to the end of the last pair.
+        let mut n = settings.max_valid;
+        while n < valid.len() && valid[n].pair_id == valid[n - 1].pair_id {
+            n += 1;
+        }
+        valid.truncate(n);
+    }
+
+    // The run folder.
+    if !opts.resume {
+        if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            if !opts.overwrite {
+                return Err(Error::Input(format!(
+                    "{}: run folder exists; pass --resume to continue it or --overwrite to replace it",
+                    out.display()
+                )));
+            }
+            std::fs::remove_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        }
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        gram_core::atomic_write(&out.join("settings.toml"), settings.to_toml()?.as_bytes())?;
+    }
+    let weights = ckpt.weights()?;
+    Ok(Prepared {
+        origin: start.display().to_string(),
+        settings,
+        config,
+        tokenizer,
+        labels,
+        train,
+        valid,
+        weights,
+        resume,
+        progress: opts.progress,
+    })
+}
+
+fn check_meta(split: &Split, tok: &GramTokenizer, labels: &LabelIds, data: &Path) -> Result<()> {
+    let file = split.files.first().map_or_else(|| data.to_path_buf(), Clone::clone);
+    match &split.meta.tokenizer {
+        None => return Err(Error::data(&file, "the dataset records no tokenizer (built without --model?)")),
+        Some(f) if *f != tok.fingerprint() => {
+            return Err(Error::data(
+                &file,
+                format!(
+                    "tokenised with another tokenizer (fingerprint {f}) than the model's ({}, {}); rebuild the data with --model <this model>",
+                    tok.fingerprint(),
+                    tok.source.display()
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    if let Some(l) = split.meta.label_ids
+        && l != *labels
+    {
+        return Err(Error::data(&file, format!("label ids {l:?} differ from the model's {labels:?}")));
+    }
+    Ok(())
+}
+
+/// What the loop needs to save a model of either kind.
+trait Saveable: Objective {
+    fn config_json(config: &ModelConfig, tok: &GramTokenizer) -> serde_json::Value;
+}
+
+impl Saveable for CausalLm {
+    fn config_json(config: &ModelConfig, _tok: &GramTokenizer) -> serde_json::Value {
+        checkpoint::lm_config_json(config)
+    }
+}
+
+impl Saveable for RewardModel {
+    fn config_json(config: &ModelConfig, tok: &GramTokenizer) -> serde_json::Value {
+        reward_config_json(config, tok.pad_id())
+    }
+}
+
+/// Sums squares of every gradient of a module.
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    parts: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            self.parts.push(g.powi_scalar(2).sum());
+        }
+    }
+}
+
+/// Scales every gradient of a module.
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register::<D>(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// Clips the global L2 norm of all gradients to `max_norm` (as torch's `clip_grad_norm_`);
+/// returns the norm before clipping.
+fn clip_global<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let mut v = SquaredNorm { grads, parts: Vec::new() };
+    model.visit(&mut v);
+    if v.parts.is_empty() {
+        return 0.0;
+    }
+    let norm = f64::from(Tensor::cat(v.parts, 0).sum().into_scalar::<f32>()).sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let mut s = Scale { grads, factor: max_norm / (norm + 1e-6) };
+        model.visit(&mut s);
+    }
+    norm
+}
+
+/// Metrics file: one JSON object per line; on resume, lines past the checkpoint are dropped.
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(run: &Path, resume_step: Option<usize>) -> Result<Self> {
+        let path = run.join("metrics.jsonl");
+        if let Some(step) = resume_step
+            && path.exists()
+        {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            gram_core::atomic_write(&path, kept.as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self { file, path })
+    }
+
+    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+fn eval_json(step: usize, e: &Eval) -> serde_json::Value {
+    json!({"step": step, "split": "valid", "loss": e.loss, "acc": e.acc, "row_acc": e.row_acc, "n": e.n, "by_source": e.by_source})
+}
+
+fn describe(e: &Eval) -> String {
+    match e.acc {
+        Some(a) => format!("valid loss {:.4} acc {:.1}% ({} pairs)", e.loss, 100.0 * a, e.n),
+        None => format!("valid loss {:.4} ({} rows)", e.loss, e.n),
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_device: &Device) -> Result<Summary> {
+    let s = &p.settings;
+    let run = s.out.clone();
+    let ctx = Ctx { stage: s.stage, pad: p.tokenizer.pad_id(), labels: p.labels, eps: s.label_smoothing };
+    let lengths: Vec<usize> = p.train.iter().map(Example::len).collect();
+    let batches_per_epoch = p.train.len().div_ceil(s.batch_size);
+    let steps_per_epoch = batches_per_epoch.div_ceil(s.grad_accum);
+    let total = s.max_steps.unwrap_or(s.epochs * steps_per_epoch);
+    let warmup_steps = (s.warmup * total as f64).ceil() as usize;
+
+    let mut optim: ModuleOptimizer = AdamWConfig::new()
+        .with_beta_1(s.betas.0 as f32)
+        .with_beta_2(s.betas.1 as f32)
+        .with_epsilon(s.adam_eps as f32)
+        .with_weight_decay(s.weight_decay as f32)
+        .init();
+    let mut state = TrainState {
+        stage: s.stage,
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        total_steps: total,
+        tokens: 0,
+        elapsed_s: 0.0,
+        param_ids: ParamIds::new(),
+    };
+    if let Some((dir, saved)) = &p.resume {
+        let opt_path = dir.join("optimizer.bpk");
+        optim = optim.load(&opt_path).map_err(|e| Error::data(&opt_path, format!("optimizer state: {e}")))?;
+        state = saved.clone();
+        if state.total_steps != total {
+            return Err(Error::Input(format!(
+                "{}: the run was planned for {} steps, the data and settings now give {total}; did the dataset change?",
+                dir.display(),
+                state.total_steps
+            )));
+        }
+    }
+    let mut metrics = Metrics::open(&run, p.resume.as_ref().map(|(_, st)| st.step))?;
+
+    let card = |step: usize| ModelCard {
+        trainer: format!("gram-train {}", env!("CARGO_PKG_VERSION")),
+        stage: s.stage,
+        base_model: s.model.clone(),
+        data: s.data.clone(),
+        label_ids: p.labels,
+        step,
+    };
+    let save_model = |m: &M, step: usize| -> Result<SaveModel<'_>> {
+        Ok(SaveModel {
+            config_json: M::config_json(&p.config, &p.tokenizer),
+            tensors: hf_tensors(m)?,
+            tokenizer: &p.tokenizer,
+            card: Some(card(step)),
+        })
+    };
+
+    let bar = if !p.progress || !progress_enabled() {
+        ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new(total as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} (ETA {eta})")
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(s.stage.name());
+    bar.set_position(state.step as u64);
+    let quiet_log = bar.is_hidden();
+    if state.step == 0 {
+        eprintln!(
+            "gram-train {}: {} train {} / valid {} ({}), {} steps of {} x {} rows, lr {} on {:?}",
+            s.stage.name(),
+            p.origin,
+            p.train.len(),
+            p.valid.len(),
+            if s.stage == Stage::Bt { "pairs" } else { "rows" },
+            total,
+            s.grad_accum,
+            s.batch_size,
+            s.lr,
+            s.backend
+        );
+    } else {
+        eprintln!("gram-train {}: resuming {} at step {}/{}", s.stage.name(), run.display(), state.step, total);
+    }
+
+    let mut batches = data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, state.epoch);
+    let started = Instant::now();
+    let elapsed0 = state.elapsed_s;
+    let mut tokens_this_process = 0u64;
+    let (mut win_loss, mut win_correct, mut win_rows, mut win_n, mut win_tokens) = (0.0f64, 0usize, 0usize, 0usize, 0usize);
+    let mut win_start = Instant::now();
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let mut last_eval: Option<Eval> = None;
+    let is_pretrain = s.stage == Stage::Pretrain;
+
+    while state.step < total {
+        let lr = lr_at(state.step, total, warmup_steps, s.lr);
+        let mut acc = GradientsAccumulator::<M>::new();
+        for _ in 0..s.grad_accum {
+            if state.batch_in_epoch >= batches.len() {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                batches = data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, state.epoch);
+            }
+            let rows: Vec<&Example> = batches[state.batch_in_epoch].iter().map(|&i| &p.train[i]).collect();
+            state.batch_in_epoch += 1;
+            let (loss, correct, stats) = model.batch_loss(&rows, &ctx, device);
+            let loss_v = f64::from(loss.clone().into_scalar::<f32>());
+            if !loss_v.is_finite() {
+                bar.abandon();
+                return Err(Error::Input(format!(
+                    "loss is {loss_v} at step {} (lr {lr:e}); lower --lr or check the data",
+                    state.step
+                )));
+            }
+            if !is_pretrain {
+                win_correct += correct.into_scalar::<f32>() as usize;
+            }
+            let grads = loss.div_scalar(s.grad_accum as f64).backward();
+            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            win_loss += loss_v;
+            win_n += 1;
+            win_rows += stats.rows;
+            win_tokens += stats.tokens;
+            state.tokens += stats.tokens as u64;
+            tokens_this_process += stats.tokens as u64;
+        }
+        let mut grads = acc.grads();
+        let gnorm = clip_global(&model, &mut grads, s.clip);
+        model = optim.step(lr, model, grads);
+        state.step += 1;
+        state.elapsed_s = elapsed0 + started.elapsed().as_secs_f64();
+
+        let log_now = state.step % s.log_every.max(1) == 0 || state.step == total;
+        if log_now && win_n > 0 {
+            let secs = win_start.elapsed().as_secs_f64().max(1e-9);
+            let loss_mean = win_loss / win_n as f64;
+            let acc_v = (!is_pretrain).then(|| win_correct as f64 / win_rows.max(1) as f64);
+            let tps = win_tokens as f64 / secs;
+            if first_loss.is_nan() {
+                first_loss = loss_mean;
+            }
+            last_loss = loss_mean;
+            metrics.write(&json!({
+                "step": state.step, "epoch": state.epoch, "split": "train", "loss": loss_mean, "acc": acc_v,
+                "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s,
+            }))?;
+            let acc_txt = acc_v.map(|a| format!(" acc {:.1}%", 100.0 * a)).unwrap_or_default();
+            let msg = format!("loss {loss_mean:.4}{acc_txt} {:.0} tok/s", tps);
+            if quiet_log {
+                eprintln!("step {}/{} {msg} lr {lr:.2e}", state.step, total);
+            }
+            bar.set_message(msg);
+            (win_loss, win_correct, win_rows, win_n, win_tokens) = (0.0, 0, 0, 0, 0);
+            win_start = Instant::now();
+        }
+        bar.set_position(state.step as u64);
+
+        let eval_now = !p.valid.is_empty() && ((s.eval_every > 0 && state.step % s.eval_every == 0) || state.step == total);
+        if eval_now {
+            let e = model.valid().evaluate(&p.valid, &ctx, s.batch_size * 2, eval_device);
+            metrics.write(&eval_json(state.step, &e))?;
+            bar.println(format!("step {}: {}", state.step, describe(&e)));
+            last_eval = Some(e);
+        }
+        let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total;
+        if save_now {
+            let m = save_model(&model, state.step)?;
+            checkpoint::save_checkpoint(&run, m, &optim, state.clone(), s.keep)?;
+        }
+    }
+    bar.finish();
+    let final_model = checkpoint::save_final(&run, save_model(&model, state.step)?)?;
+    let plot = run.join("curves.png");
+    if let Err(e) = crate::plot::plot_metrics(&run.join("metrics.jsonl"), &plot, s.stage) {
+        eprintln!("warning: no plot: {e}");
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let summary = Summary {
+        out: run.clone(),
+        final_model,
+        steps: state.step,
+        train_loss: last_loss,
+        first_train_loss: first_loss,
+        valid: last_eval,
+        tokens_per_s: tokens_this_process as f64 / secs,
+    };
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Internal(e.to_string()))?;
+    gram_core::atomic_write(&run.join("summary.json"), text.as_bytes())?;
+    Ok(summary)
+}
+
+fn progress_enabled() -> bool {
+    std::env::var_os("NO_PROGRESS").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
+}

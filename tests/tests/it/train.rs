@@ -1,0 +1,323 @@
+//! gram-train end to end: a tiny randomly initialised LLaMA (SmolLM2's tokenizer) on a
+//! synthetic preference task built by `gram-data build`; stage 1, stage 2 and the BT baseline
+//! learn it; a killed run resumes bit-identically; wgpu matches the CPU; bad inputs are
+//! refused before training.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::common::{bin, fixtures, repo_root, scratch};
+
+const FILLER: &[&str] = &[
+    "apple", "river", "stone", "cloud", "green", "quick", "silver", "music", "garden", "paper", "light", "ocean",
+    "tiger", "winter", "yellow", "bread", "orange", "window", "summer", "forest",
+];
+
+/// Synthetic pairs whose rule is learnable: the response with the word "good" beats the one with
+/// "bad"; everything else is random filler. Deterministic (a fixed LCG).
+fn synthetic_jsonl(path: &Path, n: usize) -> Result<()> {
+    let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = |m: usize| -> usize {
+        s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((s >> 33) as usize) % m
+    };
+    let mut out = String::new();
+    for i in 0..n {
+        let mut resp = |key: &str| -> String {
+            let mut w: Vec<&str> = (0..5).map(|_| FILLER[next(FILLER.len())]).collect();
+            let at = next(w.len() + 1);
+            w.insert(at, key);
+            w.join(" ")
+        };
+        let (chosen, rejected) = (resp("good"), resp("bad"));
+        let prompt = format!("Item {i}: say something about the {}.", FILLER[next(FILLER.len())]);
+        out.push_str(&serde_json::json!({"prompt": prompt, "chosen": chosen, "rejected": rejected}).to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+    }
+    Ok(format!("{stdout}{stderr}"))
+}
+
+fn fails(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(!out.status.success(), "{cmd:?} should have failed");
+    ensure!(out.status.code() == Some(1), "{cmd:?}: exit {:?}, want 1 (user error)", out.status.code());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(!err.contains("panicked"), "{cmd:?} panicked:\n{err}");
+    Ok(err)
+}
+
+/// A tiny LLaMA config: 2 layers, width 64, GQA 4/2, tied head, SmolLM2's vocabulary.
+fn tiny_config(path: &Path, max_pos: usize) -> Result<()> {
+    let c = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+        "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": max_pos, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&c)?)?;
+    Ok(())
+}
+
+/// The shared setup, made once per test run: (tiny model, dataset) folders.
+struct Task {
+    root: PathBuf,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+fn task() -> Result<&'static Task> {
+    static TASK: OnceLock<Result<Task, String>> = OnceLock::new();
+    TASK.get_or_init(|| make_task().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn make_task() -> Result<Task> {
+    let root = scratch("train-task")?;
+    let cfg = root.join("tiny.json");
+    tiny_config(&cfg, 512)?;
+    let model = root.join("tiny");
+    run(Command::new(bin("gram-train")?)
+        .args(["init", "--model-config"])
+        .arg(&cfg)
+        .arg("--tokenizer")
+        .arg(fixtures().join("smollm2"))
+        .arg("--out")
+        .arg(&model))?;
+    let jsonl = root.join("pairs.jsonl");
+    synthetic_jsonl(&jsonl, 1600)?;
+    let data = root.join("data");
+    run(Command::new(bin("gram-data")?)
+        .current_dir(repo_root())
+        .args(["build", "pipelines/chosen-rejected.toml", "--quiet", "--input"])
+        .arg(&jsonl)
+        .arg("--model")
+        .arg(&model)
+        .args(["--max-tokens", "400", "--valid", "0.1", "--test", "0.05", "--out"])
+        .arg(&data))?;
+    Ok(Task { root, model, data })
+}
+
+fn summary(run_dir: &Path) -> Result<serde_json::Value> {
+    let p = run_dir.join("summary.json");
+    Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| p.display().to_string())?)?)
+}
+
+fn train_cmd(stage: &str, model: &Path, data: &Path, out: &Path) -> Result<Command> {
+    let mut c = Command::new(bin("gram-train")?);
+    c.arg(stage).arg("--model").arg(model).arg("--data").arg(data).arg("--out").arg(out);
+    c.args(["--quiet", "--overwrite"]);
+    Ok(c)
+}
+
+#[test]
+fn stage1_then_stage2_learn_the_task_and_bt_learns_it_too() -> Result<()> {
+    let t = task()?;
+    // Stage 1: the pair-generation loss falls.
+    let s1 = t.root.join("s1");
+    run(train_cmd("pretrain", &t.model, &t.data, &s1)?.args([
+        "--max-steps", "20", "--lr", "3e-3", "--batch-size", "8", "--log-every", "5", "--warmup", "0.1",
+    ]))?;
+    let sum1 = summary(&s1)?;
+    let (first, last) = (sum1["first_train_loss"].as_f64().unwrap_or(0.0), sum1["train_loss"].as_f64().unwrap_or(f64::MAX));
+    println!("stage 1: train loss {first:.3} -> {last:.3}, valid loss {:.3}", sum1["valid"]["loss"].as_f64().unwrap_or(f64::NAN));
+    ensure!(last < 0.8 * first, "stage-1 loss did not fall: {first} -> {last}");
+    for f in ["final/config.json", "final/model.safetensors", "final/tokenizer.json", "metrics.jsonl", "curves.png", "settings.toml"] {
+        ensure!(s1.join(f).exists(), "stage 1 wrote no {f}");
+    }
+
+    // Stage 2 from stage 1's output: held-out pairwise accuracy (both orders) >= 95%.
+    let s2 = t.root.join("s2");
+    run(train_cmd("finetune", &s1.join("final"), &t.data, &s2)?.args([
+        "--max-steps", "100", "--lr", "3e-3", "--batch-size", "16", "--eval-every", "50", "--max-valid", "0",
+    ]))?;
+    let sum2 = summary(&s2)?;
+    let acc = sum2["valid"]["acc"].as_f64().unwrap_or(0.0);
+    println!("stage 2: valid pairwise accuracy {:.1}% on {} pairs", 100.0 * acc, sum2["valid"]["n"]);
+    ensure!(sum2["valid"]["n"].as_u64().unwrap_or(0) >= 100, "too few validation pairs: {}", sum2["valid"]["n"]);
+    ensure!(acc >= 0.95, "stage-2 held-out accuracy {acc} < 0.95");
+    // Beyond the order-averaged score: single rows are ranked too, and the loss is below chance.
+    let (vloss, row_acc) = (sum2["valid"]["loss"].as_f64().unwrap_or(1.0), sum2["valid"]["row_acc"].as_f64().unwrap_or(0.0));
+    println!("stage 2: valid loss {vloss:.3} (chance {:.3}), single-order accuracy {:.1}%", 2f64.ln(), 100.0 * row_acc);
+    ensure!(vloss < 0.67 && row_acc >= 0.8, "stage 2 did not learn beyond position bias: loss {vloss}, row acc {row_acc}");
+
+    // The Bradley-Terry baseline on the same data, from the same random model.
+    let bt = t.root.join("bt");
+    run(train_cmd("bt", &t.model, &t.data, &bt)?.args(["--max-steps", "100", "--lr", "3e-3", "--batch-size", "16", "--max-valid", "0"]))?;
+    let sum3 = summary(&bt)?;
+    let acc_bt = sum3["valid"]["acc"].as_f64().unwrap_or(0.0);
+    println!("bt: valid pairwise accuracy {:.1}% on {} pairs", 100.0 * acc_bt, sum3["valid"]["n"]);
+    ensure!(acc_bt >= 0.9, "BT baseline held-out accuracy {acc_bt} < 0.9");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bt.join("final/config.json"))?)?;
+    ensure!(cfg["architectures"][0] == "LlamaForSequenceClassification", "bt config: {cfg}");
+    Ok(())
+}
+
+fn tensors_of(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+#[test]
+fn a_killed_run_resumes_to_bit_identical_weights() -> Result<()> {
+    let t = task()?;
+    let args = ["--max-steps", "24", "--save-every", "6", "--lr", "1e-3", "--batch-size", "8", "--seed", "3", "--log-every", "2"];
+    let whole = t.root.join("resume-whole");
+    run(train_cmd("finetune", &t.model, &t.data, &whole)?.args(args))?;
+
+    let cut = t.root.join("resume-cut");
+    let mut child = train_cmd("finetune", &t.model, &t.data, &cut)?
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // SIGKILL as soon as a checkpoint is complete.
+    let started = std::time::Instant::now();
+    loop {
+        if cut.join("latest").exists() {
+            child.kill()?;
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("the run ended ({status}) before it could be killed");
+        }
+        ensure!(started.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait()?;
+    ensure!(!cut.join("final").exists(), "killed too late: the run had finished");
+    let latest = std::fs::read_to_string(cut.join("latest"))?;
+    println!("killed after {}", latest.trim());
+
+    run(Command::new(bin("gram-train")?).args(["finetune", "--quiet", "--resume", "--out"]).arg(&cut))?;
+    let a = tensors_of(&whole.join("final/model.safetensors"))?;
+    let b = tensors_of(&cut.join("final/model.safetensors"))?;
+    ensure!(a.len() == b.len(), "tensor counts differ");
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        ensure!(na == nb, "tensor names differ: {na} vs {nb}");
+        ensure!(da == db, "tensor {na} differs between the uninterrupted and the resumed run");
+    }
+    // The metrics of the resumed run hold each step once.
+    let steps: Vec<u64> = std::fs::read_to_string(cut.join("metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    let mut dedup = steps.clone();
+    dedup.dedup();
+    ensure!(steps == dedup && steps.last() == Some(&24), "metrics steps after resume: {steps:?}");
+    Ok(())
+}
+
+fn train_losses(run_dir: &Path) -> Result<Vec<f64>> {
+    Ok(std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| v["loss"].as_f64())
+        .collect())
+}
+
+#[test]
+fn wgpu_stage2_steps_match_the_cpu_where_a_device_exists() -> Result<()> {
+    if let Err(e) = gram_model::device(gram_model::Backend::Wgpu) {
+        println!("SKIPPED: no wgpu device on this machine ({e})");
+        return Ok(());
+    }
+    let t = task()?;
+    let mut losses = Vec::new();
+    for backend in ["cpu", "wgpu"] {
+        let out = t.root.join(format!("backend-{backend}"));
+        // Lavapipe compiles every kernel on first use and runs them slowly: two small steps, and
+        // no autotuning sweeps (they only pay off on real GPUs).
+        run(train_cmd("finetune", &t.model, &t.data, &out)?
+            .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
+            .args(["--max-steps", "2", "--lr", "1e-3", "--batch-size", "2", "--log-every", "1", "--max-valid", "2", "--backend", backend]))?;
+        losses.push(train_losses(&out)?);
+    }
+    println!("cpu losses  {:?}\nwgpu losses {:?}", losses[0], losses[1]);
+    ensure!(losses[0].len() == 2 && losses[1].len() == 2, "expected 2 logged steps each");
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        ensure!((a - b).abs() <= 1e-3, "wgpu loss {b} vs cpu {a}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_runs_are_refused_before_training() -> Result<()> {
+    let t = task()?;
+    let out = t.root.join("refused");
+    // A dataset tokenised by another tokenizer (the model's, plus one added token).
+    let other = t.root.join("other-tok");
+    std::fs::create_dir_all(&other)?;
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(t.model.join(f), other.join(f))?;
+    }
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.model.join("tokenizer.json"))?)?;
+    let added = tok["added_tokens"].as_array_mut().context("tokenizer.json has no added_tokens")?;
+    added.push(serde_json::json!({"id": 49152, "content": "<|extra|>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true}));
+    std::fs::write(other.join("tokenizer.json"), tok.to_string())?;
+    let e = fails(&mut train_cmd("finetune", &other, &t.data, &out)?)?;
+    ensure!(e.contains("another tokenizer") && e.contains("train-00000.parquet"), "{e}");
+
+    // A model whose context is shorter than the data.
+    let short_cfg = t.root.join("short.json");
+    tiny_config(&short_cfg, 64)?;
+    let short = t.root.join("short");
+    if !short.exists() {
+        run(Command::new(bin("gram-train")?)
+            .args(["init", "--model-config"])
+            .arg(&short_cfg)
+            .arg("--tokenizer")
+            .arg(&t.model)
+            .arg("--out")
+            .arg(&short))?;
+    }
+    let e = fails(&mut train_cmd("finetune", &short, &t.data, &out)?)?;
+    ensure!(e.contains("context (64)"), "{e}");
+
+    // A stage-1 shard where stage 2 is expected.
+    let mixed = t.root.join("mixed");
+    std::fs::create_dir_all(mixed.join("stage2"))?;
+    std::fs::copy(t.data.join("stage1/train-00000.parquet"), mixed.join("stage2/train-00000.parquet"))?;
+    let e = fails(&mut train_cmd("finetune", &t.model, &mixed, &out)?)?;
+    ensure!(e.contains("column `label`") && e.contains("stage2"), "{e}");
+
+    // No dataset folder; unknown settings key; an existing run without --resume/--overwrite.
+    let e = fails(&mut train_cmd("finetune", &t.model, &t.root.join("nope"), &out)?)?;
+    ensure!(e.contains("nope"), "{e}");
+    let toml = t.root.join("bad.toml");
+    std::fs::write(&toml, "learning_rate = 1e-3\n")?;
+    let e = fails(Command::new(bin("gram-train")?).arg("finetune").arg("--config").arg(&toml))?;
+    ensure!(e.contains("learning_rate") && e.contains("bad.toml"), "{e}");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("x"), "")?;
+    let e = fails(Command::new(bin("gram-train")?)
+        .arg("finetune")
+        .arg("--model")
+        .arg(&t.model)
+        .arg("--data")
+        .arg(&t.data)
+        .arg("--out")
+        .arg(&out))?;
+    ensure!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
+    Ok(())
+}
