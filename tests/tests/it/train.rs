@@ -321,3 +321,97 @@ fn bad_runs_are_refused_before_training() -> Result<()> {
     ensure!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
     Ok(())
 }
+
+/// A Python with torch and transformers: `$GRAM_TORCH_PYTHON`, the venv `benches/train_speed.sh`
+/// makes, or `python3`.
+fn torch_python() -> Option<PathBuf> {
+    let cache = std::env::var_os("GRAM_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gram-rs"),
+        PathBuf::from,
+    );
+    let candidates = std::env::var_os("GRAM_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([cache.join("torch-venv/bin/python"), PathBuf::from("python3")]);
+    candidates.into_iter().find(|p| {
+        Command::new(p).args(["-c", "import torch, transformers, safetensors"]).output().is_ok_and(|o| o.status.success())
+    })
+}
+
+const HF_CHECK: &str = r#"
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+lm_dir, bt_dir, ours = sys.argv[1:4]
+d = load_file(ours)
+ids, mask = d["ids"], d["mask"]
+pos = (mask.cumsum(-1) - 1).clamp(min=0)
+real = mask.bool()
+with torch.no_grad():
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    logits = lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    bt = AutoModelForSequenceClassification.from_pretrained(bt_dir, dtype=torch.float32).eval()
+    rewards = bt(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 0]
+print(json.dumps({
+    "lm_class": type(lm).__name__, "bt_class": type(bt).__name__,
+    "lm_max_diff": (logits - d["logits"]).abs()[real].max().item(),
+    "bt_max_diff": (rewards - d["rewards"]).abs().max().item(),
+}))
+"#;
+
+#[test]
+fn our_checkpoints_load_in_hf_transformers_with_the_same_outputs() -> Result<()> {
+    use burn::prelude::*;
+    let Some(py) = torch_python() else {
+        println!("SKIPPED: no Python with torch + transformers (set GRAM_TORCH_PYTHON, or run benches/train_speed.sh once)");
+        return Ok(());
+    };
+    let t = task()?;
+    let short = ["--max-steps", "3", "--lr", "1e-3", "--batch-size", "4", "--max-valid", "2"];
+    let lm = t.root.join("hf-lm");
+    run(train_cmd("finetune", &t.model, &t.data, &lm)?.args(short))?;
+    let bt = t.root.join("hf-bt");
+    run(train_cmd("bt", &t.model, &t.data, &bt)?.args(short))?;
+
+    // Our outputs on a left-padded batch (ids >= 3 so that none is the padding id).
+    let seqs: [&[i64]; 3] = [&[1, 500, 600, 700, 800, 900], &[1, 42, 43], &[5, 6, 7, 8, 9, 10, 11, 12]];
+    let (b, tlen) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(0));
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    for s in seqs {
+        ids.extend(std::iter::repeat_n(3i64, tlen - s.len()).chain(s.iter().copied()));
+        mask.extend(std::iter::repeat_n(0i64, tlen - s.len()).chain(std::iter::repeat_n(1i64, s.len())));
+    }
+    let device = Device::flex();
+    let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [b, tlen]), &device);
+    let mask_t = Tensor::<2, Int>::from_data(TensorData::new(mask.clone(), [b, tlen]), &device);
+    let ck = gram_core::Checkpoint::open(&lm.join("final"))?;
+    let logits = gram_model::load(&ck, &device)?.forward(ids_t.clone(), mask_t.clone());
+    let vocab = logits.dims()[2];
+    let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let ckb = gram_core::Checkpoint::open(&bt.join("final"))?;
+    let rm = gram_model::RewardModel::from_weights(&ckb.config, ckb.weights()?, None, "bt", &device)?;
+    let rewards: Vec<f32> = rm.forward(ids_t, mask_t).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+
+    let le = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let lf = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (ib, mb, lb, rb) = (le(&ids), le(&mask), lf(&logits), lf(&rewards));
+    use safetensors::tensor::TensorView;
+    let views = vec![
+        ("ids", TensorView::new(safetensors::Dtype::I64, vec![b, tlen], &ib)?),
+        ("mask", TensorView::new(safetensors::Dtype::I64, vec![b, tlen], &mb)?),
+        ("logits", TensorView::new(safetensors::Dtype::F32, vec![b, tlen, vocab], &lb)?),
+        ("rewards", TensorView::new(safetensors::Dtype::F32, vec![b], &rb)?),
+    ];
+    let ours = t.root.join("ours.safetensors");
+    safetensors::tensor::serialize_to_file(views, None, &ours)?;
+
+    let out = run(Command::new(&py).arg("-c").arg(HF_CHECK).arg(lm.join("final")).arg(bt.join("final")).arg(&ours))?;
+    let line = out.lines().rev().find(|l| l.starts_with('{')).context("no JSON from the transformers check")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    println!("transformers: {v}");
+    ensure!(v["lm_class"] == "LlamaForCausalLM" && v["bt_class"] == "LlamaForSequenceClassification", "{v}");
+    let (dl, db) = (v["lm_max_diff"].as_f64().unwrap_or(f64::MAX), v["bt_max_diff"].as_f64().unwrap_or(f64::MAX));
+    ensure!(dl <= 1e-4, "LM logits differ from transformers' by {dl:e}");
+    ensure!(db <= 1e-4, "BT rewards differ from transformers' by {db:e}");
+    Ok(())
+}
