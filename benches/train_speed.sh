@@ -31,7 +31,7 @@ run_pair() { # name config batch seq
             --steps 8 --warmup 2 --threads "$THREADS" >> "$WORK/$name.torch.jsonl"
     done
 }
-run_pair llama-1.5m benches/train/llama-1.5m.json 16 256
+run_pair llama-1.5m benches/train/llama-1.5m.json 8 256
 run_pair llama-40m benches/train/llama-40m.json 8 256
 python3 - "$WORK" <<'PY'
 import json, statistics, sys

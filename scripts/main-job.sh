@@ -2,8 +2,9 @@
 # The main job, end to end on a real small model and real data, setup included.
 # What exists so far: fetch SmolLM2-135M-Instruct (GGUF); build the GRAM datasets from the three
 # real preference sets of ../shared/data with the model's own (GGUF-embedded) tokenizer and chat
-# template; load the model and run a GRAM judge prompt from the built data through it.
-# Training, export and scoring join here as they land.
+# template; load the model and run a GRAM judge prompt through it; fine-tune it briefly on the
+# stage-2 data (GRAM's A/B loss) and write the result as an HF folder.
+# Export and scoring join here as they land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -23,8 +24,14 @@ echo "== 2. gram-model inspect: SmolLM2 on a judge prompt"
     --text "$(printf 'Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the user question displayed below. You should choose the assistant that follows the user'"'"'s instructions and answers the user'"'"'s question better. Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their responses. Avoid any position biases and ensure that the order in which the responses were presented does not influence your decision. Do not allow the length of the responses to influence your evaluation. Do not favor certain names of the assistants. Be as objective as possible. Please directly output your final verdict by strictly following this format: "A" if assistant A is better, "B" if assistant B is better.\n\n[User Question]\nHow do I boil an egg?\n\n[The Start of Assistant A'"'"'s Answer]\nPut the egg in boiling water for 9 minutes, then cool it in cold water.\n[The End of Assistant A'"'"'s Answer]\n\n[The Start of Assistant B'"'"'s Answer]\nEggs are laid by hens.\n[The End of Assistant B'"'"'s Answer]\n\n#Preferred:')"
 
 echo
+echo "== 3. gram-train finetune: SmolLM2 on the stage-2 train split, a few steps on the CPU"
+"$BIN/gram-train" finetune --model "$GRAM_SMOLLM2_GGUF" --data "$RUN/data" --out "$RUN/finetune" --overwrite \
+    --max-steps "${GRAM_MAIN_STEPS:-2}" --batch-size 2 --lr 1e-5 --warmup 0 --max-valid 8 --log-every 1 --quiet
+
+echo
 echo "outputs:"
 echo "  model     $GRAM_SMOLLM2_GGUF"
 echo "  datasets  $RUN/data/stage1, $RUN/data/stage2"
 echo "  rejects   $RUN/data/rejects-00000.parquet"
 echo "  stats     $RUN/data/stats.json"
+echo "  trained   $RUN/finetune/final (HF folder), metrics $RUN/finetune/metrics.jsonl, curves $RUN/finetune/curves.png"
