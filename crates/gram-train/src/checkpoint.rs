@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
-use gram_core::{F32Tensor, GramTokenizer, LabelIds, ModelConfig};
+use gram_core::{F32Tensor, GramTokenizer, LabelIds};
 use gram_model::ParamIds;
 use serde::{Deserialize, Serialize};
 
@@ -170,9 +170,4 @@ pub fn latest(run: &Path) -> Result<(PathBuf, TrainState)> {
     let state: TrainState =
         serde_json::from_str(&text).map_err(|e| Error::data(&sp, format!("not a trainer state: {e}")))?;
     Ok((dir, state))
-}
-
-/// The HF config.json of a causal LM checkpoint.
-pub fn lm_config_json(config: &ModelConfig) -> serde_json::Value {
-    config.to_hf_json()
 }

@@ -2,7 +2,7 @@
 //! against the model (tokenizer, label tokens, context length) before any compute is spent,
 //! then batched with length bucketing in an order that depends only on (seed, epoch).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -270,15 +270,6 @@ pub fn epoch_batches(lengths: &[usize], batch_size: usize, window: usize, seed: 
     }
     batches.shuffle(&mut rng);
     batches
-}
-
-/// Rows per source, for reports.
-pub fn count_by_source(examples: &[Example]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for e in examples {
-        *m.entry(e.source.clone()).or_insert(0) += 1;
-    }
-    m
 }
 
 #[cfg(test)]

@@ -33,8 +33,6 @@ pub struct Ctx {
 pub struct BatchStats {
     /// Rows (pairs for bt).
     pub rows: usize,
-    /// Correctly ranked rows (stage 2 and bt).
-    pub correct: usize,
     /// Real (non-padding) tokens processed.
     pub tokens: usize,
     /// Loss-bearing units: target tokens (stage 1) or rows.
@@ -113,7 +111,7 @@ fn stage1_logprobs(model: &CausalLm, rows: &[&Example], ctx: &Ctx, device: &Devi
     let hs = h.reshape([b * t, d]).select(0, ints(pos, device));
     let lp = log_softmax(model.head(hs), 1);
     let picked = lp.gather(1, ints(tgt, device).reshape([n, 1])).reshape([n]);
-    (picked, BatchStats { rows: rows.len(), correct: 0, tokens, units: n })
+    (picked, BatchStats { rows: rows.len(), tokens, units: n })
 }
 
 /// Stage-2 label logits `[rows, 2]` (l_A, l_B) and targets.
@@ -142,7 +140,7 @@ impl Objective for CausalLm {
                 let z = label_margin(logits, target);
                 let correct = z.clone().greater_elem(0.0).float().sum();
                 let loss = gram_loss_of_margin(z, ctx.eps).mean();
-                (loss, correct, BatchStats { rows: rows.len(), correct: 0, tokens, units: rows.len() })
+                (loss, correct, BatchStats { rows: rows.len(), tokens, units: rows.len() })
             }
         }
     }
@@ -227,7 +225,7 @@ impl Objective for RewardModel {
     fn batch_loss(&self, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<1>, Tensor<1>, BatchStats) {
         let (c, r, tokens) = bt_rewards(self, rows, ctx, device);
         let correct = (c.clone() - r.clone()).greater_elem(0.0).float().sum();
-        (bt_loss(c, r), correct, BatchStats { rows: rows.len(), correct: 0, tokens, units: rows.len() })
+        (bt_loss(c, r), correct, BatchStats { rows: rows.len(), tokens, units: rows.len() })
     }
 
     fn evaluate(&self, rows: &[Example], ctx: &Ctx, batch_size: usize, device: &Device) -> Eval {

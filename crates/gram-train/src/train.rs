@@ -67,25 +67,23 @@ struct Prepared {
 
 /// Runs (or resumes) a training run to its end.
 pub fn run(settings: Settings, opts: &RunOptions) -> Result<Summary> {
-    let p = prepare(settings, opts)?;
+    let mut p = prepare(settings, opts)?;
+    // The weights move into the model; Prepared keeps an empty set.
+    let weights = std::mem::take(&mut p.weights);
     let base = gram_model::device(p.settings.backend)?;
     let device = base.clone().autodiff();
     device.seed(p.settings.seed);
     let ids = p.resume.as_ref().map(|(_, s)| s.param_ids.clone());
     match p.settings.stage {
         Stage::Pretrain | Stage::Finetune => {
-            let model = from_weights_with_ids(&p.config, clone_weights(&p.weights), ids.as_ref(), &p.origin, &device)?;
+            let model = from_weights_with_ids(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
             train_loop(model, p, &device, &base)
         }
         Stage::Bt => {
-            let model = RewardModel::from_weights(&p.config, clone_weights(&p.weights), ids.as_ref(), &p.origin, &device)?;
+            let model = RewardModel::from_weights(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
             train_loop(model, p, &device, &base)
         }
     }
-}
-
-fn clone_weights(w: &Weights) -> Weights {
-    Weights { tensors: w.tensors.clone(), stored_dtype: w.stored_dtype.clone(), files: w.files.clone() }
 }
 
 fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
@@ -211,7 +209,7 @@ trait Saveable: Objective {
 
 impl Saveable for CausalLm {
     fn config_json(config: &ModelConfig, _tok: &GramTokenizer) -> serde_json::Value {
-        checkpoint::lm_config_json(config)
+        config.to_hf_json()
     }
 }
 
