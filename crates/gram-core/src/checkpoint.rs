@@ -33,7 +33,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -46,13 +49,26 @@ impl Checkpoint {
                 return Err(Error::format(path, "not a model folder: no config.json"));
             }
             let config = ModelConfig::from_hf_file(&cfg_path)?;
-            Ok(Self { path: path.to_path_buf(), format: Format::HfDir, config, gguf: None })
+            Ok(Self {
+                path: path.to_path_buf(),
+                format: Format::HfDir,
+                config,
+                gguf: None,
+            })
         } else if path.exists() {
             let g = GgufFile::open(path)?;
             let config = g.model_config()?;
-            Ok(Self { path: path.to_path_buf(), format: Format::Gguf, config, gguf: Some(g) })
+            Ok(Self {
+                path: path.to_path_buf(),
+                format: Format::Gguf,
+                config,
+                gguf: Some(g),
+            })
         } else {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ))
         }
     }
 

@@ -151,7 +151,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return bad(format!("head_dim must be even and > 0, got {}", self.head_dim));
+            return bad(format!(
+                "head_dim must be even and > 0, got {}",
+                self.head_dim
+            ));
         }
         Ok(())
     }
@@ -196,7 +199,10 @@ impl ModelConfig {
         match &self.rope_scaling {
             RopeScaling::Default => {}
             other => {
-                obj.insert("rope_scaling".into(), serde_json::to_value(other).unwrap_or(Value::Null));
+                obj.insert(
+                    "rope_scaling".into(),
+                    serde_json::to_value(other).unwrap_or(Value::Null),
+                );
             }
         }
         match self.architecture {
@@ -251,7 +257,10 @@ struct HfConfig {
 fn first_id(v: &Option<Value>) -> Option<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
-        Some(Value::Array(a)) => a.first().and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok()),
+        Some(Value::Array(a)) => a
+            .first()
+            .and_then(Value::as_u64)
+            .and_then(|x| u32::try_from(x).ok()),
         _ => None,
     }
 }
@@ -261,7 +270,12 @@ impl HfConfig {
         let model_type = self
             .model_type
             .clone()
-            .or_else(|| self.architectures.as_ref().and_then(|a| a.first()).map(|s| s.to_lowercase()))
+            .or_else(|| {
+                self.architectures
+                    .as_ref()
+                    .and_then(|a| a.first())
+                    .map(|s| s.to_lowercase())
+            })
             .unwrap_or_default();
         let architecture = match model_type.as_str() {
             "llama" | "llamaforcausallm" | "mistral" => Architecture::Llama,
@@ -278,7 +292,11 @@ impl HfConfig {
         if let Some(act) = &self.hidden_act
             && act != "silu"
         {
-            return Err(Error::unsupported(path, "hidden_act", format!("`{act}` (supported: silu)")));
+            return Err(Error::unsupported(
+                path,
+                "hidden_act",
+                format!("`{act}` (supported: silu)"),
+            ));
         }
         if self.quantization_config.is_some() {
             return Err(Error::unsupported(
@@ -288,12 +306,20 @@ impl HfConfig {
             ));
         }
         if self.use_sliding_window == Some(true) {
-            return Err(Error::unsupported(path, "use_sliding_window", "sliding-window attention is not implemented"));
+            return Err(Error::unsupported(
+                path,
+                "use_sliding_window",
+                "sliding-window attention is not implemented",
+            ));
         }
         if let Some(types) = &self.layer_types
             && let Some(t) = types.iter().find(|t| t.as_str() != "full_attention")
         {
-            return Err(Error::unsupported(path, "layer_types", format!("`{t}` (supported: full_attention)")));
+            return Err(Error::unsupported(
+                path,
+                "layer_types",
+                format!("`{t}` (supported: full_attention)"),
+            ));
         }
         if self.pretraining_tp.unwrap_or(1) == 0 {
             return Err(Error::format(path, "pretraining_tp must be >= 1"));
@@ -306,7 +332,11 @@ impl HfConfig {
         // top-level `rope_theta` and an optional `rope_scaling`.
         let (theta, scaling) = match (&self.rope_parameters, &self.rope_scaling) {
             (Some(rp), _) => {
-                let theta = rp.get("rope_theta").and_then(Value::as_f64).map(|x| x as f32).or(self.rope_theta);
+                let theta = rp
+                    .get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .map(|x| x as f32)
+                    .or(self.rope_theta);
                 (theta, Some(rp.clone()))
             }
             (None, rs) => (self.rope_theta, rs.clone()),
@@ -326,7 +356,11 @@ impl HfConfig {
                 (b, b, false)
             }
             Architecture::Qwen2 => (true, false, false),
-            Architecture::Qwen3 => (self.attention_bias.unwrap_or(false), self.attention_bias.unwrap_or(false), true),
+            Architecture::Qwen3 => (
+                self.attention_bias.unwrap_or(false),
+                self.attention_bias.unwrap_or(false),
+                true,
+            ),
         };
         let tie_default = matches!(architecture, Architecture::Qwen2);
         let cfg = ModelConfig {
@@ -349,7 +383,10 @@ impl HfConfig {
             qk_norm,
             bos_token_id: first_id(&self.bos_token_id),
             eos_token_id: first_id(&self.eos_token_id),
-            dtype: self.dtype.or(self.torch_dtype).unwrap_or_else(|| "float32".into()),
+            dtype: self
+                .dtype
+                .or(self.torch_dtype)
+                .unwrap_or_else(|| "float32".into()),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -358,7 +395,9 @@ impl HfConfig {
 
 /// Parses a rope scaling object (`rope_scaling` or `rope_parameters`).
 pub fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling> {
-    let Some(v) = v else { return Ok(RopeScaling::Default) };
+    let Some(v) = v else {
+        return Ok(RopeScaling::Default);
+    };
     if v.is_null() {
         return Ok(RopeScaling::Default);
     }
@@ -371,11 +410,15 @@ pub fn parse_rope_scaling(v: Option<&Value>, path: &Path) -> Result<RopeScaling>
         v.get(k)
             .and_then(Value::as_f64)
             .map(|x| x as f32)
-            .ok_or_else(|| Error::format(path, format!("rope scaling `{kind}` needs a number `{k}`")))
+            .ok_or_else(|| {
+                Error::format(path, format!("rope scaling `{kind}` needs a number `{k}`"))
+            })
     };
     match kind {
         "default" => Ok(RopeScaling::Default),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,

@@ -53,6 +53,9 @@ pub enum Error {
     /// A chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),
+    /// A text does not fit the token budget even with its texts cut to nothing.
+    #[error("{0}")]
+    TooLong(String),
     /// A broken invariant: a bug in GRAM-rs, not in the input.
     #[error("internal error (please report): {0}")]
     Internal(String),
@@ -61,17 +64,31 @@ pub enum Error {
 impl Error {
     /// An [`Error::Format`] for `path`.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Self::Format { path: path.into(), msg: msg.into() }
+        Self::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// An [`Error::Unsupported`] for `path`.
-    pub fn unsupported(path: impl Into<PathBuf>, what: impl Into<String>, msg: impl Into<String>) -> Self {
-        Self::Unsupported { path: path.into(), what: what.into(), msg: msg.into() }
+    pub fn unsupported(
+        path: impl Into<PathBuf>,
+        what: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Self::Unsupported {
+            path: path.into(),
+            what: what.into(),
+            msg: msg.into(),
+        }
     }
 
     /// True when the error is the input's fault, not ours.

@@ -174,12 +174,20 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            Error::format(
-                self.path,
-                format!("truncated GGUF: {what} needs {n} bytes at offset {}, file has {}", self.pos, self.b.len()),
-            )
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    format!(
+                        "truncated GGUF: {what} needs {n} bytes at offset {}, file has {}",
+                        self.pos,
+                        self.b.len()
+                    ),
+                )
+            })?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -202,17 +210,31 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(a))
     }
     fn len(&mut self, v1: bool, w: &str) -> Result<usize> {
-        let n = if v1 { u64::from(self.u32(w)?) } else { self.u64(w)? };
-        usize::try_from(n).ok().filter(|&n| n <= self.b.len()).ok_or_else(|| {
-            Error::format(self.path, format!("{w}: length {n} at offset {} exceeds the file", self.pos))
-        })
+        let n = if v1 {
+            u64::from(self.u32(w)?)
+        } else {
+            self.u64(w)?
+        };
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.b.len())
+            .ok_or_else(|| {
+                Error::format(
+                    self.path,
+                    format!("{w}: length {n} at offset {} exceeds the file", self.pos),
+                )
+            })
     }
     fn string(&mut self, v1: bool, w: &str) -> Result<String> {
         let n = self.len(v1, w)?;
         let at = self.pos;
         let s = self.take(n, w)?;
-        String::from_utf8(s.to_vec())
-            .map_err(|_| Error::format(self.path, format!("{w}: string at offset {at} is not UTF-8")))
+        String::from_utf8(s.to_vec()).map_err(|_| {
+            Error::format(
+                self.path,
+                format!("{w}: string at offset {at} is not UTF-8"),
+            )
+        })
     }
     fn value(&mut self, ty: u32, v1: bool, key: &str, depth: usize) -> Result<Value> {
         Ok(match ty {
@@ -227,7 +249,10 @@ impl<'a> Cursor<'a> {
             8 => Value::Str(self.string(v1, key)?),
             9 => {
                 if depth > 4 {
-                    return Err(Error::format(self.path, format!("metadata `{key}`: arrays nested too deep")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("metadata `{key}`: arrays nested too deep"),
+                    ));
                 }
                 let ety = self.u32(key)?;
                 let n = self.len(v1, key)?;
@@ -259,14 +284,25 @@ impl GgufFile {
 
     /// Parses GGUF bytes; `path` names them in errors.
     pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self> {
-        let mut c = Cursor { b: &bytes, pos: 0, path };
+        let mut c = Cursor {
+            b: &bytes,
+            pos: 0,
+            path,
+        };
         let magic = c.take(4, "magic")?;
         if magic != b"GGUF" {
-            return Err(Error::format(path, format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
+            return Err(Error::format(
+                path,
+                format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"),
+            ));
         }
         let version = c.u32("version")?;
         if !(1..=3).contains(&version) {
-            return Err(Error::unsupported(path, "GGUF version", format!("{version} (supported: 1-3)")));
+            return Err(Error::unsupported(
+                path,
+                "GGUF version",
+                format!("{version} (supported: 1-3)"),
+            ));
         }
         let v1 = version == 1;
         let n_tensors = c.len(v1, "tensor count")?;
@@ -283,19 +319,42 @@ impl GgufFile {
             let name = c.string(v1, "tensor name")?;
             let nd = c.u32(&name)? as usize;
             if nd == 0 || nd > 4 {
-                return Err(Error::format(path, format!("tensor `{name}` has {nd} dimensions (1-4 allowed)")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has {nd} dimensions (1-4 allowed)"),
+                ));
             }
             let mut dims = Vec::with_capacity(nd);
             for _ in 0..nd {
-                dims.push(if v1 { u64::from(c.u32(&name)?) } else { c.u64(&name)? });
+                dims.push(if v1 {
+                    u64::from(c.u32(&name)?)
+                } else {
+                    c.u64(&name)?
+                });
             }
             let ty = GgmlType::from_u32(c.u32(&name)?);
             let offset = c.u64(&name)?;
-            tensors.push(TensorInfo { name, dims, ty, offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+            });
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32).max(1) as usize;
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
         let data_start = c.pos.div_ceil(align) * align;
-        let f = GgufFile { path: path.to_path_buf(), version, metadata, tensors, data_start, bytes };
+        let f = GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_start,
+            bytes,
+        };
         // Check every tensor's extent now, so that truncation is reported before any compute.
         for t in &f.tensors {
             f.raw(t)?;
@@ -309,9 +368,12 @@ impl GgufFile {
     }
 
     fn req_u64(&self, key: &str) -> Result<u64> {
-        self.get(key)
-            .and_then(Value::as_u64)
-            .ok_or_else(|| Error::format(&self.path, format!("metadata `{key}` is missing or not an integer")))
+        self.get(key).and_then(Value::as_u64).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata `{key}` is missing or not an integer"),
+            )
+        })
     }
 
     fn raw(&self, t: &TensorInfo) -> Result<&[u8]> {
@@ -319,17 +381,30 @@ impl GgufFile {
             Error::unsupported(
                 &self.path,
                 "tensor type",
-                format!("tensor `{}` is {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)", t.name, t.ty.name()),
+                format!(
+                    "tensor `{}` is {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)",
+                    t.name,
+                    t.ty.name()
+                ),
             )
         })?;
         let numel = t.numel();
         if t.dims[0] % bs as u64 != 0 {
-            return Err(Error::format(&self.path, format!("tensor `{}`: row length {} is not a multiple of the {}-value block", t.name, t.dims[0], bs)));
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "tensor `{}`: row length {} is not a multiple of the {}-value block",
+                    t.name, t.dims[0], bs
+                ),
+            ));
         }
         let nbytes = (numel / bs as u64).checked_mul(bb as u64);
         let start = (self.data_start as u64).checked_add(t.offset);
         match (start, nbytes) {
-            (Some(s), Some(n)) if s.checked_add(n).is_some_and(|e| e <= self.bytes.len() as u64) => {
+            (Some(s), Some(n))
+                if s.checked_add(n)
+                    .is_some_and(|e| e <= self.bytes.len() as u64) =>
+            {
                 Ok(&self.bytes[s as usize..(s + n) as usize])
             }
             _ => Err(Error::format(
@@ -348,8 +423,12 @@ impl GgufFile {
     /// Dequantises one tensor to f32, exactly as gguf-py does.
     pub fn dequantize(&self, t: &TensorInfo) -> Result<F32Tensor> {
         let raw = self.raw(t)?;
-        let data = dequantize(t.ty, raw, t.numel() as usize).ok_or_else(|| Error::Internal(format!("dequantising {}", t.name)))?;
-        Ok(F32Tensor { shape: t.shape(), data })
+        let data = dequantize(t.ty, raw, t.numel() as usize)
+            .ok_or_else(|| Error::Internal(format!("dequantising {}", t.name)))?;
+        Ok(F32Tensor {
+            shape: t.shape(),
+            data,
+        })
     }
 
     /// `general.architecture`.
@@ -361,18 +440,28 @@ impl GgufFile {
     pub fn model_config(&self) -> Result<ModelConfig> {
         let arch = self.architecture().unwrap_or("");
         if arch != "llama" {
-            return Err(Error::unsupported(&self.path, "GGUF architecture", format!("`{arch}` (supported: llama)")));
+            return Err(Error::unsupported(
+                &self.path,
+                "GGUF architecture",
+                format!("`{arch}` (supported: llama)"),
+            ));
         }
         let k = |s: &str| format!("{arch}.{s}");
         let hidden = self.req_u64(&k("embedding_length"))? as usize;
         let heads = self.req_u64(&k("attention.head_count"))? as usize;
-        let kv = self.get(&k("attention.head_count_kv")).and_then(Value::as_u64).map_or(heads, |x| x as usize);
+        let kv = self
+            .get(&k("attention.head_count_kv"))
+            .and_then(Value::as_u64)
+            .map_or(heads, |x| x as usize);
         let embd = self
             .tensors
             .iter()
             .find(|t| t.name == "token_embd.weight")
             .ok_or_else(|| Error::format(&self.path, "no tensor `token_embd.weight`"))?;
-        let vocab = self.get(&k("vocab_size")).and_then(Value::as_u64).map_or(embd.dims[1] as usize, |x| x as usize);
+        let vocab = self
+            .get(&k("vocab_size"))
+            .and_then(Value::as_u64)
+            .map_or(embd.dims[1] as usize, |x| x as usize);
         let head_dim = self
             .get(&k("attention.key_length"))
             .and_then(Value::as_u64)
@@ -380,10 +469,17 @@ impl GgufFile {
         let rope_scaling = match self.get(&k("rope.scaling.type")).and_then(Value::as_str) {
             None | Some("none") => RopeScaling::Default,
             Some("linear") => RopeScaling::Linear {
-                factor: self.get(&k("rope.scaling.factor")).and_then(Value::as_f64).unwrap_or(1.0) as f32,
+                factor: self
+                    .get(&k("rope.scaling.factor"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0) as f32,
             },
             Some(other) => {
-                return Err(Error::unsupported(&self.path, "rope.scaling.type", format!("`{other}` (supported: none, linear)")));
+                return Err(Error::unsupported(
+                    &self.path,
+                    "rope.scaling.type",
+                    format!("`{other}` (supported: none, linear)"),
+                ));
             }
         };
         let tied = !self.tensors.iter().any(|t| t.name == "output.weight");
@@ -396,17 +492,32 @@ impl GgufFile {
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
-            rms_norm_eps: self.get(&k("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5),
-            rope_theta: self.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10_000.0) as f32,
+            rms_norm_eps: self
+                .get(&k("attention.layer_norm_rms_epsilon"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5),
+            rope_theta: self
+                .get(&k("rope.freq_base"))
+                .and_then(Value::as_f64)
+                .unwrap_or(10_000.0) as f32,
             rope_scaling,
-            max_position_embeddings: self.get(&k("context_length")).and_then(Value::as_u64).unwrap_or(2048) as usize,
+            max_position_embeddings: self
+                .get(&k("context_length"))
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
             tie_word_embeddings: tied,
             qkv_bias: false,
             o_bias: false,
             mlp_bias: false,
             qk_norm: false,
-            bos_token_id: self.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
-            eos_token_id: self.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            bos_token_id: self
+                .get("tokenizer.ggml.bos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
+            eos_token_id: self
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(Value::as_u64)
+                .map(|x| x as u32),
             dtype: self.stored_types(),
         };
         cfg.validate(&self.path)?;
@@ -423,10 +534,18 @@ impl GgufFile {
     /// Every tensor dequantised to f32 under its HF name; q and k are un-permuted (llama.cpp's
     /// converter interleaves their rotary halves; transformers' GGUF loader undoes it too).
     pub fn weights(&self, cfg: &ModelConfig) -> Result<Weights> {
-        let mut out = Weights { stored_dtype: self.stored_types(), files: vec![self.path.clone()], ..Default::default() };
+        let mut out = Weights {
+            stored_dtype: self.stored_types(),
+            files: vec![self.path.clone()],
+            ..Default::default()
+        };
         for t in &self.tensors {
             let hf = hf_name(&t.name).ok_or_else(|| {
-                Error::unsupported(&self.path, "tensor", format!("`{}` has no HF counterpart in the llama mapping", t.name))
+                Error::unsupported(
+                    &self.path,
+                    "tensor",
+                    format!("`{}` has no HF counterpart in the llama mapping", t.name),
+                )
             })?;
             let mut x = self.dequantize(t)?;
             if hf.ends_with("self_attn.q_proj.weight") {
@@ -441,7 +560,11 @@ impl GgufFile {
 
     /// A string array from the metadata.
     pub fn strings(&self, key: &str) -> Option<Vec<&str>> {
-        self.get(key)?.as_array()?.iter().map(Value::as_str).collect()
+        self.get(key)?
+            .as_array()?
+            .iter()
+            .map(Value::as_str)
+            .collect()
     }
 }
 
@@ -478,10 +601,18 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute(x: F32Tensor, n_head: usize, path: &Path, name: &str) -> Result<F32Tensor> {
     let (rows, cols) = match x.shape[..] {
         [r, c] => (r, c),
-        _ => return Err(Error::format(path, format!("tensor `{name}` should be 2-D, is {:?}", x.shape))),
+        _ => {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` should be 2-D, is {:?}", x.shape),
+            ));
+        }
     };
     if n_head == 0 || rows % (2 * n_head) != 0 {
-        return Err(Error::format(path, format!("tensor `{name}`: {rows} rows do not split into {n_head} heads")));
+        return Err(Error::format(
+            path,
+            format!("tensor `{name}`: {rows} rows do not split into {n_head} heads"),
+        ));
     }
     let half = rows / n_head / 2;
     let mut out = vec![0f32; x.data.len()];
@@ -491,11 +622,15 @@ fn unpermute(x: F32Tensor, n_head: usize, path: &Path, name: &str) -> Result<F32
                 // source row in the permuted layout: (h, i, two); target: (h, two, i)
                 let src = (h * half + i) * 2 + two;
                 let dst = (h * 2 + two) * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&x.data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&x.data[src * cols..(src + 1) * cols]);
             }
         }
     }
-    Ok(F32Tensor { shape: x.shape, data: out })
+    Ok(F32Tensor {
+        shape: x.shape,
+        data: out,
+    })
 }
 
 fn f16(b: &[u8]) -> f32 {
@@ -510,9 +645,17 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
     }
     let mut out = Vec::with_capacity(n);
     match ty {
-        GgmlType::F32 => out.extend(raw[..n * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        GgmlType::F32 => out.extend(
+            raw[..n * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
         GgmlType::F16 => out.extend(raw[..n * 2].chunks_exact(2).map(f16)),
-        GgmlType::Bf16 => out.extend(raw[..n * 2].chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::Bf16 => out.extend(
+            raw[..n * 2]
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         GgmlType::Q8_0 => {
             for b in raw[..n / 32 * 34].chunks_exact(34) {
                 let d = f16(&b[0..2]);
@@ -539,7 +682,11 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
             let with_min = ty == GgmlType::Q5_1;
             for b in raw[..n / 32 * bb].chunks_exact(bb) {
                 let d = f16(&b[0..2]);
-                let (m, rest) = if with_min { (f16(&b[2..4]), &b[4..]) } else { (0.0, &b[2..]) };
+                let (m, rest) = if with_min {
+                    (f16(&b[2..4]), &b[4..])
+                } else {
+                    (0.0, &b[2..])
+                };
                 let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
                 let qs = &rest[4..20];
                 for hi in 0..2 {
@@ -547,7 +694,11 @@ pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Option<Vec<f32>> {
                         let lo = if hi == 0 { q & 0x0F } else { q >> 4 };
                         let h = ((qh >> (j + 16 * hi)) & 1) as u8;
                         let v = lo | (h << 4);
-                        out.push(if with_min { d * f32::from(v) + m } else { d * f32::from(v as i8 - 16) });
+                        out.push(if with_min {
+                            d * f32::from(v) + m
+                        } else {
+                            d * f32::from(v as i8 - 16)
+                        });
                     }
                 }
             }
@@ -608,7 +759,15 @@ mod tests {
                 }
             }
         }
-        let back = unpermute(F32Tensor { shape: vec![h * d, c], data: perm }, h, Path::new("x"), "q")?;
+        let back = unpermute(
+            F32Tensor {
+                shape: vec![h * d, c],
+                data: perm,
+            },
+            h,
+            Path::new("x"),
+            "q",
+        )?;
         assert_eq!(back.data, orig);
         Ok(())
     }
@@ -616,11 +775,20 @@ mod tests {
     #[test]
     fn bad_files_are_clear_errors() {
         let p = Path::new("m.gguf");
-        let e = GgufFile::parse(b"GGML\x03\x00\x00\x00".to_vec(), p).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = GgufFile::parse(b"GGML\x03\x00\x00\x00".to_vec(), p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("not a GGUF"), "{e}");
-        let e = GgufFile::parse(b"GGUF\x03\x00\x00\x00\x01".to_vec(), p).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = GgufFile::parse(b"GGUF\x03\x00\x00\x00\x01".to_vec(), p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("truncated"), "{e}");
-        let e = GgufFile::parse(b"GGUF\x09\x00\x00\x00".to_vec(), p).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = GgufFile::parse(b"GGUF\x09\x00\x00\x00".to_vec(), p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("version"), "{e}");
     }
 }

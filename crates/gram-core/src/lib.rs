@@ -6,6 +6,8 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod export;
+pub mod fit;
 pub mod gguf;
 pub mod schema;
 pub mod template;
@@ -25,7 +27,10 @@ use std::path::Path;
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename, so a
 /// crash leaves either the old file or the new one, never half of one.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
@@ -39,4 +44,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// Prints `error: ...` in one line and gives the exit status every GRAM-rs binary uses: 1 for
+/// a problem with the user's input, 2 for an internal error.
+pub fn exit_with(err: &dyn std::fmt::Display, user_error: bool) -> std::process::ExitCode {
+    eprintln!("error: {err}");
+    std::process::ExitCode::from(if user_error { 1 } else { 2 })
 }

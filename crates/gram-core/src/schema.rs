@@ -50,10 +50,19 @@ impl Dataset {
         let fields: Vec<Field> = f
             .fields
             .iter()
-            .map(|c| Field::new(&c.name, parse_type(&c.ty).unwrap_or(DataType::Null), c.nullable))
+            .map(|c| {
+                Field::new(
+                    &c.name,
+                    parse_type(&c.ty).unwrap_or(DataType::Null),
+                    c.nullable,
+                )
+            })
             .collect();
         let mut md = std::collections::HashMap::new();
-        md.insert("gram.schema".to_string(), format!("{}.v{}", f.name, f.version));
+        md.insert(
+            "gram.schema".to_string(),
+            format!("{}.v{}", f.name, f.version),
+        );
         Arc::new(Schema::new_with_metadata(fields, md))
     }
 }
@@ -108,7 +117,11 @@ pub fn check(actual: &Schema, dataset: Dataset, path: &Path) -> Result<()> {
             Err(_) => {
                 return Err(Error::format(
                     path,
-                    format!("column `{}` of the {} schema is missing", f.name(), dataset.tag()),
+                    format!(
+                        "column `{}` of the {} schema is missing",
+                        f.name(),
+                        dataset.tag()
+                    ),
                 ));
             }
             Ok(a) if !same_type(a.data_type(), f.data_type()) => {
@@ -123,7 +136,11 @@ pub fn check(actual: &Schema, dataset: Dataset, path: &Path) -> Result<()> {
                     ),
                 ));
             }
-            Ok(a) if a.is_nullable() && !f.is_nullable() && actual.metadata().get("gram.schema").is_none() => {
+            Ok(a)
+                if a.is_nullable()
+                    && !f.is_nullable()
+                    && actual.metadata().get("gram.schema").is_none() =>
+            {
                 // Files not written by us may mark columns nullable; values are checked on use.
             }
             Ok(_) => {}
@@ -138,9 +155,17 @@ mod tests {
 
     #[test]
     fn every_schema_file_parses() {
-        for d in [Dataset::RawPairs, Dataset::Stage1, Dataset::Stage2, Dataset::Rejects] {
+        for d in [
+            Dataset::RawPairs,
+            Dataset::Stage1,
+            Dataset::Stage2,
+            Dataset::Rejects,
+        ] {
             let s = d.schema();
-            assert!(s.fields().iter().all(|f| f.data_type() != &DataType::Null), "{d:?}: unknown type");
+            assert!(
+                s.fields().iter().all(|f| f.data_type() != &DataType::Null),
+                "{d:?}: unknown type"
+            );
             assert!(d.tag().ends_with(".v1"));
         }
     }
@@ -148,10 +173,18 @@ mod tests {
     #[test]
     fn check_names_the_column() {
         let s = Schema::new(vec![Field::new("id", DataType::Int64, false)]);
-        let e = check(&s, Dataset::RawPairs, Path::new("x.parquet")).unwrap_err().to_string();
-        assert!(e.contains("x.parquet") && e.contains("`id`") && e.contains("Int64"), "{e}");
-        let e = check(&Schema::empty(), Dataset::Stage2, Path::new("y")).unwrap_err().to_string();
+        let e = check(&s, Dataset::RawPairs, Path::new("x.parquet"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("x.parquet") && e.contains("`id`") && e.contains("Int64"),
+            "{e}"
+        );
+        let e = check(&Schema::empty(), Dataset::Stage2, Path::new("y"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing"), "{e}");
-        check(&Dataset::Stage1.schema(), Dataset::Stage1, Path::new("z")).expect("own schema passes");
+        check(&Dataset::Stage1.schema(), Dataset::Stage1, Path::new("z"))
+            .expect("own schema passes");
     }
 }

@@ -28,11 +28,16 @@ pub fn pair_block(a: &str, b: &str) -> String {
 
 /// The stage-2 judge prompt, before any chat template.
 pub fn judge_prompt(x: &str, a: &str, b: &str) -> String {
-    format!("{JUDGE_INSTRUCTION}\n\n{}{}\n\n#Preferred:", stage1_prompt(x), pair_block(a, b))
+    format!(
+        "{JUDGE_INSTRUCTION}\n\n{}{}\n\n#Preferred:",
+        stage1_prompt(x),
+        pair_block(a, b)
+    )
 }
 
 /// How prompts are wrapped for a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PromptStyle {
     /// Plain text (base models); the tokenizer's own special tokens (e.g. BOS) are added.
     Raw,
@@ -62,7 +67,8 @@ impl Wrap {
         const S: [&str; 2] = ["\u{E001}", "\u{E002}"];
         let render = |u: &str, a: &str| -> Option<String> {
             if with_answer {
-                t.render(&[Message::user(u), Message::assistant(a)], false).ok()
+                t.render(&[Message::user(u), Message::assistant(a)], false)
+                    .ok()
             } else {
                 t.render(&[Message::user(u)], true).ok()
             }
@@ -79,7 +85,13 @@ impl Wrap {
             return None;
         }
         let w = Self { parts };
-        for (u, a) in [("x", "y"), ("  padded  ", "\n"), ("\nnl\n", " a "), ("{{ b }}", "{% x %}"), ("<|im_end|>", "")] {
+        for (u, a) in [
+            ("x", "y"),
+            ("  padded  ", "\n"),
+            ("\nnl\n", " a "),
+            ("{{ b }}", "{% x %}"),
+            ("<|im_end|>", ""),
+        ] {
             if render(u, a)? != w.apply(u, a) {
                 return None;
             }
@@ -123,7 +135,12 @@ impl<'t> Templates<'t> {
             (Some(t), PromptStyle::Chat) => (Wrap::probe(t, false), Wrap::probe(t, true)),
             _ => (None, None),
         };
-        Self { tok, style, user_wrap, answer_wrap }
+        Self {
+            tok,
+            style,
+            user_wrap,
+            answer_wrap,
+        }
     }
 
     fn chat_user(&self, user: &str) -> Result<String> {
@@ -136,13 +153,19 @@ impl<'t> Templates<'t> {
     fn chat_answer(&self, user: &str, answer: &str) -> Result<String> {
         match &self.answer_wrap {
             Some(w) => Ok(w.apply(user, answer)),
-            None => self.chat()?.render(&[Message::user(user), Message::assistant(answer)], false),
+            None => self
+                .chat()?
+                .render(&[Message::user(user), Message::assistant(answer)], false),
         }
     }
 
     /// The default for a tokenizer: Chat when it has a template, else Raw.
     pub fn auto(tok: &'t GramTokenizer) -> Self {
-        let style = if tok.chat_template.is_some() { PromptStyle::Chat } else { PromptStyle::Raw };
+        let style = if tok.chat_template.is_some() {
+            PromptStyle::Chat
+        } else {
+            PromptStyle::Raw
+        };
         Self::with_style(tok, style)
     }
 
@@ -152,7 +175,10 @@ impl<'t> Templates<'t> {
     }
 
     fn chat(&self) -> Result<&crate::chat::ChatTemplate> {
-        self.tok.chat_template.as_ref().ok_or_else(|| Error::Internal("chat style without template".into()))
+        self.tok
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Internal("chat style without template".into()))
     }
 
     /// Stage 1: prompt x, target the pair (a, b). With a chat template the prompt is the user turn
@@ -163,7 +189,10 @@ impl<'t> Templates<'t> {
         match self.style {
             PromptStyle::Raw => {
                 let eos = self.tok.eos_token.clone().unwrap_or_default();
-                Ok(Rendered { prompt: user, target: format!("{target}{eos}") })
+                Ok(Rendered {
+                    prompt: user,
+                    target: format!("{target}{eos}"),
+                })
             }
             PromptStyle::Chat => {
                 let prompt = self.chat_user(user.trim_end())?;
@@ -171,7 +200,10 @@ impl<'t> Templates<'t> {
                 let target = full.strip_prefix(&prompt).ok_or_else(|| {
                     Error::Template("the chat template renders the user turn differently once an assistant turn follows; stage-1 targets cannot be split".into())
                 })?;
-                Ok(Rendered { prompt, target: target.to_string() })
+                Ok(Rendered {
+                    prompt,
+                    target: target.to_string(),
+                })
             }
         }
     }
@@ -198,7 +230,8 @@ impl<'t> Templates<'t> {
     /// Token ids of a rendered text: the chat template carries its own special tokens, raw text
     /// gets the tokenizer's (BOS) in front.
     pub fn encode(&self, text: &str, at_start: bool) -> Result<Vec<u32>> {
-        self.tok.encode(text, at_start && self.style == PromptStyle::Raw)
+        self.tok
+            .encode(text, at_start && self.style == PromptStyle::Raw)
     }
 }
 
@@ -226,7 +259,10 @@ impl LabelIds {
                 ))),
             }
         };
-        let ids = Self { a: one(LABEL_A)?, b: one(LABEL_B)? };
+        let ids = Self {
+            a: one(LABEL_A)?,
+            b: one(LABEL_B)?,
+        };
         if ids.a == ids.b {
             return Err(Error::Tokenizer("`A` and `B` map to the same token".into()));
         }
@@ -237,7 +273,11 @@ impl LabelIds {
 /// P(A) from the two label logits: softmax over (l_A, l_B), computed stably.
 pub fn prob_a(l_a: f32, l_b: f32) -> f32 {
     let z = l_a - l_b;
-    if z >= 0.0 { 1.0 / (1.0 + (-z).exp()) } else { z.exp() / (1.0 + z.exp()) }
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        z.exp() / (1.0 + z.exp())
+    }
 }
 
 /// METHOD.md's both-order score of response r1 against r2: `ab` are (l_A, l_B) with A = r1,
@@ -272,7 +312,8 @@ mod tests {
         );
         GramTokenizer {
             tokenizer: json.parse().expect("valid tokenizer json"),
-            chat_template: template.map(|t| crate::chat::ChatTemplate::new(t, "", "<eos>").expect("template")),
+            chat_template: template
+                .map(|t| crate::chat::ChatTemplate::new(t, "", "<eos>").expect("template")),
             bos_token: None,
             eos_token: Some("<eos>".into()),
             pad_token: None,
@@ -286,12 +327,20 @@ mod tests {
         assert_eq!(LabelIds::resolve(&ok).ok(), Some(LabelIds { a: 0, b: 1 }));
         let no_a = tiny_tokenizer(r#"{"B":1,"c":2}"#, None);
         let e = LabelIds::resolve(&no_a).unwrap_err().to_string();
-        assert!(e.contains("label `A` is 0 tokens") && e.contains("single tokens"), "{e}");
+        assert!(
+            e.contains("label `A` is 0 tokens") && e.contains("single tokens"),
+            "{e}"
+        );
     }
 
     #[test]
     fn stage1_splits_prompt_and_target_with_and_without_chat() -> Result<()> {
-        let tok = tiny_tokenizer(r#"{"A":0}"#, Some("{% for m in messages %}<{{ m.role }}>{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"));
+        let tok = tiny_tokenizer(
+            r#"{"A":0}"#,
+            Some(
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            ),
+        );
         let chat = Templates::new(&tok, PromptStyle::Chat)?.stage1("x", "a", "b")?;
         assert_eq!(chat.prompt, "<user>[User Question]\nx<end><assistant>");
         assert_eq!(chat.target, format!("{}<end>", pair_block("a", "b")));
@@ -299,7 +348,10 @@ mod tests {
         assert_eq!(raw.prompt, "[User Question]\nx\n\n");
         assert_eq!(raw.target, format!("{}<eos>", pair_block("a", "b")));
         let judge = Templates::new(&tok, PromptStyle::Chat)?.stage2("x", "a", "b")?;
-        assert_eq!(judge, format!("<user>{}<end><assistant>", judge_prompt("x", "a", "b")));
+        assert_eq!(
+            judge,
+            format!("<user>{}<end><assistant>", judge_prompt("x", "a", "b"))
+        );
         let plain = tiny_tokenizer(r#"{"A":0}"#, None);
         assert!(Templates::new(&plain, PromptStyle::Chat).is_err());
         Ok(())
@@ -308,16 +360,35 @@ mod tests {
     #[test]
     fn template_shortcut_equals_rendering() -> Result<()> {
         // A template that trims contents cannot be reduced to fixed text: rendering is kept.
-        let trims = tiny_tokenizer(r#"{"A":0}"#, Some("{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"));
+        let trims = tiny_tokenizer(
+            r#"{"A":0}"#,
+            Some(
+                "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            ),
+        );
         let t = Templates::new(&trims, PromptStyle::Chat)?;
         assert!(t.user_wrap.is_none() && t.answer_wrap.is_none());
-        assert_eq!(t.stage2("  x ", "a", "b")?, format!("<user>{}<end><assistant>", judge_prompt("  x ", "a", "b").trim()));
-        let verbatim = tiny_tokenizer(r#"{"A":0}"#, Some("{% for m in messages %}<{{ m.role }}>{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"));
+        assert_eq!(
+            t.stage2("  x ", "a", "b")?,
+            format!(
+                "<user>{}<end><assistant>",
+                judge_prompt("  x ", "a", "b").trim()
+            )
+        );
+        let verbatim = tiny_tokenizer(
+            r#"{"A":0}"#,
+            Some(
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}<end>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+            ),
+        );
         let t = Templates::new(&verbatim, PromptStyle::Chat)?;
         assert!(t.user_wrap.is_some() && t.answer_wrap.is_some());
         for x in ["  x ", "{{ y }}", "\n"] {
             let judge = judge_prompt(x, "a", "b");
-            assert_eq!(t.stage2(x, "a", "b")?, t.chat()?.render(&[Message::user(&judge)], true)?);
+            assert_eq!(
+                t.stage2(x, "a", "b")?,
+                t.chat()?.render(&[Message::user(&judge)], true)?
+            );
         }
         Ok(())
     }

@@ -69,7 +69,10 @@ impl GramTokenizer {
         // tokenizer_config.json (a string, or a list of named templates).
         let jinja = dir.join("chat_template.jinja");
         let template_src = if jinja.exists() {
-            Some(String::from_utf8(read_file(&jinja)?).map_err(|_| Error::format(&jinja, "not UTF-8"))?)
+            Some(
+                String::from_utf8(read_file(&jinja)?)
+                    .map_err(|_| Error::format(&jinja, "not UTF-8"))?,
+            )
         } else {
             match cfg.get("chat_template") {
                 Some(Json::String(s)) => Some(s.clone()),
@@ -82,9 +85,22 @@ impl GramTokenizer {
             }
         };
         let chat_template = template_src
-            .map(|s| ChatTemplate::new(&s, bos_token.as_deref().unwrap_or(""), eos_token.as_deref().unwrap_or("")))
+            .map(|s| {
+                ChatTemplate::new(
+                    &s,
+                    bos_token.as_deref().unwrap_or(""),
+                    eos_token.as_deref().unwrap_or(""),
+                )
+            })
             .transpose()?;
-        Ok(Self { tokenizer, chat_template, bos_token, eos_token, pad_token, source: dir.to_path_buf() })
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            pad_token,
+            source: dir.to_path_buf(),
+        })
     }
 
     /// The tokenizer embedded in a GGUF file.
@@ -116,7 +132,9 @@ impl GramTokenizer {
 
     /// Text of `ids` (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The id of a token text, if it is one token of the vocabulary.
@@ -150,7 +168,10 @@ impl GramTokenizer {
 
     /// Saves `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` into `dir`.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
-        let json = self.tokenizer.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let json = self
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         crate::atomic_write(&dir.join("tokenizer.json"), json.as_bytes())?;
         let cfg = json!({
             "bos_token": self.bos_token,
@@ -159,7 +180,8 @@ impl GramTokenizer {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": false,
         });
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Internal(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&cfg).map_err(|e| Error::Internal(e.to_string()))?;
         crate::atomic_write(&dir.join("tokenizer_config.json"), text.as_bytes())?;
         if let Some(t) = &self.chat_template {
             crate::atomic_write(&dir.join("chat_template.jinja"), t.source().as_bytes())?;
@@ -180,8 +202,12 @@ fn pre_tokenizer_for(pre: &str, path: &Path) -> Result<Json> {
     };
     Ok(match pre {
         "" | "default" | "gpt2" | "smollm" | "gpt-2" => byte_level(true),
-        "llama-bpe" | "llama3" => split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-        "qwen2" => split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+        "llama-bpe" | "llama3" => split(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
+        "qwen2" => split(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ),
         other => {
             return Err(Error::unsupported(
                 path,
@@ -195,7 +221,10 @@ fn pre_tokenizer_for(pre: &str, path: &Path) -> Result<Json> {
 /// Builds a `tokenizers` tokenizer from a GGUF's `tokenizer.ggml.*` metadata.
 pub fn from_gguf(g: &GgufFile) -> Result<GramTokenizer> {
     let path = &g.path;
-    let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if model != "gpt2" {
         return Err(Error::unsupported(
             path,
@@ -203,17 +232,32 @@ pub fn from_gguf(g: &GgufFile) -> Result<GramTokenizer> {
             format!("`{model}` (supported: gpt2, the byte-level BPE of LLaMA 3, Qwen, SmolLM)"),
         ));
     }
-    let tokens = g
-        .strings("tokenizer.ggml.tokens")
-        .ok_or_else(|| Error::format(path, "metadata `tokenizer.ggml.tokens` is missing or not strings"))?;
-    let merges = g
-        .strings("tokenizer.ggml.merges")
-        .ok_or_else(|| Error::format(path, "metadata `tokenizer.ggml.merges` is missing or not strings"))?;
-    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
-        Some(a) => a.iter().map(|v| v.as_f64().map_or(1, |x| x as i64)).collect(),
+    let tokens = g.strings("tokenizer.ggml.tokens").ok_or_else(|| {
+        Error::format(
+            path,
+            "metadata `tokenizer.ggml.tokens` is missing or not strings",
+        )
+    })?;
+    let merges = g.strings("tokenizer.ggml.merges").ok_or_else(|| {
+        Error::format(
+            path,
+            "metadata `tokenizer.ggml.merges` is missing or not strings",
+        )
+    })?;
+    let types: Vec<i64> = match g
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_array())
+    {
+        Some(a) => a
+            .iter()
+            .map(|v| v.as_f64().map_or(1, |x| x as i64))
+            .collect(),
         None => vec![1; tokens.len()],
     };
-    let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+    let pre = g
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
 
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
@@ -222,25 +266,36 @@ pub fn from_gguf(g: &GgufFile) -> Result<GramTokenizer> {
         // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
         let ty = types.get(id).copied().unwrap_or(1);
         if ty == 3 || ty == 4 {
-            added.push(json!({"id": id, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": ty == 4, "special": ty == 3}));
+            added.push(
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": ty == 4, "special": ty == 3}),
+            );
         }
     }
     let mut merge_pairs = Vec::with_capacity(merges.len());
     for (i, m) in merges.iter().enumerate() {
-        let (a, b) = m
-            .split_once(' ')
-            .ok_or_else(|| Error::format(path, format!("tokenizer.ggml.merges[{i}] = `{m}` is not two tokens")))?;
+        let (a, b) = m.split_once(' ').ok_or_else(|| {
+            Error::format(
+                path,
+                format!("tokenizer.ggml.merges[{i}] = `{m}` is not two tokens"),
+            )
+        })?;
         merge_pairs.push(json!([a, b]));
     }
     let tok_at = |key: &str| -> Option<String> {
-        g.get(key).and_then(|v| v.as_u64()).and_then(|id| tokens.get(id as usize)).map(|s| s.to_string())
+        g.get(key)
+            .and_then(|v| v.as_u64())
+            .and_then(|id| tokens.get(id as usize))
+            .map(|s| s.to_string())
     };
     let bos = tok_at("tokenizer.ggml.bos_token_id");
     let eos = tok_at("tokenizer.ggml.eos_token_id");
     let pad = tok_at("tokenizer.ggml.padding_token_id");
     let unk = tok_at("tokenizer.ggml.unknown_token_id");
-    let add_bos = matches!(g.get("tokenizer.ggml.add_bos_token"), Some(crate::gguf::Value::Bool(true)));
+    let add_bos = matches!(
+        g.get("tokenizer.ggml.add_bos_token"),
+        Some(crate::gguf::Value::Bool(true))
+    );
     let post = match (&bos, add_bos) {
         (Some(b), true) => {
             let id = tokens.iter().position(|t| t == b).unwrap_or(0);
@@ -273,7 +328,13 @@ pub fn from_gguf(g: &GgufFile) -> Result<GramTokenizer> {
     let chat_template = g
         .get("tokenizer.chat_template")
         .and_then(|v| v.as_str())
-        .map(|s| ChatTemplate::new(s, bos.as_deref().unwrap_or(""), eos.as_deref().unwrap_or("")))
+        .map(|s| {
+            ChatTemplate::new(
+                s,
+                bos.as_deref().unwrap_or(""),
+                eos.as_deref().unwrap_or(""),
+            )
+        })
         .transpose()?;
     Ok(GramTokenizer {
         tokenizer,

@@ -91,11 +91,14 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::format(index, format!("weight_map[`{name}`] is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(index, format!("weight_map[`{name}`] is not a file name"))
+        })?;
         if file.contains('/') || file.contains("..") {
-            return Err(Error::format(index, format!("weight_map[`{name}`] = `{file}` leaves the folder")));
+            return Err(Error::format(
+                index,
+                format!("weight_map[`{name}`] = `{file}` leaves the folder"),
+            ));
         }
         let p = dir.join(file);
         if !files.contains(&p) {
@@ -124,15 +127,21 @@ fn read_safetensors_into(
         let values = match view.dtype() {
             Dtype::F32 => {
                 dtypes.insert("f32".into());
-                data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>()
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect::<Vec<_>>()
             }
             Dtype::F16 => {
                 dtypes.insert("f16".into());
-                data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                data.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect()
             }
             Dtype::BF16 => {
                 dtypes.insert("bf16".into());
-                data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                data.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect()
             }
             // Integer tensors (e.g. buffers) are not model weights we read.
             other => {
@@ -144,21 +153,46 @@ fn read_safetensors_into(
             }
         };
         if values.len() != numel {
-            return Err(Error::format(path, format!("tensor `{name}` holds {} values, shape says {numel}", values.len())));
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` holds {} values, shape says {numel}",
+                    values.len()
+                ),
+            ));
         }
         if out.contains_key(&name) {
-            return Err(Error::format(path, format!("tensor `{name}` appears in two files")));
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` appears in two files"),
+            ));
         }
-        out.insert(name, F32Tensor { shape, data: values });
+        out.insert(
+            name,
+            F32Tensor {
+                shape,
+                data: values,
+            },
+        );
     }
     Ok(())
 }
 
 /// Writes tensors as one f32 safetensors file, atomically (temp file + rename).
-pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, F32Tensor>, metadata: Option<std::collections::HashMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, F32Tensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), t.data.iter().flat_map(|x| x.to_le_bytes()).collect(), t.shape.clone()))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.shape.clone(),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
@@ -184,7 +218,10 @@ mod tests {
         let p = dir.join("model.safetensors");
         std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......").ok();
         let e = Weights::from_hf_dir(&dir).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -194,7 +231,13 @@ mod tests {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let p = dir.join("model.safetensors");
         let mut m = BTreeMap::new();
-        m.insert("a".to_string(), F32Tensor { shape: vec![2, 3], data: vec![1., 2., 3., 4., 5., 6.] });
+        m.insert(
+            "a".to_string(),
+            F32Tensor {
+                shape: vec![2, 3],
+                data: vec![1., 2., 3., 4., 5., 6.],
+            },
+        );
         write_safetensors(&p, &m, None)?;
         let w = Weights::from_hf_dir(&dir)?;
         assert_eq!(w.tensors, m);

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
-use arrow::array::{ArrayRef, BooleanBuilder, ListBuilder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow::array::{
+    ArrayRef, BooleanBuilder, ListBuilder, StringBuilder, UInt32Builder, UInt64Builder,
+};
 use arrow::record_batch::RecordBatch;
 use gram_core::schema::Dataset;
 use gram_core::{GramTokenizer, PromptStyle, Templates};
@@ -22,7 +24,7 @@ use serde::Serialize;
 use crate::map::{MappedPair, Mapper};
 use crate::read::{Reject, read_file};
 use crate::spec::Spec;
-use crate::tokenize::{Tokenizer, Tokens};
+use gram_core::fit::{Tokenizer, Tokens};
 
 /// Everything a build needs.
 #[derive(Debug, Clone, Serialize)]
@@ -231,24 +233,50 @@ struct Shards {
 }
 
 impl Shards {
-    fn new(dir: PathBuf, prefix: &str, dataset: Dataset, rows_per_shard: usize, meta: &[(String, String)]) -> Self {
-        let mut kv: Vec<parquet::file::metadata::KeyValue> =
-            meta.iter().map(|(k, v)| parquet::file::metadata::KeyValue::new(k.clone(), v.clone())).collect();
-        kv.push(parquet::file::metadata::KeyValue::new("gram.schema".into(), dataset.tag()));
+    fn new(
+        dir: PathBuf,
+        prefix: &str,
+        dataset: Dataset,
+        rows_per_shard: usize,
+        meta: &[(String, String)],
+    ) -> Self {
+        let mut kv: Vec<parquet::file::metadata::KeyValue> = meta
+            .iter()
+            .map(|(k, v)| parquet::file::metadata::KeyValue::new(k.clone(), v.clone()))
+            .collect();
+        kv.push(parquet::file::metadata::KeyValue::new(
+            "gram.schema".into(),
+            dataset.tag(),
+        ));
         let props = WriterProperties::builder()
             .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
             .set_key_value_metadata(Some(kv))
             .build();
-        Self { dir, prefix: prefix.into(), rows_per_shard: rows_per_shard.max(1), schema: dataset.schema(), props, index: 0, rows_in_shard: 0, writer: None }
+        Self {
+            dir,
+            prefix: prefix.into(),
+            rows_per_shard: rows_per_shard.max(1),
+            schema: dataset.schema(),
+            props,
+            index: 0,
+            rows_in_shard: 0,
+            writer: None,
+        }
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let mut start = 0;
         while start < batch.num_rows() {
             if self.writer.is_none() {
-                let p = self.dir.join(format!("{}-{:05}.parquet", self.prefix, self.index));
+                let p = self
+                    .dir
+                    .join(format!("{}-{:05}.parquet", self.prefix, self.index));
                 let f = File::create(&p).with_context(|| format!("creating {}", p.display()))?;
-                self.writer = Some(ArrowWriter::try_new(f, self.schema.clone(), Some(self.props.clone()))?);
+                self.writer = Some(ArrowWriter::try_new(
+                    f,
+                    self.schema.clone(),
+                    Some(self.props.clone()),
+                )?);
                 self.index += 1;
                 self.rows_in_shard = 0;
             }
@@ -298,7 +326,15 @@ fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
     let mut ntok = UInt32Builder::new();
     let mut trunc = BooleanBuilder::new();
     for r in rows {
-        for (b, v) in c.iter_mut().zip([&r.id, &r.pair_id, &r.source, &r.split.to_string(), &r.prompt, &r.a, &r.b]) {
+        for (b, v) in c.iter_mut().zip([
+            &r.id,
+            &r.pair_id,
+            &r.source,
+            &r.split.to_string(),
+            &r.prompt,
+            &r.a,
+            &r.b,
+        ]) {
             b.append_value(v);
         }
         label.append_option(r.label);
@@ -320,7 +356,10 @@ fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
         }
         ltok.append_option(r.label_token);
     }
-    let mut cols: Vec<ArrayRef> = c.into_iter().map(|mut b| Arc::new(b.finish()) as ArrayRef).collect();
+    let mut cols: Vec<ArrayRef> = c
+        .into_iter()
+        .map(|mut b| Arc::new(b.finish()) as ArrayRef)
+        .collect();
     match dataset {
         Dataset::Stage1 => {
             cols.push(Arc::new(swapped.finish()));
@@ -340,8 +379,13 @@ fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
 }
 
 fn rejects_batch(source: &str, rejects: &[Reject]) -> Result<RecordBatch> {
-    let (mut s, mut f, mut row, mut reason, mut raw) =
-        (StringBuilder::new(), StringBuilder::new(), UInt64Builder::new(), StringBuilder::new(), StringBuilder::new());
+    let (mut s, mut f, mut row, mut reason, mut raw) = (
+        StringBuilder::new(),
+        StringBuilder::new(),
+        UInt64Builder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
     for r in rejects {
         s.append_value(source);
         f.append_value(&r.file);
@@ -351,7 +395,13 @@ fn rejects_batch(source: &str, rejects: &[Reject]) -> Result<RecordBatch> {
     }
     Ok(RecordBatch::try_new(
         Dataset::Rejects.schema(),
-        vec![Arc::new(s.finish()), Arc::new(f.finish()), Arc::new(row.finish()), Arc::new(reason.finish()), Arc::new(raw.finish())],
+        vec![
+            Arc::new(s.finish()),
+            Arc::new(f.finish()),
+            Arc::new(row.finish()),
+            Arc::new(reason.finish()),
+            Arc::new(raw.finish()),
+        ],
     )?)
 }
 
@@ -378,24 +428,40 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
     if !opts.inputs.is_empty() && opts.pipelines.len() != 1 {
         bail!("--input replaces one pipeline's files: give exactly one pipeline with it");
     }
-    if !(0.0..1.0).contains(&(opts.valid_frac + opts.test_frac)) || opts.valid_frac < 0.0 || opts.test_frac < 0.0 {
+    if !(0.0..1.0).contains(&(opts.valid_frac + opts.test_frac))
+        || opts.valid_frac < 0.0
+        || opts.test_frac < 0.0
+    {
         bail!("--valid and --test fractions must be >= 0 and sum to < 1");
     }
     if opts.out.exists() && !opts.overwrite {
-        bail!("{} already exists (use --overwrite to replace it)", opts.out.display());
+        bail!(
+            "{} already exists (use --overwrite to replace it)",
+            opts.out.display()
+        );
     }
     // Everything that can be checked is checked before any data is read.
-    let specs: Vec<Spec> = opts.pipelines.iter().map(|p| Spec::load(p)).collect::<Result<_>>()?;
+    let specs: Vec<Spec> = opts
+        .pipelines
+        .iter()
+        .map(|p| Spec::load(p))
+        .collect::<Result<_>>()?;
     let mut names = std::collections::HashSet::new();
     for s in &specs {
         if !names.insert(s.name.clone()) {
             bail!("two pipelines are named `{}`", s.name);
         }
     }
-    let files: Vec<Vec<PathBuf>> = specs.iter().map(|s| s.resolve_files(&opts.inputs)).collect::<Result<_>>()?;
+    let files: Vec<Vec<PathBuf>> = specs
+        .iter()
+        .map(|s| s.resolve_files(&opts.inputs))
+        .collect::<Result<_>>()?;
     let mappers: Vec<Mapper> = specs.iter().map(Mapper::new).collect::<Result<_>>()?;
     let tok = match &opts.model {
-        Some(m) => Some(GramTokenizer::from_path(m).with_context(|| format!("loading the tokenizer of {}", m.display()))?),
+        Some(m) => Some(
+            GramTokenizer::from_path(m)
+                .with_context(|| format!("loading the tokenizer of {}", m.display()))?,
+        ),
         None => None,
     };
     let tokenizer = match &tok {
@@ -410,9 +476,17 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
         None => None,
     };
 
-    let parent = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = opts
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = opts.out.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let name = opts
+        .out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("out");
     remove_stale_partials(parent, name);
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
@@ -420,7 +494,16 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
     }
     std::fs::create_dir_all(tmp.join("stage1"))?;
     std::fs::create_dir_all(tmp.join("stage2"))?;
-    let result = run(opts, &specs, &files, &mappers, tok.as_ref(), tokenizer.as_ref(), &tmp, t0);
+    let result = run(
+        opts,
+        &specs,
+        &files,
+        &mappers,
+        tok.as_ref(),
+        tokenizer.as_ref(),
+        &tmp,
+        t0,
+    );
     let stats = match result {
         Ok(s) => s,
         Err(e) => {
@@ -430,22 +513,30 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
     };
     if opts.out.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(&opts.out, &old).with_context(|| format!("moving the old {} aside", opts.out.display()))?;
+        std::fs::rename(&opts.out, &old)
+            .with_context(|| format!("moving the old {} aside", opts.out.display()))?;
         std::fs::rename(&tmp, &opts.out)?;
         std::fs::remove_dir_all(&old)?;
     } else {
-        std::fs::rename(&tmp, &opts.out).with_context(|| format!("moving the build into {}", opts.out.display()))?;
+        std::fs::rename(&tmp, &opts.out)
+            .with_context(|| format!("moving the build into {}", opts.out.display()))?;
     }
     Ok(stats)
 }
 
 /// Removes `.NAME.partial-PID` folders that killed builds left behind (their process is gone).
 fn remove_stale_partials(parent: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
     let prefix = format!(".{name}.partial-");
     for e in entries.flatten() {
         let file = e.file_name();
-        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -465,7 +556,10 @@ fn run(
     tmp: &Path,
     t0: std::time::Instant,
 ) -> Result<Stats> {
-    let mut meta = vec![("gram.builder".to_string(), format!("gram-data {}", env!("CARGO_PKG_VERSION")))];
+    let mut meta = vec![(
+        "gram.builder".to_string(),
+        format!("gram-data {}", env!("CARGO_PKG_VERSION")),
+    )];
     if let (Some(t), Some(tz)) = (tok, tokenizer) {
         meta.push(("gram.tokenizer".into(), t.fingerprint()));
         meta.push(("gram.label_ids".into(), serde_json::to_string(&tz.labels)?));
@@ -473,19 +567,49 @@ fn run(
     }
     let mut writers: HashMap<(Dataset, &'static str), Shards> = HashMap::new();
     for split in ["train", "valid", "test"] {
-        writers.insert((Dataset::Stage1, split), Shards::new(tmp.join("stage1"), split, Dataset::Stage1, opts.shard_rows, &meta));
-        writers.insert((Dataset::Stage2, split), Shards::new(tmp.join("stage2"), split, Dataset::Stage2, opts.shard_rows, &meta));
+        writers.insert(
+            (Dataset::Stage1, split),
+            Shards::new(
+                tmp.join("stage1"),
+                split,
+                Dataset::Stage1,
+                opts.shard_rows,
+                &meta,
+            ),
+        );
+        writers.insert(
+            (Dataset::Stage2, split),
+            Shards::new(
+                tmp.join("stage2"),
+                split,
+                Dataset::Stage2,
+                opts.shard_rows,
+                &meta,
+            ),
+        );
     }
-    let mut rejects_w = Shards::new(tmp.to_path_buf(), "rejects", Dataset::Rejects, usize::MAX, &meta);
+    let mut rejects_w = Shards::new(
+        tmp.to_path_buf(),
+        "rejects",
+        Dataset::Rejects,
+        usize::MAX,
+        &meta,
+    );
     let mut stats = Stats::default();
     let mut seen: HashMap<[u8; 16], String> = HashMap::new();
 
-    let total_bytes: u64 = files.iter().flatten().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let total_bytes: u64 = files
+        .iter()
+        .flatten()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(total_bytes);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {wide_bar} {msg} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} {wide_bar} {msg} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b
     } else {
@@ -503,11 +627,25 @@ fn run(
                 st.rows_read += read_rows;
                 let in_rows: Vec<(String, u64)> = {
                     use arrow::array::AsArray;
-                    let f = chunk.batch.column_by_name("_file").context("_file")?.as_string::<i32>().clone();
-                    let r = chunk.batch.column_by_name("_row").context("_row")?.as_primitive::<arrow::datatypes::UInt64Type>().clone();
-                    (0..chunk.batch.num_rows()).map(|i| (f.value(i).to_string(), r.value(i))).collect()
+                    let f = chunk
+                        .batch
+                        .column_by_name("_file")
+                        .context("_file")?
+                        .as_string::<i32>()
+                        .clone();
+                    let r = chunk
+                        .batch
+                        .column_by_name("_row")
+                        .context("_row")?
+                        .as_primitive::<arrow::datatypes::UInt64Type>()
+                        .clone();
+                    (0..chunk.batch.num_rows())
+                        .map(|i| (f.value(i).to_string(), r.value(i)))
+                        .collect()
                 };
-                let mapped = mapper.map(chunk.batch).with_context(|| format!("{}: mapping {}", spec.path.display(), file.display()))?;
+                let mapped = mapper.map(chunk.batch).with_context(|| {
+                    format!("{}: mapping {}", spec.path.display(), file.display())
+                })?;
                 // Each pair's index within its input row (part of its id); the keys are the rows
                 // that produced pairs.
                 let mut per_row: HashMap<(String, u64), u32> = HashMap::new();
@@ -523,7 +661,12 @@ fn run(
                 // Rows the mapping turned into no pair are rejected, never dropped silently.
                 for (f, r) in &in_rows {
                     if !per_row.contains_key(&(f.clone(), *r)) {
-                        rejects.push(Reject { file: f.clone(), row: *r, reason: "the pipeline's mapping produced no pair for this row".into(), raw: None });
+                        rejects.push(Reject {
+                            file: f.clone(),
+                            row: *r,
+                            reason: "the pipeline's mapping produced no pair for this row".into(),
+                            raw: None,
+                        });
                     }
                 }
                 st.rows_rejected += rejects.len() as u64;
@@ -537,7 +680,10 @@ fn run(
                     }
                 }
                 // Tokenise in parallel; a pair that cannot be tokenised within the limits is rejected.
-                let made: Vec<Result<(Vec<StageRow>, Vec<StageRow>)>> = pairs.par_iter().map(|p| stage_rows(p, opts, tokenizer)).collect();
+                let made: Vec<Result<(Vec<StageRow>, Vec<StageRow>)>> = pairs
+                    .par_iter()
+                    .map(|p| stage_rows(p, opts, tokenizer))
+                    .collect();
                 let mut s1 = Vec::new();
                 let mut s2 = Vec::new();
                 for (p, m) in pairs.iter().zip(made) {
@@ -545,7 +691,9 @@ fn run(
                         Ok((a, b)) => {
                             st.pairs_written += 1;
                             *st.splits.entry(p.split.to_string()).or_default() += 1;
-                            *st.labels.entry(p.label.unwrap_or("none").to_string()).or_default() += 1;
+                            *st.labels
+                                .entry(p.label.unwrap_or("none").to_string())
+                                .or_default() += 1;
                             s1.extend(a);
                             s2.extend(b);
                         }
@@ -563,20 +711,32 @@ fn run(
                 }
                 for (ds, rows) in [(Dataset::Stage1, &s1), (Dataset::Stage2, &s2)] {
                     for split in ["train", "valid", "test"] {
-                        let part: Vec<&StageRow> = rows.iter().filter(|r| r.split == split).collect();
+                        let part: Vec<&StageRow> =
+                            rows.iter().filter(|r| r.split == split).collect();
                         if part.is_empty() {
                             continue;
                         }
                         let batch = stage_batch(&part, ds)?;
-                        let counts = if ds == Dataset::Stage1 { &mut stats.stage1 } else { &mut stats.stage2 };
+                        let counts = if ds == Dataset::Stage1 {
+                            &mut stats.stage1
+                        } else {
+                            &mut stats.stage2
+                        };
                         *counts.entry(split.to_string()).or_default() += part.len() as u64;
-                        let ls = if ds == Dataset::Stage1 { &mut stats.stage1_tokens } else { &mut stats.stage2_tokens };
+                        let ls = if ds == Dataset::Stage1 {
+                            &mut stats.stage1_tokens
+                        } else {
+                            &mut stats.stage2_tokens
+                        };
                         for r in &part {
                             if let Some(t) = &r.tokens {
                                 ls.add(t.ids.len(), t.truncated);
                             }
                         }
-                        writers.get_mut(&(ds, split)).context("writer")?.write(&batch)?;
+                        writers
+                            .get_mut(&(ds, split))
+                            .context("writer")?
+                            .write(&batch)?;
                     }
                 }
                 if !rejects.is_empty() {
@@ -585,7 +745,11 @@ fn run(
                 stats.rejected += rejects.len() as u64;
                 bar.set_position(done_bytes + counter.load(Ordering::Relaxed));
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!("{} rows, {:.0} rows/s", stats.rows_read + st.rows_read, (stats.rows_read + st.rows_read) as f64 / secs));
+                bar.set_message(format!(
+                    "{} rows, {:.0} rows/s",
+                    stats.rows_read + st.rows_read,
+                    (stats.rows_read + st.rows_read) as f64 / secs
+                ));
                 Ok(())
             };
             read_file(spec, file, opts.chunk_rows, counter.clone(), &mut sink)?;
@@ -605,18 +769,27 @@ fn run(
     for (name, s) in &stats.sources {
         let rows_with_pairs = s.rows_read - s.rows_rejected;
         if s.pairs != s.pairs_written + s.pairs_rejected || (s.pairs > 0 && rows_with_pairs == 0) {
-            eprintln!("internal error: {name}: {} pairs != {} written + {} rejected", s.pairs, s.pairs_written, s.pairs_rejected);
+            eprintln!(
+                "internal error: {name}: {} pairs != {} written + {} rejected",
+                s.pairs, s.pairs_written, s.pairs_rejected
+            );
             ok = false;
         }
     }
-    let rejected_total: u64 = stats.sources.values().map(|s| s.rows_rejected + s.pairs_rejected).sum();
+    let rejected_total: u64 = stats
+        .sources
+        .values()
+        .map(|s| s.rows_rejected + s.pairs_rejected)
+        .sum();
     ok &= rejected_total == stats.rejected;
     stats.lossless = ok;
     stats.stage1_tokens.finish();
     stats.stage2_tokens.finish();
     stats.seconds = t0.elapsed().as_secs_f64();
     if !ok {
-        bail!("internal error: rows in != rows written + rows rejected (see above); nothing was written");
+        bail!(
+            "internal error: rows in != rows written + rows rejected (see above); nothing was written"
+        );
     }
     let manifest = serde_json::json!({
         "builder": format!("gram-data {}", env!("CARGO_PKG_VERSION")),
@@ -626,23 +799,43 @@ fn run(
         "label_ids": tokenizer.map(|t| t.labels),
         "max_tokens": opts.max_tokens,
     });
-    gram_core::atomic_write(&tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    gram_core::atomic_write(&tmp.join("stats.json"), serde_json::to_string_pretty(&stats)?.as_bytes())?;
+    gram_core::atomic_write(
+        &tmp.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    gram_core::atomic_write(
+        &tmp.join("stats.json"),
+        serde_json::to_string_pretty(&stats)?.as_bytes(),
+    )?;
     Ok(stats)
 }
 
-fn check_pair(m: MappedPair, idx: u32, spec: &Spec, opts: &BuildOptions, seen: &mut HashMap<[u8; 16], String>) -> std::result::Result<Pair, Reject> {
-    let rej = |reason: String, m: &MappedPair| Reject {
+fn check_pair(
+    m: MappedPair,
+    idx: u32,
+    spec: &Spec,
+    opts: &BuildOptions,
+    seen: &mut HashMap<[u8; 16], String>,
+) -> std::result::Result<Pair, Reject> {
+    let rej = |reason: String, m: &MappedPair| {
+        Reject {
         file: m.file.clone(),
         row: m.row,
         reason,
         raw: Some(serde_json::json!({"prompt": m.prompt, "response_a": m.response_a, "response_b": m.response_b, "label": m.label}).to_string()),
+    }
     };
     if let Some(r) = &m.reject {
         return Err(rej(r.clone(), &m));
     }
     let (Some(prompt), Some(a), Some(b)) = (&m.prompt, &m.response_a, &m.response_b) else {
-        let which = if m.prompt.is_none() { "prompt" } else if m.response_a.is_none() { "response_a" } else { "response_b" };
+        let which = if m.prompt.is_none() {
+            "prompt"
+        } else if m.response_a.is_none() {
+            "response_a"
+        } else {
+            "response_b"
+        };
         return Err(rej(format!("{which} is missing"), &m));
     };
     let label = match m.label.as_deref().map(str::trim) {
@@ -657,7 +850,17 @@ fn check_pair(m: MappedPair, idx: u32, spec: &Spec, opts: &BuildOptions, seen: &
         return Err(rej("prompt is empty".into(), &m));
     }
     if na.is_empty() || nb.is_empty() {
-        return Err(rej(format!("{} is empty", if na.is_empty() { "response_a" } else { "response_b" }), &m));
+        return Err(rej(
+            format!(
+                "{} is empty",
+                if na.is_empty() {
+                    "response_a"
+                } else {
+                    "response_b"
+                }
+            ),
+            &m,
+        ));
     }
     if na == nb {
         return Err(rej("responses are identical".into(), &m));
@@ -666,8 +869,20 @@ fn check_pair(m: MappedPair, idx: u32, spec: &Spec, opts: &BuildOptions, seen: &
         // The file as seen from the spec's folder: stable across machines, distinct for files of
         // the same name in different folders (LLMBar's subsets are all `dataset.json`).
         let base = spec.path.parent().unwrap_or(Path::new("."));
-        let file = Path::new(&m.file).strip_prefix(base).unwrap_or(Path::new(&m.file)).to_string_lossy().into_owned();
-        format!("{:016x}", hash64(&[spec.name.as_bytes(), file.as_bytes(), &m.row.to_le_bytes(), &idx.to_le_bytes()]))
+        let file = Path::new(&m.file)
+            .strip_prefix(base)
+            .unwrap_or(Path::new(&m.file))
+            .to_string_lossy()
+            .into_owned();
+        format!(
+            "{:016x}",
+            hash64(&[
+                spec.name.as_bytes(),
+                file.as_bytes(),
+                &m.row.to_le_bytes(),
+                &idx.to_le_bytes()
+            ])
+        )
     });
     let (lo, hi) = if na <= nb { (&na, &nb) } else { (&nb, &na) };
     let key = blake3::hash([norm(prompt).as_str(), lo, hi].join("\u{0}").as_bytes());
@@ -692,14 +907,27 @@ fn check_pair(m: MappedPair, idx: u32, spec: &Spec, opts: &BuildOptions, seen: &
 
 /// Stage-1 row (every pair, labels dropped, one seeded order) and stage-2 rows (labeled pairs,
 /// both orders by default).
-fn stage_rows(p: &Pair, opts: &BuildOptions, tz: Option<&Tokenizer<'_>>) -> Result<(Vec<StageRow>, Vec<StageRow>)> {
+fn stage_rows(
+    p: &Pair,
+    opts: &BuildOptions,
+    tz: Option<&Tokenizer<'_>>,
+) -> Result<(Vec<StageRow>, Vec<StageRow>)> {
     let swap = hash64(&[&opts.seed.to_le_bytes(), p.id.as_bytes()]) & 1 == 1;
-    let order = |swapped: bool| if swapped { (p.b.clone(), p.a.clone()) } else { (p.a.clone(), p.b.clone()) };
+    let order = |swapped: bool| {
+        if swapped {
+            (p.b.clone(), p.a.clone())
+        } else {
+            (p.a.clone(), p.b.clone())
+        }
+    };
     let check_len = |t: &Tokens| -> Result<()> {
         if let Some(limit) = opts.drop_over
             && t.full_len > limit
         {
-            bail!("{} tokens before truncation > --drop-over {limit}", t.full_len);
+            bail!(
+                "{} tokens before truncation > --drop-over {limit}",
+                t.full_len
+            );
         }
         Ok(())
     };
@@ -727,7 +955,11 @@ fn stage_rows(p: &Pair, opts: &BuildOptions, tz: Option<&Tokenizer<'_>>) -> Resu
     }];
     let mut s2 = Vec::new();
     if let Some(l) = p.label.filter(|l| *l != "tie") {
-        let orders: Vec<bool> = if opts.both_orders { vec![false, true] } else { vec![swap] };
+        let orders: Vec<bool> = if opts.both_orders {
+            vec![false, true]
+        } else {
+            vec![swap]
+        };
         for swapped in orders {
             let (a, b) = order(swapped);
             // After a swap the preferred response sits in the other slot.
@@ -739,7 +971,10 @@ fn stage_rows(p: &Pair, opts: &BuildOptions, tz: Option<&Tokenizer<'_>>) -> Resu
                 Some(t) => {
                     let x = t.stage2(&p.prompt, &a, &b)?;
                     check_len(&x)?;
-                    (Some(x), Some(if label == "a" { t.labels.a } else { t.labels.b }))
+                    (
+                        Some(x),
+                        Some(if label == "a" { t.labels.a } else { t.labels.b }),
+                    )
                 }
                 None => (None, None),
             };
@@ -763,7 +998,10 @@ fn stage_rows(p: &Pair, opts: &BuildOptions, tz: Option<&Tokenizer<'_>>) -> Resu
 
 /// Prints the stats as a table on stderr.
 pub fn print_stats(s: &Stats, out: &Path) {
-    eprintln!("\n{:<28} {:>9} {:>9} {:>9} {:>9}  {}", "source", "rows", "pairs", "written", "rejected", "splits (train/valid/test)");
+    eprintln!(
+        "\n{:<28} {:>9} {:>9} {:>9} {:>9}  {}",
+        "source", "rows", "pairs", "written", "rejected", "splits (train/valid/test)"
+    );
     for (name, x) in &s.sources {
         let sp = |k: &str| x.splits.get(k).copied().unwrap_or(0);
         eprintln!(
@@ -781,12 +1019,22 @@ pub fn print_stats(s: &Stats, out: &Path) {
             eprintln!("    rejected {n:>7}  {r}");
         }
     }
-    let sp = |m: &BTreeMap<String, u64>| format!("{}/{}/{}", m.get("train").unwrap_or(&0), m.get("valid").unwrap_or(&0), m.get("test").unwrap_or(&0));
+    let sp = |m: &BTreeMap<String, u64>| {
+        format!(
+            "{}/{}/{}",
+            m.get("train").unwrap_or(&0),
+            m.get("valid").unwrap_or(&0),
+            m.get("test").unwrap_or(&0)
+        )
+    };
     eprintln!("stage 1 rows (train/valid/test): {}", sp(&s.stage1));
     eprintln!("stage 2 rows (train/valid/test): {}", sp(&s.stage2));
     for (n, l) in [("stage 1", &s.stage1_tokens), ("stage 2", &s.stage2_tokens)] {
         if l.count > 0 {
-            eprintln!("{n} tokens: p50 {} p90 {} p99 {} max {} ({} truncated)", l.p50, l.p90, l.p99, l.max, l.truncated);
+            eprintln!(
+                "{n} tokens: p50 {} p90 {} p99 {} max {} ({} truncated)",
+                l.p50, l.p90, l.p99, l.max, l.truncated
+            );
         }
     }
     let rows_rejected: u64 = s.sources.values().map(|x| x.rows_rejected).sum();

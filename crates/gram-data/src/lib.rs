@@ -5,4 +5,3 @@ pub mod build;
 pub mod map;
 pub mod read;
 pub mod spec;
-pub mod tokenize;

@@ -45,13 +45,18 @@ pub fn split_transcript(t: &str) -> Option<(String, String)> {
     let answer = t[i + A.len()..].trim().to_string();
     // A single human turn is the question itself; longer conversations keep their roles.
     let prompt = match before.strip_prefix("Human:") {
-        Some(q) if !before.contains("\n\nAssistant:") && !q.contains("\n\nHuman:") => q.trim().to_string(),
+        Some(q) if !before.contains("\n\nAssistant:") && !q.contains("\n\nHuman:") => {
+            q.trim().to_string()
+        }
         _ => before.to_string(),
     };
     Some((prompt, answer))
 }
 
-fn transcript_udf(name: &str, pick: fn((String, String)) -> String) -> datafusion::logical_expr::ScalarUDF {
+fn transcript_udf(
+    name: &str,
+    pick: fn((String, String)) -> String,
+) -> datafusion::logical_expr::ScalarUDF {
     create_udf(
         name,
         vec![DataType::Utf8],
@@ -60,7 +65,10 @@ fn transcript_udf(name: &str, pick: fn((String, String)) -> String) -> datafusio
         Arc::new(move |args: &[ColumnarValue]| {
             let arrays = ColumnarValue::values_to_arrays(args)?;
             let input = arrays[0].as_string::<i32>();
-            let out: StringArray = input.iter().map(|v| v.and_then(split_transcript).map(pick)).collect();
+            let out: StringArray = input
+                .iter()
+                .map(|v| v.and_then(split_transcript).map(pick))
+                .collect();
             Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
         }),
     )
@@ -93,20 +101,40 @@ impl Mapper {
                 let input = arrays[0].as_string::<i32>();
                 let out: StringArray = input
                     .iter()
-                    .map(|v| Some(v.map_or_else(|| "null".to_string(), |s| serde_json::Value::from(s).to_string())))
+                    .map(|v| {
+                        Some(v.map_or_else(
+                            || "null".to_string(),
+                            |s| serde_json::Value::from(s).to_string(),
+                        ))
+                    })
                     .collect();
                 Ok(ColumnarValue::Array(Arc::new(out) as ArrayRef))
             }),
         ));
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
-        let m = Self { ctx, rt, sql: spec.sql.clone() };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting tokio")?;
+        let m = Self {
+            ctx,
+            rt,
+            sql: spec.sql.clone(),
+        };
         let empty = RecordBatch::new_empty(crate::read::source_schema(spec));
-        let out_schema = m
-            .plan_schema(empty)
-            .map_err(|e| anyhow::anyhow!("{}: [map] sql: {}", spec.path.display(), first_line(&e.to_string())))?;
+        let out_schema = m.plan_schema(empty).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: [map] sql: {}",
+                spec.path.display(),
+                first_line(&e.to_string())
+            )
+        })?;
         for c in REQUIRED {
             if !out_schema.iter().any(|n| n == c) {
-                bail!("{}: [map] sql must select a column `{c}` (required: {})", spec.path.display(), REQUIRED.join(", "));
+                bail!(
+                    "{}: [map] sql must select a column `{c}` (required: {})",
+                    spec.path.display(),
+                    REQUIRED.join(", ")
+                );
             }
         }
         for n in &out_schema {
@@ -127,7 +155,12 @@ impl Mapper {
             self.ctx.deregister_table("source")?;
             self.ctx.register_batch("source", batch)?;
             let df = self.ctx.sql(&self.sql).await?;
-            let names = df.schema().fields().iter().map(|f| f.name().clone()).collect();
+            let names = df
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
             df.collect().await?;
             Ok(names)
         })
@@ -146,17 +179,30 @@ impl Mapper {
                 match b.column_by_name(name) {
                     None => Ok(None),
                     Some(c) => {
-                        let c = cast(c, &DataType::Utf8).with_context(|| format!("column `{name}` is not text"))?;
+                        let c = cast(c, &DataType::Utf8)
+                            .with_context(|| format!("column `{name}` is not text"))?;
                         Ok(Some(c.as_string::<i32>().clone()))
                     }
                 }
             };
             let files = text("_file")?.context("_file")?;
-            let rows = cast(b.column_by_name("_row").context("_row")?, &DataType::UInt64).context("column `_row`")?;
+            let rows = cast(b.column_by_name("_row").context("_row")?, &DataType::UInt64)
+                .context("column `_row`")?;
             let rows: &UInt64Array = rows.as_primitive();
-            let (id, prompt, ra, rb, label, md, rej) =
-                (text("id")?, text("prompt")?, text("response_a")?, text("response_b")?, text("label")?, text("metadata")?, text("_reject")?);
-            let get = |a: &Option<StringArray>, i: usize| a.as_ref().filter(|a| a.is_valid(i)).map(|a| a.value(i).to_string());
+            let (id, prompt, ra, rb, label, md, rej) = (
+                text("id")?,
+                text("prompt")?,
+                text("response_a")?,
+                text("response_b")?,
+                text("label")?,
+                text("metadata")?,
+                text("_reject")?,
+            );
+            let get = |a: &Option<StringArray>, i: usize| {
+                a.as_ref()
+                    .filter(|a| a.is_valid(i))
+                    .map(|a| a.value(i).to_string())
+            };
             for i in 0..b.num_rows() {
                 out.push(MappedPair {
                     file: files.value(i).to_string(),
@@ -186,9 +232,15 @@ mod tests {
     #[test]
     fn transcripts_split_at_the_last_assistant_turn() {
         let t = "\n\nHuman: hi there\n\nAssistant: hello!";
-        assert_eq!(split_transcript(t), Some(("hi there".into(), "hello!".into())));
+        assert_eq!(
+            split_transcript(t),
+            Some(("hi there".into(), "hello!".into()))
+        );
         let t = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d";
-        assert_eq!(split_transcript(t), Some(("Human: a\n\nAssistant: b\n\nHuman: c".into(), "d".into())));
+        assert_eq!(
+            split_transcript(t),
+            Some(("Human: a\n\nAssistant: b\n\nHuman: c".into(), "d".into()))
+        );
         assert_eq!(split_transcript("no turns"), None);
     }
 }

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
-    UInt64Builder,
+    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder,
+    StringBuilder, UInt64Builder,
 };
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -68,7 +68,9 @@ pub fn source_schema(spec: &Spec) -> SchemaRef {
                 ColumnKind::Int64 => DataType::Int64,
                 ColumnKind::Float64 => DataType::Float64,
                 ColumnKind::Bool => DataType::Boolean,
-                ColumnKind::ListUtf8 => DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+                ColumnKind::ListUtf8 => {
+                    DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+                }
             };
             Field::new(n, dt, t.optional)
         })
@@ -136,7 +138,12 @@ impl RowBuilder {
     }
 
     fn reject(&mut self, row: u64, reason: String, raw: Option<String>) {
-        self.rejects.push(Reject { file: self.file.clone(), row, reason, raw });
+        self.rejects.push(Reject {
+            file: self.file.clone(),
+            row,
+            reason,
+            raw,
+        });
     }
 
     /// Checks every declared column of `obj`; appends the row, or records why not.
@@ -154,22 +161,31 @@ impl RowBuilder {
                     None
                 }
                 (Some(Value::String(s)), ColumnKind::Int64) if self.from_text => {
-                    (s.trim().parse::<i64>().is_err() && !(t.optional && s.is_empty())).then(|| format!("column `{name}`: `{s}` is not an integer"))
+                    (s.trim().parse::<i64>().is_err() && !(t.optional && s.is_empty()))
+                        .then(|| format!("column `{name}`: `{s}` is not an integer"))
                 }
                 (Some(Value::String(s)), ColumnKind::Float64) if self.from_text => {
-                    (s.trim().parse::<f64>().is_err() && !(t.optional && s.is_empty())).then(|| format!("column `{name}`: `{s}` is not a number"))
+                    (s.trim().parse::<f64>().is_err() && !(t.optional && s.is_empty()))
+                        .then(|| format!("column `{name}`: `{s}` is not a number"))
                 }
                 (Some(Value::String(s)), ColumnKind::Bool) if self.from_text => {
-                    (!matches!(s.trim(), "true" | "false") && !(t.optional && s.is_empty())).then(|| format!("column `{name}`: `{s}` is not true/false"))
+                    (!matches!(s.trim(), "true" | "false") && !(t.optional && s.is_empty()))
+                        .then(|| format!("column `{name}`: `{s}` is not true/false"))
                 }
-                (Some(Value::Number(n)), ColumnKind::Int64) => {
-                    n.as_i64().is_none().then(|| format!("column `{name}`: {n} is not an integer"))
+                (Some(Value::Number(n)), ColumnKind::Int64) => n
+                    .as_i64()
+                    .is_none()
+                    .then(|| format!("column `{name}`: {n} is not an integer")),
+                (Some(Value::Number(_)), ColumnKind::Float64)
+                | (Some(Value::Bool(_)), ColumnKind::Bool) => None,
+                (Some(Value::Array(a)), ColumnKind::ListUtf8) => {
+                    a.iter().position(|x| !x.is_string()).map(|i| {
+                        format!(
+                            "column `{name}`: element {i} is {}, expected a string",
+                            kind_name(&a[i])
+                        )
+                    })
                 }
-                (Some(Value::Number(_)), ColumnKind::Float64) | (Some(Value::Bool(_)), ColumnKind::Bool) => None,
-                (Some(Value::Array(a)), ColumnKind::ListUtf8) => a
-                    .iter()
-                    .position(|x| !x.is_string())
-                    .map(|i| format!("column `{name}`: element {i} is {}, expected a string", kind_name(&a[i]))),
                 (Some(other), kind) => Some(format!(
                     "column `{name}`: expected {}, got {}",
                     match kind {
@@ -190,16 +206,28 @@ impl RowBuilder {
         }
         for ((name, t), b) in self.columns.iter().zip(self.builders.iter_mut()) {
             let v = obj.get(name).filter(|v| !v.is_null());
-            let v = if self.from_text && t.optional && t.kind != ColumnKind::Utf8 { v.filter(|v| v.as_str() != Some("")) } else { v };
+            let v = if self.from_text && t.optional && t.kind != ColumnKind::Utf8 {
+                v.filter(|v| v.as_str() != Some(""))
+            } else {
+                v
+            };
             match (b, v) {
                 (ColBuilder::Utf8(b), None) => b.append_null(),
-                (ColBuilder::Utf8(b), Some(Value::String(s))) if t.kind == ColumnKind::Utf8 => b.append_value(s),
+                (ColBuilder::Utf8(b), Some(Value::String(s))) if t.kind == ColumnKind::Utf8 => {
+                    b.append_value(s)
+                }
                 (ColBuilder::Utf8(b), Some(v)) => b.append_value(v.to_string()),
-                (ColBuilder::Int64(b), Some(Value::String(s))) => b.append_option(s.trim().parse::<i64>().ok()),
+                (ColBuilder::Int64(b), Some(Value::String(s))) => {
+                    b.append_option(s.trim().parse::<i64>().ok())
+                }
                 (ColBuilder::Int64(b), v) => b.append_option(v.and_then(Value::as_i64)),
-                (ColBuilder::Float64(b), Some(Value::String(s))) => b.append_option(s.trim().parse::<f64>().ok()),
+                (ColBuilder::Float64(b), Some(Value::String(s))) => {
+                    b.append_option(s.trim().parse::<f64>().ok())
+                }
                 (ColBuilder::Float64(b), v) => b.append_option(v.and_then(Value::as_f64)),
-                (ColBuilder::Bool(b), Some(Value::String(s))) => b.append_option(s.trim().parse::<bool>().ok()),
+                (ColBuilder::Bool(b), Some(Value::String(s))) => {
+                    b.append_option(s.trim().parse::<bool>().ok())
+                }
                 (ColBuilder::Bool(b), v) => b.append_option(v.and_then(Value::as_bool)),
                 (ColBuilder::List(b), Some(Value::Array(a))) => {
                     for x in a {
@@ -215,7 +243,11 @@ impl RowBuilder {
     }
 
     /// Hands a chunk to `sink` once `chunk_rows` rows (read or rejected) have gathered.
-    fn flush_if_full(&mut self, chunk_rows: usize, sink: &mut dyn FnMut(Chunk) -> Result<()>) -> Result<()> {
+    fn flush_if_full(
+        &mut self,
+        chunk_rows: usize,
+        sink: &mut dyn FnMut(Chunk) -> Result<()>,
+    ) -> Result<()> {
         if self.len + self.rejects.len() >= chunk_rows {
             sink(self.finish()?)?;
         }
@@ -251,24 +283,35 @@ impl RowBuilder {
         arrays.push(Arc::new(files.finish()));
         arrays.push(Arc::new(self.rows.finish()));
         self.len = 0;
-        let batch = RecordBatch::try_new(self.schema.clone(), arrays).context("building a source batch")?;
-        Ok(Chunk { batch, rejects: std::mem::take(&mut self.rejects) })
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), arrays).context("building a source batch")?;
+        Ok(Chunk {
+            batch,
+            rejects: std::mem::take(&mut self.rejects),
+        })
     }
 }
 
 fn is_gzip(path: &Path) -> Result<bool> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut magic = [0u8; 2];
-    let n = f.read(&mut magic).with_context(|| format!("reading {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
 /// Opens a file, decompressing gzip; `counter` counts the (compressed) bytes read.
 fn open(path: &Path, counter: Arc<AtomicU64>) -> Result<Box<dyn Read + Send>> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let counted = Counting { inner: f, n: counter };
+    let counted = Counting {
+        inner: f,
+        n: counter,
+    };
     if is_gzip(path)? {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(counted))))
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(
+            counted,
+        ))))
     } else {
         Ok(Box::new(counted))
     }
@@ -312,7 +355,10 @@ fn read_jsonl(
     loop {
         line.clear();
         let n = r.read_until(b'\n', &mut line).map_err(|e| {
-            anyhow::anyhow!("{}: unreadable after line {lineno} (truncated or corrupt gzip?): {e}", path.display())
+            anyhow::anyhow!(
+                "{}: unreadable after line {lineno} (truncated or corrupt gzip?): {e}",
+                path.display()
+            )
         })?;
         if n == 0 {
             break;
@@ -321,7 +367,11 @@ fn read_jsonl(
         let text = match std::str::from_utf8(&line) {
             Ok(t) => t,
             Err(e) => {
-                b.reject(lineno, format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()), Some(String::from_utf8_lossy(&line).into_owned()));
+                b.reject(
+                    lineno,
+                    format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                    Some(String::from_utf8_lossy(&line).into_owned()),
+                );
                 rows += 1;
                 continue;
             }
@@ -333,8 +383,16 @@ fn read_jsonl(
         rows += 1;
         match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(obj)) => b.push(lineno, &obj, text),
-            Ok(other) => b.reject(lineno, format!("line is {}, expected a JSON object", kind_name(&other)), Some(text.to_string())),
-            Err(e) => b.reject(lineno, format!("malformed JSON: {e}"), Some(text.to_string())),
+            Ok(other) => b.reject(
+                lineno,
+                format!("line is {}, expected a JSON object", kind_name(&other)),
+                Some(text.to_string()),
+            ),
+            Err(e) => b.reject(
+                lineno,
+                format!("malformed JSON: {e}"),
+                Some(text.to_string()),
+            ),
         }
         b.flush_if_full(chunk_rows, sink)?;
     }
@@ -356,11 +414,27 @@ fn read_json_array(
     let mut bytes = Vec::new();
     open(path, counter)?
         .read_to_end(&mut bytes)
-        .with_context(|| format!("{}: unreadable (truncated or corrupt gzip?)", path.display()))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| anyhow::anyhow!("{}: not UTF-8 (invalid byte at offset {})", path.display(), e.valid_up_to()))?;
-    let v: Value = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{}: malformed JSON: {e}", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: unreadable (truncated or corrupt gzip?)",
+                path.display()
+            )
+        })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 (invalid byte at offset {})",
+            path.display(),
+            e.valid_up_to()
+        )
+    })?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{}: malformed JSON: {e}", path.display()))?;
     let Value::Array(items) = v else {
-        bail!("{}: expected a JSON array of objects, found {}", path.display(), kind_name(&v));
+        bail!(
+            "{}: expected a JSON array of objects, found {}",
+            path.display(),
+            kind_name(&v)
+        );
     };
     if items.is_empty() {
         bail!("{}: empty array (no rows)", path.display());
@@ -370,7 +444,11 @@ fn read_json_array(
         let row = i as u64 + 1;
         match item {
             Value::Object(obj) => b.push(row, obj, &item.to_string()),
-            other => b.reject(row, format!("element is {}, expected an object", kind_name(other)), Some(other.to_string())),
+            other => b.reject(
+                row,
+                format!("element is {}, expected an object", kind_name(other)),
+                Some(other.to_string()),
+            ),
         }
         b.flush_if_full(chunk_rows, sink)?;
     }
@@ -385,7 +463,9 @@ fn read_csv(
     counter: Arc<AtomicU64>,
     sink: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<()> {
-    let mut r = csv::ReaderBuilder::new().flexible(true).from_reader(open(path, counter)?);
+    let mut r = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(open(path, counter)?);
     let headers: Vec<String> = r
         .byte_headers()
         .with_context(|| format!("{}: unreadable header row", path.display()))?
@@ -401,7 +481,10 @@ fn read_csv(
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
-                    bail!("{}: unreadable at line {line} (truncated or corrupt gzip?): {e}", path.display());
+                    bail!(
+                        "{}: unreadable at line {line} (truncated or corrupt gzip?): {e}",
+                        path.display()
+                    );
                 }
                 rows += 1;
                 b.reject(line, format!("malformed CSV: {e}"), None);
@@ -415,7 +498,11 @@ fn read_csv(
         let line = rec.position().map_or(0, |p| p.line());
         let raw = String::from_utf8_lossy(&rec.as_slice().to_vec()).into_owned();
         if rec.len() != headers.len() {
-            b.reject(line, format!("{} fields, the header has {}", rec.len(), headers.len()), Some(raw));
+            b.reject(
+                line,
+                format!("{} fields, the header has {}", rec.len(), headers.len()),
+                Some(raw),
+            );
         } else {
             let mut obj = Map::new();
             let mut bad = None;
@@ -424,7 +511,12 @@ fn read_csv(
                     Ok(s) => {
                         obj.insert(h.clone(), Value::String(s.to_string()));
                     }
-                    Err(e) => bad = Some(format!("column `{h}`: not UTF-8 (invalid byte at offset {})", e.valid_up_to())),
+                    Err(e) => {
+                        bad = Some(format!(
+                            "column `{h}`: not UTF-8 (invalid byte at offset {})",
+                            e.valid_up_to()
+                        ))
+                    }
                 }
             }
             match bad {
@@ -451,13 +543,21 @@ fn read_parquet(
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable Parquet file (truncated?): {e}", path.display()))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a readable Parquet file (truncated?): {e}",
+            path.display()
+        )
+    })?;
     let file_schema = builder.schema().clone();
     let total = builder.metadata().file_metadata().num_rows().max(1) as u64;
     for (name, _) in &spec.columns {
         if file_schema.field_with_name(name).is_err() {
-            bail!("{}: column `{name}` declared by {} is not in the file", path.display(), spec.path.display());
+            bail!(
+                "{}: column `{name}` declared by {} is not in the file",
+                path.display(),
+                spec.path.display()
+            );
         }
     }
     let reader = builder
@@ -467,7 +567,13 @@ fn read_parquet(
     let target = source_schema(spec);
     let mut next_row = 1u64;
     for batch in reader {
-        let batch = batch.map_err(|e| anyhow::anyhow!("{}: unreadable after row {} (truncated?): {e}", path.display(), next_row - 1))?;
+        let batch = batch.map_err(|e| {
+            anyhow::anyhow!(
+                "{}: unreadable after row {} (truncated?): {e}",
+                path.display(),
+                next_row - 1
+            )
+        })?;
         let n = batch.num_rows();
         let mut keep = vec![true; n];
         let mut rejects = Vec::new();
@@ -476,15 +582,30 @@ fn read_parquet(
             let col = batch.column_by_name(name).context("column checked above")?;
             let want = target.field(i).data_type();
             let arr = if t.kind == ColumnKind::Json && col.data_type() != &DataType::Utf8 {
-                bail!("{}: column `{name}`: only string columns can be declared json in Parquet", path.display());
+                bail!(
+                    "{}: column `{name}`: only string columns can be declared json in Parquet",
+                    path.display()
+                );
             } else {
-                cast(col, want).map_err(|e| anyhow::anyhow!("{}: column `{name}` is {}, declared {:?}: {e}", path.display(), col.data_type(), t.kind))?
+                cast(col, want).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: column `{name}` is {}, declared {:?}: {e}",
+                        path.display(),
+                        col.data_type(),
+                        t.kind
+                    )
+                })?
             };
             if !t.optional {
                 for (r, k) in keep.iter_mut().enumerate() {
                     if *k && arr.is_null(r) {
                         *k = false;
-                        rejects.push(Reject { file: file.to_string(), row: next_row + r as u64, reason: format!("column `{name}` is null"), raw: None });
+                        rejects.push(Reject {
+                            file: file.to_string(),
+                            row: next_row + r as u64,
+                            reason: format!("column `{name}` is null"),
+                            raw: None,
+                        });
                     }
                 }
             }
@@ -498,11 +619,16 @@ fn read_parquet(
         }
         arrays.push(Arc::new(fb.finish()));
         arrays.push(Arc::new(rb.finish()));
-        let out = RecordBatch::try_new(target.clone(), arrays).context("building a source batch")?;
-        let out = filter_record_batch(&out, &BooleanArray::from(keep)).context("filtering null rows")?;
+        let out =
+            RecordBatch::try_new(target.clone(), arrays).context("building a source batch")?;
+        let out =
+            filter_record_batch(&out, &BooleanArray::from(keep)).context("filtering null rows")?;
         next_row += n as u64;
         counter.store(size * (next_row - 1) / total, Ordering::Relaxed);
-        sink(Chunk { batch: out, rejects })?;
+        sink(Chunk {
+            batch: out,
+            rejects,
+        })?;
     }
     Ok(())
 }

@@ -122,8 +122,10 @@ pub struct Spec {
 impl Spec {
     /// Reads a spec file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading pipeline spec {}", path.display()))?;
-        let f: SpecFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading pipeline spec {}", path.display()))?;
+        let f: SpecFile = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
         let mut columns = Vec::new();
         for (name, ty) in &f.source.columns {
             let t = ColumnType::parse(ty).with_context(|| {
@@ -133,7 +135,10 @@ impl Spec {
                 )
             })?;
             if name.starts_with('_') {
-                bail!("{}: column `{name}`: names starting with `_` are reserved", path.display());
+                bail!(
+                    "{}: column `{name}`: names starting with `_` are reserved",
+                    path.display()
+                );
             }
             columns.push((name.clone(), t));
         }
@@ -159,7 +164,16 @@ impl Spec {
     pub fn resolve_files(&self, override_files: &[PathBuf]) -> Result<Vec<PathBuf>> {
         let base = self.path.parent().unwrap_or(Path::new("."));
         let patterns: Vec<PathBuf> = if override_files.is_empty() {
-            self.files.iter().map(|f| if Path::new(f).is_absolute() { PathBuf::from(f) } else { base.join(f) }).collect()
+            self.files
+                .iter()
+                .map(|f| {
+                    if Path::new(f).is_absolute() {
+                        PathBuf::from(f)
+                    } else {
+                        base.join(f)
+                    }
+                })
+                .collect()
         } else {
             override_files.to_vec()
         };
@@ -167,7 +181,9 @@ impl Spec {
         for p in &patterns {
             let s = p.to_string_lossy();
             let mut found = false;
-            for m in glob::glob(&s).with_context(|| format!("{}: bad file pattern `{s}`", self.path.display()))? {
+            for m in glob::glob(&s)
+                .with_context(|| format!("{}: bad file pattern `{s}`", self.path.display()))?
+            {
                 let m = m.with_context(|| format!("reading `{s}`"))?;
                 if m.is_file() {
                     out.push(m);

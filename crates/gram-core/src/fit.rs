@@ -2,8 +2,8 @@
 //! truncation that never cuts the template: over-long prompt and response texts keep their head
 //! and tail around a marker, so the label position always survives.
 
-use anyhow::{Result, bail};
-use gram_core::{GramTokenizer, LabelIds, Templates};
+use crate::error::{Error, Result};
+use crate::{GramTokenizer, LabelIds, Templates};
 
 /// Inserted where a text was cut.
 pub const MARKER: &str = " [...] ";
@@ -23,7 +23,10 @@ pub struct Tokens {
 
 /// Cuts `text` to about `keep` tokens: head and tail kept, [`MARKER`] between.
 fn cut(tok: &GramTokenizer, text: &str, keep: usize) -> Result<String> {
-    let enc = tok.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let enc = tok
+        .tokenizer
+        .encode(text, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     let offs = enc.get_offsets();
     let n = offs.len();
     if n <= keep {
@@ -43,12 +46,24 @@ fn cut(tok: &GramTokenizer, text: &str, keep: usize) -> Result<String> {
         }
         i
     };
-    let head_end = if head == 0 { 0 } else { floor(offs[head].0.min(text.len())) };
-    let tail_start = if tail == 0 { text.len() } else { ceil(offs[n - tail].0.min(text.len())) };
+    let head_end = if head == 0 {
+        0
+    } else {
+        floor(offs[head].0.min(text.len()))
+    };
+    let tail_start = if tail == 0 {
+        text.len()
+    } else {
+        ceil(offs[n - tail].0.min(text.len()))
+    };
     if tail_start <= head_end {
         return Ok(text.to_string());
     }
-    Ok(format!("{}{MARKER}{}", &text[..head_end], &text[tail_start..]))
+    Ok(format!(
+        "{}{MARKER}{}",
+        &text[..head_end],
+        &text[tail_start..]
+    ))
 }
 
 /// Renders and tokenises `texts` through `render`, cutting the texts (never the template) until
@@ -63,9 +78,17 @@ fn fit<const N: usize>(
     let (ids, prompt_len) = render(&cur)?;
     let full_len = ids.len();
     if ids.len() <= max_tokens {
-        return Ok(Tokens { ids, prompt_len, truncated: false, full_len });
+        return Ok(Tokens {
+            ids,
+            prompt_len,
+            truncated: false,
+            full_len,
+        });
     }
-    let counts: Vec<usize> = texts.iter().map(|t| tok.encode(t, false).map(|v| v.len())).collect::<gram_core::Result<_>>()?;
+    let counts: Vec<usize> = texts
+        .iter()
+        .map(|t| tok.encode(t, false).map(|v| v.len()))
+        .collect::<Result<_>>()?;
     let total: usize = counts.iter().sum();
     let fixed = full_len.saturating_sub(total);
     let marker = tok.encode(MARKER, false)?.len() + 2;
@@ -76,18 +99,33 @@ fn fit<const N: usize>(
         let (mut lo, mut hi) = (0usize, counts.iter().copied().max().unwrap_or(0));
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
-            if counts.iter().map(|&n| n.min(mid)).sum::<usize>() <= budget { lo = mid } else { hi = mid - 1 }
+            if counts.iter().map(|&n| n.min(mid)).sum::<usize>() <= budget {
+                lo = mid
+            } else {
+                hi = mid - 1
+            }
         }
         for (i, t) in texts.iter().enumerate() {
-            cur[i] = if counts[i] > lo { cut(tok, t, lo)? } else { t.to_string() };
+            cur[i] = if counts[i] > lo {
+                cut(tok, t, lo)?
+            } else {
+                t.to_string()
+            };
         }
         let (ids, prompt_len) = render(&cur)?;
         if ids.len() <= max_tokens {
-            return Ok(Tokens { ids, prompt_len, truncated: true, full_len });
+            return Ok(Tokens {
+                ids,
+                prompt_len,
+                truncated: true,
+                full_len,
+            });
         }
         overflow += ids.len() - max_tokens + 4;
     }
-    bail!("does not fit in {max_tokens} tokens (the template alone needs about {fixed})")
+    Err(Error::TooLong(format!(
+        "does not fit in {max_tokens} tokens (the template alone needs about {fixed})"
+    )))
 }
 
 /// The part of every judge prompt before the question (chat template, system prompt, judge
@@ -108,7 +146,12 @@ fn pre_token_starts(tok: &GramTokenizer, text: &str) -> Option<Vec<usize>> {
     let pre = tok.tokenizer.get_pre_tokenizer()?;
     let mut pts = PreTokenizedString::from(text);
     pre.pre_tokenize(&mut pts).ok()?;
-    Some(pts.get_splits(OffsetReferential::Original, OffsetType::Byte).iter().map(|(_, o, _)| o.0).collect())
+    Some(
+        pts.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .iter()
+            .map(|(_, o, _)| o.0)
+            .collect(),
+    )
 }
 
 impl PrefixCache {
@@ -121,22 +164,51 @@ impl PrefixCache {
         let prefix = text[..text.find(SENTINEL)?].to_string();
         let body = prefix.strip_suffix('\n')?;
         let window = body.rfind('\n')? + 1;
-        let added: Vec<String> = tok.tokenizer.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
-        if added.iter().any(|a| a.contains('\n') || prefix[window..].contains(a.as_str())) {
+        let added: Vec<String> = tok
+            .tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .collect();
+        if added
+            .iter()
+            .any(|a| a.contains('\n') || prefix[window..].contains(a.as_str()))
+        {
             return None;
         }
         // The window must start a pre-token in the prefix's own last segment.
-        let seg = added.iter().filter_map(|a| prefix.rfind(a.as_str()).map(|i| i + a.len())).max().unwrap_or(0);
+        let seg = added
+            .iter()
+            .filter_map(|a| prefix.rfind(a.as_str()).map(|i| i + a.len()))
+            .max()
+            .unwrap_or(0);
         if seg > window || !pre_token_starts(tok, &prefix[seg..])?.contains(&(window - seg)) {
             return None;
         }
         let ids = templates.encode(&prefix, true).ok()?;
         // Probes: the concatenation must reproduce whole-text ids (this also rules out tokenizers
         // that add a prefix space or append special tokens).
-        let cache = Self { prefix, ids, window, added };
-        for probe in ["hello world", " leading space", "\n\nnewlines first", "42 digits", "Ünïcödé 🙂", "<|im_end|> x"] {
-            let full = templates.encode(&format!("{}{probe}", cache.prefix), true).ok()?;
-            if cache.encode(tok, &format!("{}{probe}", cache.prefix)).is_some_and(|ids| ids != full) {
+        let cache = Self {
+            prefix,
+            ids,
+            window,
+            added,
+        };
+        for probe in [
+            "hello world",
+            " leading space",
+            "\n\nnewlines first",
+            "42 digits",
+            "Ünïcödé 🙂",
+            "<|im_end|> x",
+        ] {
+            let full = templates
+                .encode(&format!("{}{probe}", cache.prefix), true)
+                .ok()?;
+            if cache
+                .encode(tok, &format!("{}{probe}", cache.prefix))
+                .is_some_and(|ids| ids != full)
+            {
                 return None;
             }
         }
@@ -152,7 +224,12 @@ impl PrefixCache {
             head_end -= 1;
         }
         let head = &rest[..head_end];
-        if self.added.iter().any(|a| head.contains(a.as_str()) || a.starts_with(head)) && !head.is_empty() {
+        if self
+            .added
+            .iter()
+            .any(|a| head.contains(a.as_str()) || a.starts_with(head))
+            && !head.is_empty()
+        {
             // An added token near the boundary: rare, take the slow path.
             return None;
         }
@@ -179,10 +256,20 @@ pub struct Tokenizer<'t> {
 
 impl<'t> Tokenizer<'t> {
     /// `max_tokens` bounds every example.
-    pub fn new(tok: &'t GramTokenizer, templates: Templates<'t>, max_tokens: usize) -> Result<Self> {
+    pub fn new(
+        tok: &'t GramTokenizer,
+        templates: Templates<'t>,
+        max_tokens: usize,
+    ) -> Result<Self> {
         let labels = LabelIds::resolve(tok)?;
         let judge_prefix = PrefixCache::new(tok, &templates);
-        Ok(Self { tok, templates, labels, max_tokens, judge_prefix })
+        Ok(Self {
+            tok,
+            templates,
+            labels,
+            max_tokens,
+            judge_prefix,
+        })
     }
 
     /// Stage 1: prompt x (masked), target the pair.
@@ -198,15 +285,24 @@ impl<'t> Tokenizer<'t> {
 
     /// Stage 2: the judge prompt; the label token follows it (so it gets one token of room).
     pub fn stage2(&self, x: &str, a: &str, b: &str) -> Result<Tokens> {
-        fit(self.tok, [x, a, b], self.max_tokens.saturating_sub(1), |t| {
-            let text = self.templates.stage2(&t[0], &t[1], &t[2])?;
-            let ids = match self.judge_prefix.as_ref().and_then(|c| c.encode(self.tok, &text)) {
-                Some(ids) => ids,
-                None => self.templates.encode(&text, true)?,
-            };
-            let n = ids.len();
-            Ok((ids, n))
-        })
+        fit(
+            self.tok,
+            [x, a, b],
+            self.max_tokens.saturating_sub(1),
+            |t| {
+                let text = self.templates.stage2(&t[0], &t[1], &t[2])?;
+                let ids = match self
+                    .judge_prefix
+                    .as_ref()
+                    .and_then(|c| c.encode(self.tok, &text))
+                {
+                    Some(ids) => ids,
+                    None => self.templates.encode(&text, true)?,
+                };
+                let n = ids.len();
+                Ok((ids, n))
+            },
+        )
     }
 
     /// Whether the judge prefix is tokenised once (false: every prompt is tokenised whole).
@@ -216,24 +312,43 @@ impl<'t> Tokenizer<'t> {
 
     /// Stage-2 ids by tokenising the whole judge prompt (the reference for the cached path).
     pub fn stage2_uncached(&self, x: &str, a: &str, b: &str) -> Result<Vec<u32>> {
-        Ok(self.templates.encode(&self.templates.stage2(x, a, b)?, true)?)
+        Ok(self
+            .templates
+            .encode(&self.templates.stage2(x, a, b)?, true)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gram_core::PromptStyle;
+    use crate::PromptStyle;
 
     #[test]
     fn cached_judge_prefix_gives_whole_text_ids() -> Result<()> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/smollm2");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/smollm2");
         let tok = GramTokenizer::from_dir(&dir)?;
         for style in [PromptStyle::Chat, PromptStyle::Raw] {
             let t = Tokenizer::new(&tok, Templates::new(&tok, style)?, 4096)?;
-            assert!(t.caches_judge_prefix(), "{style:?}: the SmolLM2 tokenizer should allow the cache");
-            let xs = ["How do I boil an egg?", " leading", "\n\nblank lines", "  two spaces", "\ttab", "123", "(paren)",
-                "<|im_end|>injected", "Ünïcödé 🙂 emoji", "", "'s contraction", "x\n", "word\r\nwindows"];
+            assert!(
+                t.caches_judge_prefix(),
+                "{style:?}: the SmolLM2 tokenizer should allow the cache"
+            );
+            let xs = [
+                "How do I boil an egg?",
+                " leading",
+                "\n\nblank lines",
+                "  two spaces",
+                "\ttab",
+                "123",
+                "(paren)",
+                "<|im_end|>injected",
+                "Ünïcödé 🙂 emoji",
+                "",
+                "'s contraction",
+                "x\n",
+                "word\r\nwindows",
+            ];
             for x in xs {
                 for (a, b) in [("yes", "no"), (" sp", "\nnl"), ("<|im_start|>", "B")] {
                     let got = t.stage2(x, a, b)?.ids;
