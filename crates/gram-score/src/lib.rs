@@ -1,2 +1,14 @@
-//! gram-score: not implemented yet (issue 5). The crate exists so that the workspace layout and
-//! its pinned dependencies are in place; it exports nothing.
+//! gram-score: GRAM judges exported by `gram-export onnx`, run through onnxruntime (`ort`):
+//! batch jobs over Parquet (pairwise, against a reference, best-of-n), accuracy on labeled
+//! pairs, and an HTTP reward server with dynamic batching.
+
+pub mod error;
+pub mod eval;
+pub mod jobs;
+pub mod judge;
+pub mod runtime;
+pub mod serve;
+
+pub use error::{Error, Result};
+pub use judge::{BatchLimits, Judge, PairScore};
+pub use runtime::Threads;

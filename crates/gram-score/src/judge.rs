@@ -1,0 +1,258 @@
+//! A GRAM judge behind onnxruntime: judge prompts tokenised with the export's tokenizer and
+//! template (texts cut to fit, never the template), sequences sorted by length into batches
+//! under a token budget, batches run in parallel on a session pool, and METHOD.md's both-order
+//! score.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gram_core::export::{ExportManifest, HeadKind};
+use gram_core::fit::Tokenizer;
+use gram_core::template::{pair_score, prob_a};
+use gram_core::{GramTokenizer, Templates};
+
+use crate::error::{Error, Result};
+use crate::runtime::{Batch, SessionPool, Threads};
+
+/// Limits of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most rows.
+    pub max_rows: usize,
+    /// Most tokens including padding (rows x longest).
+    pub max_tokens: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_rows: 64,
+            max_tokens: 8192,
+        }
+    }
+}
+
+/// The both-order result for one pair (A = the first response).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairScore {
+    /// score(a) = (P(A | a, b) + P(B | b, a)) / 2; score(b) = 1 - score(a).
+    pub score_a: f32,
+    /// P(A) with a shown first.
+    pub p_ab: f32,
+    /// P(A) with b shown first (b's probability of winning in that order).
+    pub p_ba: f32,
+    /// Whether a text was cut to fit.
+    pub truncated: bool,
+}
+
+/// A loaded export folder.
+pub struct Judge {
+    /// Its manifest.
+    pub manifest: ExportManifest,
+    /// The folder.
+    pub dir: PathBuf,
+    enc: Tokenizer<'static>,
+    pool: SessionPool,
+    /// Batch limits.
+    pub limits: BatchLimits,
+}
+
+/// Encoded pair: both orders.
+struct Encoded {
+    ab: Vec<u32>,
+    ba: Vec<u32>,
+    truncated: bool,
+}
+
+impl Judge {
+    /// Opens `dir` (made by `gram-export onnx --head judge`).
+    pub fn open(dir: &Path, threads: Threads, limits: BatchLimits) -> Result<Self> {
+        let manifest = ExportManifest::read(dir)?;
+        if manifest.head != HeadKind::Judge {
+            return Err(Error::Input(format!(
+                "{}: exported with --head {:?}; scoring needs --head judge",
+                dir.display(),
+                manifest.head
+            )));
+        }
+        // The tokenizer lives as long as the process: the templates and the prefix cache borrow it.
+        let tok: &'static GramTokenizer = Box::leak(Box::new(GramTokenizer::from_dir(dir)?));
+        if tok.fingerprint() != manifest.tokenizer_fingerprint {
+            return Err(Error::Input(format!(
+                "{}: the tokenizer files differ from the one the model was exported with",
+                dir.display()
+            )));
+        }
+        let templates = Templates::new(tok, manifest.prompt_style)?;
+        let enc = Tokenizer::new(tok, templates, manifest.max_tokens)?;
+        if enc.labels != manifest.label_ids {
+            return Err(Error::Input(format!(
+                "{}: label ids of the tokenizer differ from the manifest's",
+                dir.display()
+            )));
+        }
+        let pool = SessionPool::open(&dir.join(&manifest.model_file), threads)?;
+        Ok(Self {
+            manifest,
+            dir: dir.to_path_buf(),
+            enc,
+            pool,
+            limits,
+        })
+    }
+
+    /// Sessions in the pool.
+    pub fn sessions(&self) -> usize {
+        self.pool.size()
+    }
+
+    /// Token ids of the judge prompt for (x, a, b), cut to fit.
+    pub fn encode(&self, x: &str, a: &str, b: &str) -> Result<(Vec<u32>, bool)> {
+        let t = self.enc.stage2(x, a, b)?;
+        Ok((t.ids, t.truncated))
+    }
+
+    /// Label logits (l_A, l_B) of each sequence, in input order. Sequences are sorted by length
+    /// into batches; batches run in parallel, one per session.
+    pub fn logits(&self, seqs: &[Vec<u32>]) -> Result<Vec<[f32; 2]>> {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        let mut cur: Vec<usize> = Vec::new();
+        for i in order {
+            // Sorted longest first: the batch's width is its first row's length.
+            let width = cur.first().map_or(seqs[i].len(), |&f| seqs[f].len()).max(1);
+            if !cur.is_empty()
+                && (cur.len() >= self.limits.max_rows
+                    || (cur.len() + 1) * width > self.limits.max_tokens)
+            {
+                batches.push(std::mem::take(&mut cur));
+            }
+            cur.push(i);
+        }
+        if !cur.is_empty() {
+            batches.push(cur);
+        }
+        let mut out = vec![[0f32; 2]; seqs.len()];
+        let next = AtomicUsize::new(0);
+        let workers = self.pool.size().min(batches.len()).max(1);
+        let results: Vec<Result<Vec<(usize, [f32; 2])>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    s.spawn(|| -> Result<Vec<(usize, [f32; 2])>> {
+                        let mut got = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(batch) = batches.get(k) else { break };
+                            let rows: Vec<&[u32]> =
+                                batch.iter().map(|&i| seqs[i].as_slice()).collect();
+                            let b = Batch::left_padded(&rows, self.manifest.pad_id);
+                            let (shape, data) =
+                                self.pool.with(|sess| b.run(sess, &self.manifest.output))?;
+                            if shape != [batch.len(), 2] {
+                                return Err(Error::Runtime(format!(
+                                    "judge_logits has shape {shape:?}, expected [{}, 2]",
+                                    batch.len()
+                                )));
+                            }
+                            got.extend(
+                                batch
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(r, &i)| (i, [data[2 * r], data[2 * r + 1]])),
+                            );
+                        }
+                        Ok(got)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Runtime("a scoring thread panicked".into())))
+                })
+                .collect()
+        });
+        for r in results {
+            for (i, l) in r? {
+                out[i] = l;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Both-order scores of pairs (prompt, a, b). A pair that cannot be encoded gets its reason.
+    pub fn score_pairs(
+        &self,
+        pairs: &[(&str, &str, &str)],
+    ) -> Result<Vec<std::result::Result<PairScore, String>>> {
+        let mut encoded = self.encode_all(pairs);
+        let mut seqs = Vec::new();
+        for e in encoded.iter_mut().flatten() {
+            seqs.push(std::mem::take(&mut e.ab));
+            seqs.push(std::mem::take(&mut e.ba));
+        }
+        let logits = self.logits(&seqs)?;
+        let mut k = 0;
+        Ok(encoded
+            .into_iter()
+            .map(|e| {
+                e.map(|e| {
+                    let (ab, ba) = (logits[k], logits[k + 1]);
+                    k += 2;
+                    PairScore {
+                        score_a: pair_score((ab[0], ab[1]), (ba[0], ba[1])),
+                        p_ab: prob_a(ab[0], ab[1]),
+                        p_ba: prob_a(ba[0], ba[1]),
+                        truncated: e.truncated,
+                    }
+                })
+            })
+            .collect())
+    }
+
+    /// Encodes pairs in both orders, in parallel across cores.
+    fn encode_all(
+        &self,
+        pairs: &[(&str, &str, &str)],
+    ) -> Vec<std::result::Result<Encoded, String>> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(pairs.len().max(1));
+        let chunk = pairs.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .chunks(chunk)
+                .map(|part| {
+                    let h = s.spawn(move || {
+                        part.iter()
+                            .map(|&(x, a, b)| {
+                                let (ab, t1) = self.encode(x, a, b).map_err(|e| e.to_string())?;
+                                let (ba, t2) = self.encode(x, b, a).map_err(|e| e.to_string())?;
+                                Ok(Encoded {
+                                    ab,
+                                    ba,
+                                    truncated: t1 || t2,
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    (part.len(), h)
+                })
+                .collect();
+            // A panicking tokenizer thread fails its rows, never drops them.
+            handles
+                .into_iter()
+                .flat_map(|(n, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        (0..n)
+                            .map(|_| Err("tokenizer thread panicked".to_string()))
+                            .collect()
+                    })
+                })
+                .collect()
+        })
+    }
+}

@@ -1,0 +1,296 @@
+//! `gram-score`: score with an exported GRAM judge through onnxruntime.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use gram_score::jobs::{self, JobOptions, Method, Mode};
+use gram_score::serve::ServeOptions;
+use gram_score::{BatchLimits, Error, Judge, Threads};
+
+/// Score responses with a GRAM judge exported by `gram-export onnx` (onnxruntime on the CPU).
+///
+/// Scores follow the GRAM paper: each pair is judged in both orders and the two probabilities
+/// averaged, so score(a) = 1 - score(b) whatever the order.
+#[derive(Parser)]
+#[command(name = "gram-score", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pairs: adds score_a, score_b, p_a_first, p_a_second, truncated, error to every row.
+    ///
+    /// Examples:
+    ///   gram-score pairwise --model exports/judge --input pairs.parquet --output scored.parquet
+    ///   gram-score pairwise --model exports/judge --input x.parquet --output y.parquet --a-col chosen --b-col rejected
+    #[command(verbatim_doc_comment)]
+    Pairwise {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Column of the first response.
+        #[arg(long, default_value = "response_a")]
+        a_col: String,
+        /// Column of the second response.
+        #[arg(long, default_value = "response_b")]
+        b_col: String,
+    },
+    /// One response against a reference response: adds reward (= its both-order score), ...
+    ///
+    /// Examples:
+    ///   gram-score reference --model exports/judge --input rollouts.parquet --output rewards.parquet
+    ///   gram-score reference --model exports/judge --input r.parquet --output o.parquet --reference "I cannot help with that."
+    #[command(verbatim_doc_comment)]
+    Reference {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Column of the response to score.
+        #[arg(long, default_value = "response")]
+        response_col: String,
+        /// Column of the reference response.
+        #[arg(long, default_value = "reference", conflicts_with = "reference")]
+        reference_col: String,
+        /// One reference response for every row (instead of a column).
+        #[arg(long)]
+        reference: Option<String>,
+    },
+    /// Several responses per prompt: adds best_index, scores (each candidate's score in the last
+    /// comparison it played), comparisons, truncated, error.
+    ///
+    /// Examples:
+    ///   gram-score best-of-n --model exports/judge --input cands.parquet --output best.parquet
+    ///   gram-score best-of-n --model exports/judge --input c.parquet --output b.parquet --method tournament
+    #[command(verbatim_doc_comment)]
+    BestOfN {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Column holding the list of responses.
+        #[arg(long, default_value = "responses")]
+        responses_col: String,
+        /// knockout: best so far against each next; tournament: pairs in parallel rounds.
+        #[arg(long, value_enum, default_value = "knockout")]
+        method: Method,
+    },
+    /// Accuracy on labeled pairs, overall, per source and per subset (table + JSON).
+    ///
+    /// Examples:
+    ///   gram-score eval --model exports/judge --data data/gram              # its stage2/test-*.parquet
+    ///   gram-score eval --model exports/judge --data data/gram --split valid --json eval.json
+    ///   gram-score eval --model exports/judge --data labeled.parquet        # prompt, response_a, response_b, label
+    #[command(verbatim_doc_comment)]
+    Eval {
+        /// Export folder (gram-export onnx --head judge).
+        #[arg(long)]
+        model: PathBuf,
+        /// A gram-data build folder or a Parquet file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Split of a build folder.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Where to save the JSON report (default: printed only).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// HTTP reward server: POST /get_reward (OpenRLHF), POST /score/pairs, GET /health.
+    ///
+    /// Examples:
+    ///   gram-score serve --model exports/judge --addr 127.0.0.1:5000 --reference "A helpful answer."
+    ///   curl -s localhost:5000/get_reward -d '{"query":["Q? A."],"prompts":["Q?"],"references":["B."]}' -H 'content-type: application/json'
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// Export folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Address to listen on (port 0: any free port; the chosen one is printed).
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        addr: std::net::SocketAddr,
+        /// Reference response for /get_reward requests without `references`.
+        #[arg(long)]
+        reference: Option<String>,
+        /// Most pairs scored in one batch across concurrent requests.
+        #[arg(long, default_value_t = 64)]
+        max_batch: usize,
+        /// Milliseconds to wait for more requests before scoring a partial batch.
+        #[arg(long, default_value_t = 5)]
+        max_wait_ms: u64,
+        /// Most items in one request.
+        #[arg(long, default_value_t = 1024)]
+        max_items: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// Export folder (gram-export onnx --head judge).
+    #[arg(long)]
+    model: PathBuf,
+    /// Input Parquet file.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output Parquet file (written when the job is complete; parts in OUTPUT.parts until then).
+    #[arg(long)]
+    output: PathBuf,
+    /// Column of the prompt.
+    #[arg(long, default_value = "prompt")]
+    prompt_col: String,
+    /// Rows per chunk: the unit of progress and of resuming a killed job.
+    #[arg(long, default_value_t = 1024)]
+    chunk_rows: usize,
+    /// Discard the parts of an earlier, different job at OUTPUT.parts instead of refusing.
+    #[arg(long)]
+    restart: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// onnxruntime sessions run in parallel (default: one per core, each single-threaded).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 64)]
+    batch_rows: usize,
+    /// Most tokens (rows x longest row) in one batch.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl RunArgs {
+    fn open(&self, model: &std::path::Path) -> gram_score::Result<Judge> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let threads = Threads::split(self.sessions.unwrap_or(cores));
+        Judge::open(
+            model,
+            threads,
+            BatchLimits {
+                max_rows: self.batch_rows.max(1),
+                max_tokens: self.batch_tokens.max(1),
+            },
+        )
+    }
+}
+
+fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
+    let judge = job.run.open(&job.model)?;
+    let opts = JobOptions {
+        input: job.input,
+        output: job.output.clone(),
+        chunk_rows: job.chunk_rows,
+        restart: job.restart,
+        quiet: job.run.quiet,
+    };
+    let r = jobs::run(&judge, &mode, &opts)?;
+    println!(
+        "{} rows -> {} ({} scored now, {} from an earlier run's parts, {} with an error) in {:.1} s",
+        r.rows,
+        job.output.display(),
+        r.rows_scored,
+        r.rows - r.rows_scored,
+        r.rows_failed,
+        r.seconds
+    );
+    Ok(())
+}
+
+// The tokenizer allocates many short-lived strings and vectors per text on every core; glibc's
+// allocator spent ~45% of a build's CPU time in malloc/free (perf, 20k rows). mimalloc's
+// per-thread heaps avoid that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res: gram_score::Result<()> = (|| match cli.cmd {
+        Cmd::Pairwise { job, a_col, b_col } => {
+            let mode = Mode::Pairwise {
+                prompt: job.prompt_col.clone(),
+                a: a_col,
+                b: b_col,
+            };
+            run_job(job, mode)
+        }
+        Cmd::Reference {
+            job,
+            response_col,
+            reference_col,
+            reference,
+        } => {
+            let mode = Mode::Reference {
+                prompt: job.prompt_col.clone(),
+                response: response_col,
+                reference: reference.is_none().then_some(reference_col),
+                fixed: reference,
+            };
+            run_job(job, mode)
+        }
+        Cmd::BestOfN {
+            job,
+            responses_col,
+            method,
+        } => {
+            let mode = Mode::BestOfN {
+                prompt: job.prompt_col.clone(),
+                responses: responses_col,
+                method,
+            };
+            run_job(job, mode)
+        }
+        Cmd::Eval {
+            model,
+            data,
+            split,
+            json,
+            run,
+        } => {
+            let judge = run.open(&model)?;
+            let files = gram_score::eval::input_files(&data, &split)?;
+            let report = gram_score::eval::evaluate(&judge, files, run.quiet)?;
+            print!("{}", gram_score::eval::table(&report));
+            if let Some(p) = json {
+                let bytes = serde_json::to_vec_pretty(&report)
+                    .map_err(|e| Error::Runtime(e.to_string()))?;
+                gram_core::atomic_write(&p, &bytes)?;
+                println!("report: {}", p.display());
+            }
+            Ok(())
+        }
+        Cmd::Serve {
+            model,
+            addr,
+            reference,
+            max_batch,
+            max_wait_ms,
+            max_items,
+            run,
+        } => {
+            let judge = Arc::new(run.open(&model)?);
+            let opts = ServeOptions {
+                addr,
+                reference,
+                max_batch,
+                max_wait: std::time::Duration::from_millis(max_wait_ms),
+                max_items,
+            };
+            let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
+            rt.block_on(gram_score::serve::serve(judge, opts))
+        }
+    })();
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
+    }
+}

@@ -1,0 +1,195 @@
+//! onnxruntime through `ort`: the process-wide environment (the shared library is loaded from
+//! `ORT_DYLIB_PATH`, with a clear error instead of ort's panic when it is missing) and a pool of
+//! sessions, since `Session::run` takes `&mut self`: each worker borrows one.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+
+use crate::error::{Error, Result};
+
+/// Where the onnxruntime library is: `ORT_DYLIB_PATH`, else the copy `scripts/setup.sh` puts in
+/// the cache.
+pub fn library_path() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH")
+        && !p.is_empty()
+    {
+        let p = PathBuf::from(p);
+        return if p.exists() {
+            Ok(p)
+        } else {
+            Err(Error::Runtime(format!(
+                "ORT_DYLIB_PATH={} does not exist",
+                p.display()
+            )))
+        };
+    }
+    let cache = std::env::var_os("GRAM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/gram-rs")));
+    if let Some(c) = cache {
+        let p = c.join("onnxruntime-1.31.1/libonnxruntime.so.1.31.1");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(Error::Runtime(
+        "onnxruntime library not found: set ORT_DYLIB_PATH to libonnxruntime.so (scripts/setup.sh installs 1.31.1 into ~/.cache/gram-rs)".into(),
+    ))
+}
+
+fn environment() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+        OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = library_path().map_err(|e| e.to_string())?;
+        ort::init_from(&path)
+            .map_err(|e| format!("loading onnxruntime from {}: {e}", path.display()))?
+            .with_name("gram-score")
+            .build()
+            .map_err(|e| format!("starting onnxruntime: {e}"))
+    })
+    .as_ref()
+    .map_err(|e| Error::Runtime(e.clone()))
+}
+
+/// How sessions use the cores.
+#[derive(Debug, Clone, Copy)]
+pub struct Threads {
+    /// Sessions in the pool (batches run in parallel, one per session).
+    pub sessions: usize,
+    /// Threads inside each session.
+    pub intra: usize,
+}
+
+impl Threads {
+    /// `sessions` sessions sharing the machine's cores.
+    pub fn split(sessions: usize) -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let sessions = sessions.max(1);
+        Self {
+            sessions,
+            intra: (cores / sessions).max(1),
+        }
+    }
+}
+
+/// Opens one session on `model` with all graph optimisations.
+pub fn open_session(model: &Path, intra_threads: usize) -> Result<Session> {
+    let env = environment()?;
+    let err = |e: String| Error::Runtime(format!("{}: {e}", model.display()));
+    Session::builder(env)
+        .map_err(|e| err(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| err(e.to_string()))?
+        .with_intra_threads(intra_threads)
+        .map_err(|e| err(e.to_string()))?
+        // Failures come back as errors and are reported once, in one line; onnxruntime's own
+        // log would print them a second time.
+        .with_log_level(ort::logging::LogLevel::Fatal)
+        .map_err(|e| err(e.to_string()))?
+        .commit_from_file(model)
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Sessions on one model, lent out one at a time per caller.
+pub struct SessionPool {
+    free: Mutex<Vec<Session>>,
+    ready: Condvar,
+    size: usize,
+}
+
+impl SessionPool {
+    /// Opens `threads.sessions` sessions.
+    pub fn open(model: &Path, threads: Threads) -> Result<Self> {
+        let sessions = (0..threads.sessions)
+            .map(|_| open_session(model, threads.intra))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            size: sessions.len(),
+            free: Mutex::new(sessions),
+            ready: Condvar::new(),
+        })
+    }
+
+    /// Number of sessions.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Runs `f` with a free session (waits for one).
+    pub fn with<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        let mut s = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(s) = free.pop() {
+                    break s;
+                }
+                free = self.ready.wait(free).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let out = f(&mut s);
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+        self.ready.notify_one();
+        out
+    }
+}
+
+/// A left-padded batch: `[rows, width]` ids and mask.
+pub struct Batch {
+    /// Rows.
+    pub rows: usize,
+    /// Sequence length (the longest row).
+    pub width: usize,
+    /// Token ids, row-major.
+    pub ids: Vec<i64>,
+    /// 1 on real tokens.
+    pub mask: Vec<i64>,
+}
+
+impl Batch {
+    /// Pads every sequence on the left to the longest.
+    pub fn left_padded(seqs: &[&[u32]], pad: u32) -> Self {
+        let width = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        let rows = seqs.len();
+        let mut ids = vec![i64::from(pad); rows * width];
+        let mut mask = vec![0i64; rows * width];
+        for (r, s) in seqs.iter().enumerate() {
+            let off = r * width + width - s.len();
+            for (j, &t) in s.iter().enumerate() {
+                ids[off + j] = i64::from(t);
+                mask[off + j] = 1;
+            }
+        }
+        Self {
+            rows,
+            width,
+            ids,
+            mask,
+        }
+    }
+
+    /// Runs the batch and returns the named float output with its shape.
+    pub fn run(self, session: &mut Session, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let shape = [self.rows, self.width];
+        let ids =
+            Tensor::from_array((shape, self.ids)).map_err(|e| Error::Runtime(e.to_string()))?;
+        let mask =
+            Tensor::from_array((shape, self.mask)).map_err(|e| Error::Runtime(e.to_string()))?;
+        let out = session
+            .run(ort::inputs!["input_ids" => ids, "attention_mask" => mask])
+            .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
+        let value = out
+            .get(output)
+            .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))?;
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| Error::Runtime(e.to_string()))?;
+        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    }
+}
