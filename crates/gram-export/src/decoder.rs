@@ -1,0 +1,449 @@
+//! The LLaMA / Qwen2 / Qwen3 decoder as an ONNX graph, op for op what gram-model's burn model
+//! computes (and HF transformers before it): embedding, RMS norms, rotary positions from the
+//! attention mask (left padding), grouped-query attention with a causal + padding mask, SwiGLU,
+//! and one of two heads.
+//!
+//! Choices made for onnxruntime's CPU kernels: q/k/v and gate/up are each one matrix product
+//! (concatenated weights, then Split); RMS norms use the Pow-ReduceMean-Add-Sqrt-Div-Mul pattern
+//! that onnxruntime fuses into one kernel; grouped query heads are folded into the row axis of
+//! one batched product per key/value head instead of copying keys and values; the `judge` head
+//! multiplies only the last position by only the two label rows of the output matrix.
+
+use std::collections::BTreeMap;
+
+use gram_core::{F32Tensor, ModelConfig};
+
+use crate::graph::{Attr, Dim, Graph};
+use crate::proto::dtype;
+
+/// What the graph outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Head {
+    /// `judge_logits` `[batch, n]`: the logits of the given token ids at the last position.
+    Judge(Vec<u32>),
+    /// `logits` `[batch, seq, vocab]`: every position, the whole vocabulary.
+    Lm,
+}
+
+/// Errors of graph construction: a tensor missing or of the wrong size.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint tensor `{0}`: {1}")]
+pub struct MissingTensor(pub String, pub String);
+
+struct W<'a> {
+    t: &'a BTreeMap<String, F32Tensor>,
+}
+
+impl W<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<&F32Tensor, MissingTensor> {
+        let t = self
+            .t
+            .get(name)
+            .ok_or_else(|| MissingTensor(name.into(), "not in the checkpoint".into()))?;
+        if t.shape != shape {
+            return Err(MissingTensor(
+                name.into(),
+                format!("shape {:?}, expected {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+/// `[out, in]` row-major (PyTorch's Linear layout) to `[in, out]`, what MatMul wants.
+fn transposed(t: &F32Tensor) -> Vec<f32> {
+    let (o, i) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0f32; o * i];
+    for r in 0..o {
+        for c in 0..i {
+            out[c * o + r] = t.data[r * i + c];
+        }
+    }
+    out
+}
+
+/// Concatenates `[out_k, in]` linear weights along `out` and transposes: `[in, sum out_k]`.
+fn fused_linear(parts: &[&F32Tensor]) -> (Vec<usize>, Vec<f32>) {
+    let inp = parts[0].shape[1];
+    let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
+    let mut cat = Vec::with_capacity(rows * inp);
+    for p in parts {
+        cat.extend_from_slice(&p.data);
+    }
+    let t = F32Tensor {
+        shape: vec![rows, inp],
+        data: cat,
+    };
+    (vec![inp, rows], transposed(&t))
+}
+
+struct Builder<'a> {
+    g: Graph,
+    w: W<'a>,
+    c: &'a ModelConfig,
+    eps: String,
+}
+
+impl Builder<'_> {
+    fn rms_norm(&mut self, x: &str, weight: &str, dim: usize) -> Result<String, MissingTensor> {
+        let w = self.w.get(weight, &[dim])?;
+        let w = self.g.weight(weight, &[dim], &w.data);
+        let two = self.g.scalar(2.0);
+        let sq = self.g.node("Pow", &[x, &two], vec![]);
+        let mean = self.g.node(
+            "ReduceMean",
+            &[&sq],
+            vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+        );
+        let eps = self.eps.clone();
+        let var = self.g.node("Add", &[&mean, &eps], vec![]);
+        let rms = self.g.node("Sqrt", &[&var], vec![]);
+        let normed = self.g.node("Div", &[x, &rms], vec![]);
+        Ok(self.g.node("Mul", &[&normed, &w], vec![]))
+    }
+
+    /// `x @ W` for the linear layers named `names` (concatenated), plus their biases if any.
+    fn linear(
+        &mut self,
+        x: &str,
+        names: &[&str],
+        shapes: &[[usize; 2]],
+        bias: bool,
+        fused: &str,
+    ) -> Result<String, MissingTensor> {
+        let parts = names
+            .iter()
+            .zip(shapes)
+            .map(|(n, s)| self.w.get(&format!("{n}.weight"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (dims, data) = fused_linear(&parts);
+        let wname = self.g.weight(&format!("{fused}.weight_t"), &dims, &data);
+        let y = self.g.node("MatMul", &[x, &wname], vec![]);
+        if !bias {
+            return Ok(y);
+        }
+        let mut b = Vec::new();
+        for (n, s) in names.iter().zip(shapes) {
+            b.extend_from_slice(&self.w.get(&format!("{n}.bias"), &[s[0]])?.data);
+        }
+        let bname = self.g.weight(&format!("{fused}.bias"), &[b.len()], &b);
+        Ok(self.g.node("Add", &[&y, &bname], vec![]))
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `[b, heads, t, d]`.
+    fn rope(&mut self, x: &str, cos: &str, sin: &str) -> String {
+        let d = self.c.head_dim as i64;
+        let (s0, s1, s2, ax) = (
+            self.g.vec_i64(&[0]),
+            self.g.vec_i64(&[d / 2]),
+            self.g.vec_i64(&[d]),
+            self.g.vec_i64(&[3]),
+        );
+        let x1 = self.g.node("Slice", &[x, &s0, &s1, &ax], vec![]);
+        let x2 = self.g.node("Slice", &[x, &s1, &s2, &ax], vec![]);
+        let nx2 = self.g.node("Neg", &[&x2], vec![]);
+        let rot = self
+            .g
+            .node("Concat", &[&nx2, &x1], vec![("axis", Attr::Int(3))]);
+        let a = self.g.node("Mul", &[x, cos], vec![]);
+        let b = self.g.node("Mul", &[&rot, sin], vec![]);
+        self.g.node("Add", &[&a, &b], vec![])
+    }
+
+    fn layer(
+        &mut self,
+        l: usize,
+        x: &str,
+        cos: &str,
+        sin: &str,
+        bias: &str,
+    ) -> Result<String, MissingTensor> {
+        let c = self.c;
+        let p = format!("model.layers.{l}");
+        let (h, d, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+        );
+        let (q, kv) = (nh * d, nkv * d);
+        let xn = self.rms_norm(x, &format!("{p}.input_layernorm.weight"), h)?;
+        let qkv = self.linear(
+            &xn,
+            &[
+                &format!("{p}.self_attn.q_proj"),
+                &format!("{p}.self_attn.k_proj"),
+                &format!("{p}.self_attn.v_proj"),
+            ],
+            &[[q, h], [kv, h], [kv, h]],
+            c.qkv_bias,
+            &format!("{p}.self_attn.qkv_proj"),
+        )?;
+        let split = self.g.vec_i64(&[q as i64, kv as i64, kv as i64]);
+        let parts = self
+            .g
+            .node_multi("Split", &[&qkv, &split], 3, vec![("axis", Attr::Int(2))]);
+        let heads = |b: &mut Self,
+                     y: &str,
+                     n: usize,
+                     norm: Option<String>|
+         -> Result<String, MissingTensor> {
+            let shape = b.g.vec_i64(&[0, 0, n as i64, d as i64]);
+            let mut y = b.g.node("Reshape", &[y, &shape], vec![]);
+            if let Some(norm) = norm {
+                y = b.rms_norm(&y, &norm, d)?;
+            }
+            Ok(b.g.node(
+                "Transpose",
+                &[&y],
+                vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            ))
+        };
+        let qn = c.qk_norm.then(|| format!("{p}.self_attn.q_norm.weight"));
+        let kn = c.qk_norm.then(|| format!("{p}.self_attn.k_norm.weight"));
+        let qh = heads(self, &parts[0], nh, qn)?;
+        let kh = heads(self, &parts[1], nkv, kn)?;
+        let vh = heads(self, &parts[2], nkv, None)?;
+        let qh = self.rope(&qh, cos, sin);
+        let kh = self.rope(&kh, cos, sin);
+        let scale = self.g.scalar(1.0 / (d as f32).sqrt());
+        let qh = self.g.node("Mul", &[&qh, &scale], vec![]);
+        // Grouped heads: q [b, nh, t, d] viewed as [b, nkv, rep*t, d] meets k [b, nkv, t, d]
+        // directly (query head i uses key head i / rep, as HF's repeat_kv arranges them).
+        let grouped = nh != nkv;
+        let qg = if grouped {
+            let s = self.g.vec_i64(&[0, nkv as i64, -1, d as i64]);
+            self.g.node("Reshape", &[&qh, &s], vec![])
+        } else {
+            qh
+        };
+        let kt = self.g.node(
+            "Transpose",
+            &[&kh],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
+        let mut scores = self.g.node("MatMul", &[&qg, &kt], vec![]);
+        if grouped {
+            let s = self.g.vec_i64(&[0, nh as i64, -1, 0]);
+            scores = self.g.node("Reshape", &[&scores, &s], vec![]);
+        }
+        let scores = self.g.node("Add", &[&scores, bias], vec![]);
+        let mut probs = self
+            .g
+            .node("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        if grouped {
+            let s = self.g.vec_i64(&[0, nkv as i64, -1, 0]);
+            probs = self.g.node("Reshape", &[&probs, &s], vec![]);
+        }
+        let mut ctx = self.g.node("MatMul", &[&probs, &vh], vec![]);
+        if grouped {
+            let s = self.g.vec_i64(&[0, nh as i64, -1, d as i64]);
+            ctx = self.g.node("Reshape", &[&ctx, &s], vec![]);
+        }
+        let ctx = self.g.node(
+            "Transpose",
+            &[&ctx],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
+        let s = self.g.vec_i64(&[0, 0, q as i64]);
+        let ctx = self.g.node("Reshape", &[&ctx, &s], vec![]);
+        let o = self.linear(
+            &ctx,
+            &[&format!("{p}.self_attn.o_proj")],
+            &[[h, q]],
+            c.o_bias,
+            &format!("{p}.self_attn.o_proj"),
+        )?;
+        let x = self.g.node("Add", &[x, &o], vec![]);
+
+        let i = c.intermediate_size;
+        let xn = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"), h)?;
+        let gu = self.linear(
+            &xn,
+            &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+            &[[i, h], [i, h]],
+            c.mlp_bias,
+            &format!("{p}.mlp.gate_up_proj"),
+        )?;
+        let split = self.g.vec_i64(&[i as i64, i as i64]);
+        let gu = self
+            .g
+            .node_multi("Split", &[&gu, &split], 2, vec![("axis", Attr::Int(2))]);
+        let sig = self.g.node("Sigmoid", &[&gu[0]], vec![]);
+        let act = self.g.node("Mul", &[&gu[0], &sig], vec![]);
+        let act = self.g.node("Mul", &[&act, &gu[1]], vec![]);
+        let down = self.linear(
+            &act,
+            &[&format!("{p}.mlp.down_proj")],
+            &[[h, i]],
+            c.mlp_bias,
+            &format!("{p}.mlp.down_proj"),
+        )?;
+        Ok(self.g.node("Add", &[&x, &down], vec![]))
+    }
+}
+
+/// Builds the graph. `inv_freq` are the rotary inverse frequencies (gram-model computes them as
+/// transformers does, scaling included).
+pub fn build(
+    c: &ModelConfig,
+    tensors: &BTreeMap<String, F32Tensor>,
+    inv_freq: &[f32],
+    head: &Head,
+) -> Result<Graph, MissingTensor> {
+    let mut g = Graph::default();
+    let ids = g.input(
+        "input_ids",
+        dtype::INT64,
+        &[Dim::Named("batch"), Dim::Named("sequence")],
+    );
+    let mask = g.input(
+        "attention_mask",
+        dtype::INT64,
+        &[Dim::Named("batch"), Dim::Named("sequence")],
+    );
+    let eps = g.scalar(c.rms_norm_eps as f32);
+    let mut b = Builder {
+        g,
+        w: W { t: tensors },
+        c,
+        eps,
+    };
+    let (h, v) = (c.hidden_size, c.vocab_size);
+
+    // Positions count real tokens: cumsum(mask) - 1, clamped at 0 (padding rows get 0).
+    let g = &mut b.g;
+    let one_ax = g.ints(&[], &[1]);
+    let cum = g.node("CumSum", &[&mask, &one_ax], vec![]);
+    let cumf = g.node(
+        "Cast",
+        &[&cum],
+        vec![("to", Attr::Int(i64::from(dtype::FLOAT)))],
+    );
+    let one = g.scalar(1.0);
+    let pos = g.node("Sub", &[&cumf, &one], vec![]);
+    let pos = g.node("Relu", &[&pos], vec![]);
+    let ax2 = g.vec_i64(&[2]);
+    let pos = g.node("Unsqueeze", &[&pos, &ax2], vec![]);
+    let inv = g.weight("rope.inv_freq", &[inv_freq.len()], inv_freq);
+    let freqs = g.node("Mul", &[&pos, &inv], vec![]);
+    let emb = g.node("Concat", &[&freqs, &freqs], vec![("axis", Attr::Int(2))]);
+    let ax1 = g.vec_i64(&[1]);
+    let cos = g.node("Cos", &[&emb], vec![]);
+    let cos = g.node("Unsqueeze", &[&cos, &ax1], vec![]);
+    let sin = g.node("Sin", &[&emb], vec![]);
+    let sin = g.node("Unsqueeze", &[&sin, &ax1], vec![]);
+
+    // Additive mask [b, 1, t, t]: 0 where query i may see key j (j <= i, j real), -1e30 elsewhere
+    // (finite, as in gram-model: a padding query's row softmaxes to uniform, never NaN).
+    let shape = g.node("Shape", &[&ids], vec![]);
+    let idx1 = g.vec_i64(&[1]);
+    let t = g.node("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
+    let tt = g.node("Concat", &[&t, &t], vec![("axis", Attr::Int(0))]);
+    let ones = g.node(
+        "ConstantOfShape",
+        &[&tt],
+        vec![(
+            "value",
+            Attr::Tensor(crate::proto::TensorProto {
+                dims: vec![1],
+                data_type: Some(dtype::FLOAT),
+                raw_data: Some(1f32.to_le_bytes().to_vec()),
+                ..Default::default()
+            }),
+        )],
+    );
+    let lower = g.node("Trilu", &[&ones], vec![("upper", Attr::Int(0))]);
+    let maskf = g.node(
+        "Cast",
+        &[&mask],
+        vec![("to", Attr::Int(i64::from(dtype::FLOAT)))],
+    );
+    let ax12 = g.vec_i64(&[1, 2]);
+    let maskf = g.node("Unsqueeze", &[&maskf, &ax12], vec![]);
+    let allowed = g.node("Mul", &[&lower, &maskf], vec![]);
+    let allowed = g.node("Sub", &[&allowed, &one], vec![]);
+    let big = g.scalar(1.0e30);
+    let bias = g.node("Mul", &[&allowed, &big], vec![]);
+
+    let emb_w = b.w.get("model.embed_tokens.weight", &[v, h])?;
+    let emb_name =
+        b.g.weight("model.embed_tokens.weight", &[v, h], &emb_w.data);
+    let mut x =
+        b.g.node("Gather", &[&emb_name, &ids], vec![("axis", Attr::Int(0))]);
+    for l in 0..c.num_hidden_layers {
+        x = b.layer(l, &x, &cos, &sin, &bias)?;
+    }
+    let head_name = if c.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    match head {
+        Head::Judge(token_ids) => {
+            // Only the last position reaches the head: left padding puts every row's last real
+            // token there.
+            let last_idx = b.g.ints(&[], &[-1]);
+            let last =
+                b.g.node("Gather", &[&x, &last_idx], vec![("axis", Attr::Int(1))]);
+            let last = b.g.node("Unsqueeze", &[&last, &ax1], vec![]);
+            let hn = b.rms_norm(&last, "model.norm.weight", h)?;
+            let w = b.w.get(head_name, &[v, h])?;
+            let n = token_ids.len();
+            let mut rows = vec![0f32; h * n];
+            for (j, &id) in token_ids.iter().enumerate() {
+                let id = id as usize;
+                if id >= v {
+                    return Err(MissingTensor(
+                        head_name.into(),
+                        format!("label id {id} outside the vocabulary ({v})"),
+                    ));
+                }
+                for k in 0..h {
+                    rows[k * n + j] = w.data[id * h + k];
+                }
+            }
+            let wl = b.g.weight("judge_head.weight_t", &[h, n], &rows);
+            let logits = b.g.node("MatMul", &[&hn, &wl], vec![]);
+            let sq = b.g.vec_i64(&[1]);
+            let logits = b.g.node("Squeeze", &[&logits, &sq], vec![]);
+            b.g.output(
+                &logits,
+                "judge_logits",
+                dtype::FLOAT,
+                &[Dim::Named("batch"), Dim::Fixed(n as i64)],
+            );
+        }
+        Head::Lm => {
+            let hn = b.rms_norm(&x, "model.norm.weight", h)?;
+            let w_name = if c.tie_word_embeddings {
+                emb_name
+            } else {
+                let w = b.w.get("lm_head.weight", &[v, h])?;
+                b.g.weight("lm_head.weight", &[v, h], &w.data)
+            };
+            // [b, t, h] x [v, h]^T through Gemm on the flattened rows (no transposed copy of a
+            // tied embedding).
+            let flat_shape = b.g.vec_i64(&[-1, h as i64]);
+            let flat = b.g.node("Reshape", &[&hn, &flat_shape], vec![]);
+            let logits =
+                b.g.node("Gemm", &[&flat, &w_name], vec![("transB", Attr::Int(1))]);
+            let out_shape = b.g.node("Shape", &[&ids], vec![]);
+            let vv = b.g.vec_i64(&[v as i64]);
+            let out_shape =
+                b.g.node("Concat", &[&out_shape, &vv], vec![("axis", Attr::Int(0))]);
+            let logits = b.g.node("Reshape", &[&logits, &out_shape], vec![]);
+            b.g.output(
+                &logits,
+                "logits",
+                dtype::FLOAT,
+                &[
+                    Dim::Named("batch"),
+                    Dim::Named("sequence"),
+                    Dim::Fixed(v as i64),
+                ],
+            );
+        }
+    }
+    Ok(b.g)
+}

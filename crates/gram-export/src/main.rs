@@ -1,0 +1,130 @@
+//! `gram-export`: compile GRAM models for deployment.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use gram_core::PromptStyle;
+use gram_core::export::HeadKind;
+use gram_export::{ExportOptions, export};
+
+/// Compile a trained (or imported) model for deployment.
+#[derive(Parser)]
+#[command(name = "gram-export", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HeadArg {
+    /// The logits of `A` and `B` at the last position (what gram-score needs).
+    Judge,
+    /// Logits of the whole vocabulary at every position (the generic LM export).
+    Lm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StyleArg {
+    /// The judge prompt inside the model's chat template.
+    Chat,
+    /// The judge prompt as plain text.
+    Raw,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// An ONNX graph (opset 17, dynamic batch and sequence, left padding) with the tokenizer files
+    /// and gram-export.json beside it.
+    ///
+    /// Writes OUT/model.onnx (OUT/model.onnx.data too past 1 GiB of weights), OUT/tokenizer.json
+    /// (+ config, chat template) and OUT/gram-export.json. Inputs: input_ids, attention_mask
+    /// (int64 [batch, sequence]); output: judge_logits [batch, 2] or logits [batch, sequence, vocab].
+    ///
+    /// Examples:
+    ///   gram-export onnx --model runs/s2/final --out exports/judge --verify
+    ///   gram-export onnx --model SmolLM2-135M-Instruct.Q4_1.gguf --out exports/smollm2-lm --head lm
+    #[command(verbatim_doc_comment)]
+    Onnx {
+        /// Checkpoint: an HF folder (config.json, safetensors, tokenizer) or a GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Tokenizer to use instead of the checkpoint's (a folder with tokenizer.json, or a GGUF).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Output folder (appears complete or not at all).
+        #[arg(long)]
+        out: PathBuf,
+        /// What the graph outputs.
+        #[arg(long, value_enum, default_value = "judge")]
+        head: HeadArg,
+        /// Prompt style recorded for the scorer (default: chat when the tokenizer has a template).
+        #[arg(long, value_enum)]
+        style: Option<StyleArg>,
+        /// Longest sequence the scorer may feed (default: the model's context length).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Run onnxruntime against burn on sample prompts; fail the export beyond --tolerance.
+        #[arg(long)]
+        verify: bool,
+        /// Largest allowed absolute logit difference for --verify.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let Cmd::Onnx {
+        model,
+        tokenizer,
+        out,
+        head,
+        style,
+        max_tokens,
+        verify,
+        tolerance,
+        overwrite,
+    } = Cli::parse().cmd;
+    let opts = ExportOptions {
+        model,
+        tokenizer,
+        out: out.clone(),
+        head: match head {
+            HeadArg::Judge => HeadKind::Judge,
+            HeadArg::Lm => HeadKind::Lm,
+        },
+        style: style.map(|s| match s {
+            StyleArg::Chat => PromptStyle::Chat,
+            StyleArg::Raw => PromptStyle::Raw,
+        }),
+        max_tokens,
+        verify,
+        tolerance,
+        overwrite,
+    };
+    match export(&opts) {
+        Ok(r) => {
+            let m = &r.manifest;
+            println!(
+                "exported {} ({} parameters, {} graph nodes, {} head) to {}",
+                m.architecture,
+                m.num_parameters,
+                r.nodes,
+                m.output,
+                out.display()
+            );
+            println!("files: {}", r.files.join(", "));
+            if let Some(v) = &r.verify {
+                println!(
+                    "verified: onnxruntime vs burn on {} prompts (lengths {:?}): max |diff| {:.2e} (largest logit {:.2})",
+                    v.rows, v.lengths, v.max_abs_diff, v.max_abs_logit
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
+    }
+}
