@@ -25,24 +25,38 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
         Some(p) => PathBuf::from(p),
         None => {
             let cache = std::env::var_os("GRAM_CACHE").map_or_else(
-                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gram-rs"),
+                || {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/gram-rs")
+                },
                 PathBuf::from,
             );
             cache.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
         }
     };
     if !p.exists() {
-        bail!("{} is missing: run scripts/setup.sh first (the README's test command does)", p.display());
+        bail!(
+            "{} is missing: run scripts/setup.sh first (the README's test command does)",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 /// A tensor of an expected.safetensors fixture, as (shape, f32 values) (int64 widened).
-pub fn fixture_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
-    let v = st.tensor(name).with_context(|| format!("fixture tensor {name}"))?;
+pub fn fixture_tensor(
+    st: &safetensors::SafeTensors<'_>,
+    name: &str,
+) -> Result<(Vec<usize>, Vec<f64>)> {
+    let v = st
+        .tensor(name)
+        .with_context(|| format!("fixture tensor {name}"))?;
     let data = v.data();
     let vals: Vec<f64> = match v.dtype() {
-        safetensors::Dtype::F32 => data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
         safetensors::Dtype::I64 => data
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f64)
@@ -54,7 +68,9 @@ pub fn fixture_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<(
 
 /// A scratch folder under the target dir, fresh for each call.
 pub fn scratch(name: &str) -> Result<PathBuf> {
-    let base = std::env::temp_dir().join(format!("gram-tests-{}", std::process::id())).join(name);
+    let base = std::env::temp_dir()
+        .join(format!("gram-tests-{}", std::process::id()))
+        .join(name);
     if base.exists() {
         std::fs::remove_dir_all(&base)?;
     }
@@ -70,7 +86,11 @@ pub fn bin(name: &str) -> Result<PathBuf> {
         .get_or_init(|| {
             // target/<profile>/deps/it-<hash> -> target/<profile>
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let profile_dir = exe.parent().and_then(|p| p.parent()).ok_or("no target dir")?.to_path_buf();
+            let profile_dir = exe
+                .parent()
+                .and_then(|p| p.parent())
+                .ok_or("no target dir")?
+                .to_path_buf();
             let target_dir = profile_dir.parent().ok_or("no target dir")?.to_path_buf();
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = std::process::Command::new(cargo)

@@ -2,5 +2,7 @@
 
 mod common;
 mod data;
+mod export;
 mod model;
+mod score;
 mod train;

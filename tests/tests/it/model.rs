@@ -23,9 +23,23 @@ fn tiny_max_diff(name: &str, device: &Device) -> Result<f64> {
     let (_, mask) = fixture_tensor(&st, "attention_mask")?;
     let (lshape, want) = fixture_tensor(&st, "logits")?;
     let (b, t, v) = (shape[0], shape[1], lshape[2]);
-    let to_int = |x: &[f64]| Tensor::<2, Int>::from_data(TensorData::new(x.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b, t]), device);
-    let got: Vec<f32> = model.forward(to_int(&ids), to_int(&mask)).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    ensure!(got.len() == want.len(), "{name}: {} logits, fixture has {}", got.len(), want.len());
+    let to_int = |x: &[f64]| {
+        Tensor::<2, Int>::from_data(
+            TensorData::new(x.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b, t]),
+            device,
+        )
+    };
+    let got: Vec<f32> = model
+        .forward(to_int(&ids), to_int(&mask))
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(
+        got.len() == want.len(),
+        "{name}: {} logits, fixture has {}",
+        got.len(),
+        want.len()
+    );
     let mut max = 0f64;
     for bi in 0..b {
         for ti in 0..t {
@@ -47,7 +61,10 @@ fn hf_tiny_logits_match_transformers_on_cpu() -> Result<()> {
     for name in TINY {
         let d = tiny_max_diff(name, &device)?;
         println!("{name}: max |logit diff| = {d:.3e}");
-        ensure!(d <= 1e-4, "{name}: logits differ from transformers by {d:.3e} (> 1e-4)");
+        ensure!(
+            d <= 1e-4,
+            "{name}: logits differ from transformers by {d:.3e} (> 1e-4)"
+        );
     }
     Ok(())
 }
@@ -64,18 +81,30 @@ fn hf_tiny_logits_match_on_wgpu_where_a_device_exists() -> Result<()> {
     for name in TINY {
         let d = tiny_max_diff(name, &device)?;
         println!("wgpu {name}: max |logit diff| = {d:.3e}");
-        ensure!(d <= 1e-3, "wgpu {name}: logits differ from transformers by {d:.3e} (> 1e-3)");
+        ensure!(
+            d <= 1e-3,
+            "wgpu {name}: logits differ from transformers by {d:.3e} (> 1e-3)"
+        );
     }
     Ok(())
 }
 
 fn cases() -> Result<serde_json::Value> {
     let p = fixtures().join("smollm2/cases.json");
-    Ok(serde_json::from_slice(&std::fs::read(&p).with_context(|| p.display().to_string())?)?)
+    Ok(serde_json::from_slice(
+        &std::fs::read(&p).with_context(|| p.display().to_string())?,
+    )?)
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -85,18 +114,38 @@ fn smollm2_tokenizers_give_transformers_ids() -> Result<()> {
     let from_gguf = gguf.tokenizer()?;
     let from_dir = gram_core::GramTokenizer::from_dir(&fixtures().join("smollm2"))?;
     for tok in [&from_gguf, &from_dir] {
-        for (i, c) in cases["cases"].as_array().context("cases")?.iter().enumerate() {
+        for (i, c) in cases["cases"]
+            .as_array()
+            .context("cases")?
+            .iter()
+            .enumerate()
+        {
             let text = c["text"].as_str().context("text")?;
             let got = tok.encode(text, false)?;
-            ensure!(got == ids_of(&c["ids"]), "{}: case {i} ids differ:\n got {got:?}\nwant {:?}", tok.source.display(), c["ids"]);
+            ensure!(
+                got == ids_of(&c["ids"]),
+                "{}: case {i} ids differ:\n got {got:?}\nwant {:?}",
+                tok.source.display(),
+                c["ids"]
+            );
         }
         // The judge prompt, rendered by our templates through the model's chat template.
         let j = &cases["judge"];
         let t = Templates::new(tok, PromptStyle::Chat)?;
-        let rendered = t.stage2(j["question"].as_str().context("q")?, j["a"].as_str().context("a")?, j["b"].as_str().context("b")?)?;
-        ensure!(rendered == j["rendered"].as_str().context("rendered")?, "judge prompt differs:\n{rendered}");
+        let rendered = t.stage2(
+            j["question"].as_str().context("q")?,
+            j["a"].as_str().context("a")?,
+            j["b"].as_str().context("b")?,
+        )?;
+        ensure!(
+            rendered == j["rendered"].as_str().context("rendered")?,
+            "judge prompt differs:\n{rendered}"
+        );
         let labels = LabelIds::resolve(tok)?;
-        ensure!(vec![labels.a] == ids_of(&cases["label_token_ids"]["A"]) && vec![labels.b] == ids_of(&cases["label_token_ids"]["B"]));
+        ensure!(
+            vec![labels.a] == ids_of(&cases["label_token_ids"]["A"])
+                && vec![labels.b] == ids_of(&cases["label_token_ids"]["B"])
+        );
     }
     Ok(())
 }
@@ -105,24 +154,60 @@ fn smollm2_tokenizers_give_transformers_ids() -> Result<()> {
 fn smollm2_gguf_logits_match_transformers() -> Result<()> {
     let cases = cases()?;
     let ckpt = Checkpoint::open(&smollm2_gguf()?)?;
-    ensure!(ckpt.config.num_hidden_layers == 30 && ckpt.config.hidden_size == 576 && ckpt.config.tie_word_embeddings);
+    ensure!(
+        ckpt.config.num_hidden_layers == 30
+            && ckpt.config.hidden_size == 576
+            && ckpt.config.tie_word_embeddings
+    );
     let device = Device::flex();
     let model = gram_model::load(&ckpt, &device)?;
     let bytes = std::fs::read(fixtures().join("smollm2/expected.safetensors"))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    for (i, c) in cases["cases"].as_array().context("cases")?.iter().enumerate() {
+    for (i, c) in cases["cases"]
+        .as_array()
+        .context("cases")?
+        .iter()
+        .enumerate()
+    {
         let ids = ids_of(&c["ids"]);
         let n = ids.len();
-        let x = Tensor::<2, Int>::from_data(TensorData::new(ids.iter().map(|&v| i64::from(v)).collect::<Vec<_>>(), [1, n]), &device);
+        let x = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&v| i64::from(v)).collect::<Vec<_>>(),
+                [1, n],
+            ),
+            &device,
+        );
         let m = Tensor::<2, Int>::ones([1, n], &device);
         let v = ckpt.config.vocab_size;
-        let got: Vec<f32> = model.forward(x, m).slice([0..1, n - 1..n, 0..v]).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let got: Vec<f32> = model
+            .forward(x, m)
+            .slice([0..1, n - 1..n, 0..v])
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let (_, want) = fixture_tensor(&st, &format!("last_logits_{i}"))?;
-        let max = got.iter().zip(&want).map(|(&g, &w)| (f64::from(g) - w).abs()).fold(0.0, f64::max);
-        let argmax = got.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(k, _)| k).unwrap_or(0);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, &w)| (f64::from(g) - w).abs())
+            .fold(0.0, f64::max);
+        let argmax = got
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(k, _)| k)
+            .unwrap_or(0);
         println!("smollm2 case {i}: {n} tokens, max |diff| {max:.3e}, argmax {argmax}");
-        ensure!(max <= 1e-3, "case {i}: last logits differ by {max:.3e} (> 1e-3)");
-        ensure!(argmax as u64 == c["argmax"].as_u64().unwrap_or(u64::MAX), "case {i}: argmax {argmax} != {}", c["argmax"]);
+        ensure!(
+            max <= 1e-3,
+            "case {i}: last logits differ by {max:.3e} (> 1e-3)"
+        );
+        ensure!(
+            argmax as u64 == c["argmax"].as_u64().unwrap_or(u64::MAX),
+            "case {i}: argmax {argmax} != {}",
+            c["argmax"]
+        );
     }
     Ok(())
 }
@@ -133,15 +218,33 @@ fn judge_head_equals_full_logits_rows() -> Result<()> {
     let device = Device::flex();
     let ckpt = Checkpoint::open(&fixtures().join("hf-tiny/qwen2"))?;
     let model = gram_model::load(&ckpt, &device)?;
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 0, 5, 6, 7, 8, 9, 10], [2, 4]), &device);
-    let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 0, 1, 1, 1, 1, 1, 1], [2, 4]), &device);
-    let head: Vec<f32> = model.last_logits(ids.clone(), mask.clone(), &[3, 7]).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let full: Vec<f32> = model.forward(ids, mask).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![0i64, 0, 5, 6, 7, 8, 9, 10], [2, 4]),
+        &device,
+    );
+    let mask = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![0i64, 0, 1, 1, 1, 1, 1, 1], [2, 4]),
+        &device,
+    );
+    let head: Vec<f32> = model
+        .last_logits(ids.clone(), mask.clone(), &[3, 7])
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let full: Vec<f32> = model
+        .forward(ids, mask)
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let v = ckpt.config.vocab_size;
     for b in 0..2 {
         for (j, tok) in [3usize, 7].iter().enumerate() {
             let f = full[(b * 4 + 3) * v + tok];
-            ensure!((head[b * 2 + j] - f).abs() < 1e-5, "row {b} token {tok}: {} vs {f}", head[b * 2 + j]);
+            ensure!(
+                (head[b * 2 + j] - f).abs() < 1e-5,
+                "row {b} token {tok}: {} vs {f}",
+                head[b * 2 + j]
+            );
         }
     }
     Ok(())
@@ -159,7 +262,9 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 #[test]
 fn malformed_checkpoints_are_clear_errors() -> Result<()> {
     let device = Device::flex();
-    let err = |r: Result<gram_model::CausalLm, anyhow::Error>| r.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let err = |r: Result<gram_model::CausalLm, anyhow::Error>| {
+        r.err().map(|e| format!("{e:#}")).unwrap_or_default()
+    };
 
     // Truncated GGUF: the tensor data ends early.
     let gguf = smollm2_gguf()?;
@@ -167,26 +272,44 @@ fn malformed_checkpoints_are_clear_errors() -> Result<()> {
     let bytes = std::fs::read(&gguf)?;
     let cut = dir.join("truncated.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2])?;
-    let e = Checkpoint::open(&cut).err().map(|e| e.to_string()).unwrap_or_default();
-    ensure!(e.contains("truncated") && e.contains("truncated.gguf"), "truncated GGUF: {e}");
+    let e = Checkpoint::open(&cut)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    ensure!(
+        e.contains("truncated") && e.contains("truncated.gguf"),
+        "truncated GGUF: {e}"
+    );
     // Truncated inside the metadata.
     std::fs::write(&cut, &bytes[..1000])?;
-    let e = GgufFile::open(&cut).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = GgufFile::open(&cut)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     ensure!(e.contains("truncated"), "truncated header: {e}");
     // Bad header.
     let bad = dir.join("bad.gguf");
     std::fs::write(&bad, b"PK\x03\x04 this is a zip")?;
-    let e = Checkpoint::open(&bad).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = Checkpoint::open(&bad)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     ensure!(e.contains("not a GGUF"), "bad header: {e}");
 
     // Wrong shapes: a config that disagrees with the tensors.
     let tiny = fixtures().join("hf-tiny/llama");
     let wrong = dir.join("wrong-shape");
     copy_dir(&tiny, &wrong)?;
-    let cfg = std::fs::read_to_string(wrong.join("config.json"))?.replace("\"intermediate_size\": 172", "\"intermediate_size\": 170");
+    let cfg = std::fs::read_to_string(wrong.join("config.json"))?
+        .replace("\"intermediate_size\": 172", "\"intermediate_size\": 170");
     std::fs::write(wrong.join("config.json"), cfg)?;
-    let e = err(Checkpoint::open(&wrong).map_err(anyhow::Error::from).and_then(|c| Ok(gram_model::load(&c, &device)?)));
-    ensure!(e.contains("shape") && e.contains("wrong-shape") && e.contains("mlp.") && e.contains("170"), "wrong shape: {e}");
+    let e = err(Checkpoint::open(&wrong)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(gram_model::load(&c, &device)?)));
+    ensure!(
+        e.contains("shape") && e.contains("wrong-shape") && e.contains("mlp.") && e.contains("170"),
+        "wrong shape: {e}"
+    );
 
     // Unknown dtype: an int64 tensor where a weight should be.
     let idt = dir.join("int-dtype");
@@ -195,16 +318,26 @@ fn malformed_checkpoints_are_clear_errors() -> Result<()> {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![4], &data)?;
     let out = safetensors::tensor::serialize(vec![("model.norm.weight".to_string(), view)], None)?;
     std::fs::write(idt.join("model.safetensors"), out)?;
-    let e = err(Checkpoint::open(&idt).map_err(anyhow::Error::from).and_then(|c| Ok(gram_model::load(&c, &device)?)));
-    ensure!(e.contains("I64") && e.contains("model.norm.weight"), "unknown dtype: {e}");
+    let e = err(Checkpoint::open(&idt)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(gram_model::load(&c, &device)?)));
+    ensure!(
+        e.contains("I64") && e.contains("model.norm.weight"),
+        "unknown dtype: {e}"
+    );
 
     // Truncated safetensors.
     let trunc = dir.join("trunc-st");
     copy_dir(&tiny, &trunc)?;
     let st = std::fs::read(trunc.join("model.safetensors"))?;
     std::fs::write(trunc.join("model.safetensors"), &st[..st.len() - 100])?;
-    let e = err(Checkpoint::open(&trunc).map_err(anyhow::Error::from).and_then(|c| Ok(gram_model::load(&c, &device)?)));
-    ensure!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "truncated safetensors: {e}");
+    let e = err(Checkpoint::open(&trunc)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(gram_model::load(&c, &device)?)));
+    ensure!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "truncated safetensors: {e}"
+    );
     Ok(())
 }
 
@@ -215,23 +348,41 @@ fn sharded_safetensors_load_like_one_file() -> Result<()> {
     let dir = scratch("sharded")?;
     std::fs::copy(tiny.join("config.json"), dir.join("config.json"))?;
     let w = gram_core::Weights::from_hf_dir(&tiny)?;
-    let (mut a, mut b) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let (mut a, mut b) = (
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    );
     let mut map = serde_json::Map::new();
     for (i, (k, v)) in w.tensors.into_iter().enumerate() {
-        let (f, m) = if i % 2 == 0 { ("model-00001-of-00002.safetensors", &mut a) } else { ("model-00002-of-00002.safetensors", &mut b) };
+        let (f, m) = if i % 2 == 0 {
+            ("model-00001-of-00002.safetensors", &mut a)
+        } else {
+            ("model-00002-of-00002.safetensors", &mut b)
+        };
         map.insert(k.clone(), f.into());
         m.insert(k, v);
     }
     gram_core::weights::write_safetensors(&dir.join("model-00001-of-00002.safetensors"), &a, None)?;
     gram_core::weights::write_safetensors(&dir.join("model-00002-of-00002.safetensors"), &b, None)?;
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": map}))?)?;
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": map}))?,
+    )?;
     let device = Device::flex();
     let one = gram_model::load(&Checkpoint::open(&tiny)?, &device)?;
     let two = gram_model::load(&Checkpoint::open(&dir)?, &device)?;
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 4, 5, 6], [1, 4]), &device);
     let m = Tensor::<2, Int>::ones([1, 4], &device);
-    let x: Vec<f32> = one.forward(ids.clone(), m.clone()).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let y: Vec<f32> = two.forward(ids, m).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let x: Vec<f32> = one
+        .forward(ids.clone(), m.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let y: Vec<f32> = two
+        .forward(ids, m)
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     ensure!(x == y, "sharded load differs");
     Ok(())
 }
@@ -245,12 +396,32 @@ fn inspect_cli_describes_a_gguf_and_predicts() -> Result<()> {
         .args(["--text", "The capital of France is", "--top", "3"])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "gram-model inspect failed: {}", String::from_utf8_lossy(&out.stderr));
-    for want in ["Llama", "layers          30", "parameters", "Q4_1", "chat template   yes", "A = 49, B = 50", "7042"] {
-        ensure!(stdout.contains(want), "inspect output lacks {want:?}:\n{stdout}");
+    ensure!(
+        out.status.success(),
+        "gram-model inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "Llama",
+        "layers          30",
+        "parameters",
+        "Q4_1",
+        "chat template   yes",
+        "A = 49, B = 50",
+        "7042",
+    ] {
+        ensure!(
+            stdout.contains(want),
+            "inspect output lacks {want:?}:\n{stdout}"
+        );
     }
-    let bad = std::process::Command::new(crate::common::bin("gram-model")?).args(["inspect", "/nonexistent/model"]).output()?;
-    ensure!(bad.status.code() == Some(1), "missing checkpoint should exit 1");
+    let bad = std::process::Command::new(crate::common::bin("gram-model")?)
+        .args(["inspect", "/nonexistent/model"])
+        .output()?;
+    ensure!(
+        bad.status.code() == Some(1),
+        "missing checkpoint should exit 1"
+    );
     ensure!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/model"));
     Ok(())
 }
@@ -264,8 +435,17 @@ fn f16_and_bf16_checkpoints_widen_exactly() -> Result<()> {
     let device = Device::flex();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, 4, 5, 6, 7], [1, 5]), &device);
     let m = Tensor::<2, Int>::ones([1, 5], &device);
-    for (name, dtype) in [("f16", safetensors::Dtype::F16), ("bf16", safetensors::Dtype::BF16)] {
-        let round = |x: f32| if name == "f16" { half::f16::from_f32(x).to_f32() } else { half::bf16::from_f32(x).to_f32() };
+    for (name, dtype) in [
+        ("f16", safetensors::Dtype::F16),
+        ("bf16", safetensors::Dtype::BF16),
+    ] {
+        let round = |x: f32| {
+            if name == "f16" {
+                half::f16::from_f32(x).to_f32()
+            } else {
+                half::bf16::from_f32(x).to_f32()
+            }
+        };
         let dir_half = scratch(&format!("{name}-half"))?;
         let dir_f32 = scratch(&format!("{name}-f32"))?;
         std::fs::copy(tiny.join("config.json"), dir_half.join("config.json"))?;
@@ -276,22 +456,57 @@ fn f16_and_bf16_checkpoints_widen_exactly() -> Result<()> {
             let b: Vec<u8> = t
                 .data
                 .iter()
-                .flat_map(|&x| if name == "f16" { half::f16::from_f32(x).to_le_bytes() } else { half::bf16::from_f32(x).to_le_bytes() })
+                .flat_map(|&x| {
+                    if name == "f16" {
+                        half::f16::from_f32(x).to_le_bytes()
+                    } else {
+                        half::bf16::from_f32(x).to_le_bytes()
+                    }
+                })
                 .collect();
             bytes.push((k.clone(), b, t.shape.clone()));
-            rounded.insert(k.clone(), gram_core::F32Tensor { shape: t.shape.clone(), data: t.data.iter().map(|&x| round(x)).collect() });
+            rounded.insert(
+                k.clone(),
+                gram_core::F32Tensor {
+                    shape: t.shape.clone(),
+                    data: t.data.iter().map(|&x| round(x)).collect(),
+                },
+            );
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
             .iter()
-            .map(|(k, b, s)| Ok((k.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b)?)))
+            .map(|(k, b, s)| {
+                Ok((
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(dtype, s.clone(), b)?,
+                ))
+            })
             .collect::<Result<_>>()?;
-        std::fs::write(dir_half.join("model.safetensors"), safetensors::tensor::serialize(views, None)?)?;
+        std::fs::write(
+            dir_half.join("model.safetensors"),
+            safetensors::tensor::serialize(views, None)?,
+        )?;
         gram_core::weights::write_safetensors(&dir_f32.join("model.safetensors"), &rounded, None)?;
         let ck = Checkpoint::open(&dir_half)?;
-        ensure!(ck.weights()?.stored_dtype == name, "stored dtype {}", ck.weights()?.stored_dtype);
-        let a: Vec<f32> = gram_model::load(&ck, &device)?.forward(ids.clone(), m.clone()).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let b: Vec<f32> = gram_model::load(&Checkpoint::open(&dir_f32)?, &device)?.forward(ids.clone(), m.clone()).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        ensure!(a == b, "{name}: logits differ from the f32 model of the rounded weights");
+        ensure!(
+            ck.weights()?.stored_dtype == name,
+            "stored dtype {}",
+            ck.weights()?.stored_dtype
+        );
+        let a: Vec<f32> = gram_model::load(&ck, &device)?
+            .forward(ids.clone(), m.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let b: Vec<f32> = gram_model::load(&Checkpoint::open(&dir_f32)?, &device)?
+            .forward(ids.clone(), m.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        ensure!(
+            a == b,
+            "{name}: logits differ from the f32 model of the rounded weights"
+        );
     }
     Ok(())
 }

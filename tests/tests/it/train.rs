@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::common::{bin, fixtures, repo_root, scratch};
 
 const FILLER: &[&str] = &[
-    "apple", "river", "stone", "cloud", "green", "quick", "silver", "music", "garden", "paper", "light", "ocean",
-    "tiger", "winter", "yellow", "bread", "orange", "window", "summer", "forest",
+    "apple", "river", "stone", "cloud", "green", "quick", "silver", "music", "garden", "paper",
+    "light", "ocean", "tiger", "winter", "yellow", "bread", "orange", "window", "summer", "forest",
 ];
 
 /// Synthetic pairs whose rule is learnable: the response with the word "good" beats the one with
@@ -21,7 +21,9 @@ const FILLER: &[&str] = &[
 fn synthetic_jsonl(path: &Path, n: usize) -> Result<()> {
     let mut s: u64 = 0x2545_F491_4F6C_DD1D;
     let mut next = |m: usize| -> usize {
-        s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        s = s
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         ((s >> 33) as usize) % m
     };
     let mut out = String::new();
@@ -33,8 +35,14 @@ fn synthetic_jsonl(path: &Path, n: usize) -> Result<()> {
             w.join(" ")
         };
         let (chosen, rejected) = (resp("good"), resp("bad"));
-        let prompt = format!("Item {i}: say something about the {}.", FILLER[next(FILLER.len())]);
-        out.push_str(&serde_json::json!({"prompt": prompt, "chosen": chosen, "rejected": rejected}).to_string());
+        let prompt = format!(
+            "Item {i}: say something about the {}.",
+            FILLER[next(FILLER.len())]
+        );
+        out.push_str(
+            &serde_json::json!({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+                .to_string(),
+        );
         out.push('\n');
     }
     std::fs::write(path, out)?;
@@ -54,7 +62,11 @@ fn run(cmd: &mut Command) -> Result<String> {
 fn fails(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     ensure!(!out.status.success(), "{cmd:?} should have failed");
-    ensure!(out.status.code() == Some(1), "{cmd:?}: exit {:?}, want 1 (user error)", out.status.code());
+    ensure!(
+        out.status.code() == Some(1),
+        "{cmd:?}: exit {:?}, want 1 (user error)",
+        out.status.code()
+    );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     ensure!(!err.contains("panicked"), "{cmd:?} panicked:\n{err}");
     Ok(err)
@@ -82,7 +94,9 @@ struct Task {
 
 fn task() -> Result<&'static Task> {
     static TASK: OnceLock<Result<Task, String>> = OnceLock::new();
-    TASK.get_or_init(|| make_task().map_err(|e| format!("{e:#}"))).as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    TASK.get_or_init(|| make_task().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn make_task() -> Result<Task> {
@@ -102,23 +116,44 @@ fn make_task() -> Result<Task> {
     let data = root.join("data");
     run(Command::new(bin("gram-data")?)
         .current_dir(repo_root())
-        .args(["build", "pipelines/chosen-rejected.toml", "--quiet", "--input"])
+        .args([
+            "build",
+            "pipelines/chosen-rejected.toml",
+            "--quiet",
+            "--input",
+        ])
         .arg(&jsonl)
         .arg("--model")
         .arg(&model)
-        .args(["--max-tokens", "400", "--valid", "0.1", "--test", "0.05", "--out"])
+        .args([
+            "--max-tokens",
+            "400",
+            "--valid",
+            "0.1",
+            "--test",
+            "0.05",
+            "--out",
+        ])
         .arg(&data))?;
     Ok(Task { root, model, data })
 }
 
 fn summary(run_dir: &Path) -> Result<serde_json::Value> {
     let p = run_dir.join("summary.json");
-    Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| p.display().to_string())?)?)
+    Ok(serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
+    )?)
 }
 
 fn train_cmd(stage: &str, model: &Path, data: &Path, out: &Path) -> Result<Command> {
     let mut c = Command::new(bin("gram-train")?);
-    c.arg(stage).arg("--model").arg(model).arg("--data").arg(data).arg("--out").arg(out);
+    c.arg(stage)
+        .arg("--model")
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out);
     c.args(["--quiet", "--overwrite"]);
     Ok(c)
 }
@@ -129,47 +164,125 @@ fn stage1_then_stage2_learn_the_task_and_bt_learns_it_too() -> Result<()> {
     // Stage 1: the pair-generation loss falls.
     let s1 = t.root.join("s1");
     run(train_cmd("pretrain", &t.model, &t.data, &s1)?.args([
-        "--max-steps", "20", "--lr", "3e-3", "--batch-size", "8", "--log-every", "5", "--warmup", "0.1",
+        "--max-steps",
+        "20",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "5",
+        "--warmup",
+        "0.1",
     ]))?;
     let sum1 = summary(&s1)?;
-    let (first, last) = (sum1["first_train_loss"].as_f64().unwrap_or(0.0), sum1["train_loss"].as_f64().unwrap_or(f64::MAX));
-    println!("stage 1: train loss {first:.3} -> {last:.3}, valid loss {:.3}", sum1["valid"]["loss"].as_f64().unwrap_or(f64::NAN));
-    ensure!(last < 0.8 * first, "stage-1 loss did not fall: {first} -> {last}");
-    for f in ["final/config.json", "final/model.safetensors", "final/tokenizer.json", "metrics.jsonl", "curves.png", "settings.toml"] {
+    let (first, last) = (
+        sum1["first_train_loss"].as_f64().unwrap_or(0.0),
+        sum1["train_loss"].as_f64().unwrap_or(f64::MAX),
+    );
+    println!(
+        "stage 1: train loss {first:.3} -> {last:.3}, valid loss {:.3}",
+        sum1["valid"]["loss"].as_f64().unwrap_or(f64::NAN)
+    );
+    ensure!(
+        last < 0.8 * first,
+        "stage-1 loss did not fall: {first} -> {last}"
+    );
+    for f in [
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "metrics.jsonl",
+        "curves.png",
+        "settings.toml",
+    ] {
         ensure!(s1.join(f).exists(), "stage 1 wrote no {f}");
     }
 
     // Stage 2 from stage 1's output: held-out pairwise accuracy (both orders) >= 95%.
     let s2 = t.root.join("s2");
-    run(train_cmd("finetune", &s1.join("final"), &t.data, &s2)?.args([
-        "--max-steps", "100", "--lr", "3e-3", "--batch-size", "16", "--eval-every", "50", "--max-valid", "0",
-    ]))?;
+    run(
+        train_cmd("finetune", &s1.join("final"), &t.data, &s2)?.args([
+            "--max-steps",
+            "100",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "50",
+            "--max-valid",
+            "0",
+        ]),
+    )?;
     let sum2 = summary(&s2)?;
     let acc = sum2["valid"]["acc"].as_f64().unwrap_or(0.0);
-    println!("stage 2: valid pairwise accuracy {:.1}% on {} pairs", 100.0 * acc, sum2["valid"]["n"]);
-    ensure!(sum2["valid"]["n"].as_u64().unwrap_or(0) >= 100, "too few validation pairs: {}", sum2["valid"]["n"]);
+    println!(
+        "stage 2: valid pairwise accuracy {:.1}% on {} pairs",
+        100.0 * acc,
+        sum2["valid"]["n"]
+    );
+    ensure!(
+        sum2["valid"]["n"].as_u64().unwrap_or(0) >= 100,
+        "too few validation pairs: {}",
+        sum2["valid"]["n"]
+    );
     ensure!(acc >= 0.95, "stage-2 held-out accuracy {acc} < 0.95");
     // Beyond the order-averaged score: single rows are ranked too, and the loss is below chance.
-    let (vloss, row_acc) = (sum2["valid"]["loss"].as_f64().unwrap_or(1.0), sum2["valid"]["row_acc"].as_f64().unwrap_or(0.0));
-    println!("stage 2: valid loss {vloss:.3} (chance {:.3}), single-order accuracy {:.1}%", 2f64.ln(), 100.0 * row_acc);
-    ensure!(vloss < 0.67 && row_acc >= 0.8, "stage 2 did not learn beyond position bias: loss {vloss}, row acc {row_acc}");
+    let (vloss, row_acc) = (
+        sum2["valid"]["loss"].as_f64().unwrap_or(1.0),
+        sum2["valid"]["row_acc"].as_f64().unwrap_or(0.0),
+    );
+    println!(
+        "stage 2: valid loss {vloss:.3} (chance {:.3}), single-order accuracy {:.1}%",
+        2f64.ln(),
+        100.0 * row_acc
+    );
+    ensure!(
+        vloss < 0.67 && row_acc >= 0.8,
+        "stage 2 did not learn beyond position bias: loss {vloss}, row acc {row_acc}"
+    );
 
     // The Bradley-Terry baseline on the same data, from the same random model.
     let bt = t.root.join("bt");
-    run(train_cmd("bt", &t.model, &t.data, &bt)?.args(["--max-steps", "100", "--lr", "3e-3", "--batch-size", "16", "--max-valid", "0"]))?;
+    run(train_cmd("bt", &t.model, &t.data, &bt)?.args([
+        "--max-steps",
+        "100",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+        "--max-valid",
+        "0",
+    ]))?;
     let sum3 = summary(&bt)?;
     let acc_bt = sum3["valid"]["acc"].as_f64().unwrap_or(0.0);
-    println!("bt: valid pairwise accuracy {:.1}% on {} pairs", 100.0 * acc_bt, sum3["valid"]["n"]);
-    ensure!(acc_bt >= 0.9, "BT baseline held-out accuracy {acc_bt} < 0.9");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bt.join("final/config.json"))?)?;
-    ensure!(cfg["architectures"][0] == "LlamaForSequenceClassification", "bt config: {cfg}");
+    println!(
+        "bt: valid pairwise accuracy {:.1}% on {} pairs",
+        100.0 * acc_bt,
+        sum3["valid"]["n"]
+    );
+    ensure!(
+        acc_bt >= 0.9,
+        "BT baseline held-out accuracy {acc_bt} < 0.9"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bt.join("final/config.json"))?)?;
+    ensure!(
+        cfg["architectures"][0] == "LlamaForSequenceClassification",
+        "bt config: {cfg}"
+    );
     Ok(())
 }
 
 fn tensors_of(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
-    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(v)
 }
@@ -177,7 +290,20 @@ fn tensors_of(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 #[test]
 fn a_killed_run_resumes_to_bit_identical_weights() -> Result<()> {
     let t = task()?;
-    let args = ["--max-steps", "24", "--save-every", "6", "--lr", "1e-3", "--batch-size", "8", "--seed", "3", "--log-every", "2"];
+    let args = [
+        "--max-steps",
+        "24",
+        "--save-every",
+        "6",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--log-every",
+        "2",
+    ];
     let whole = t.root.join("resume-whole");
     run(train_cmd("finetune", &t.model, &t.data, &whole)?.args(args))?;
 
@@ -197,21 +323,32 @@ fn a_killed_run_resumes_to_bit_identical_weights() -> Result<()> {
         if let Some(status) = child.try_wait()? {
             bail!("the run ended ({status}) before it could be killed");
         }
-        ensure!(started.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        ensure!(
+            started.elapsed().as_secs() < 300,
+            "no checkpoint within 300 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.wait()?;
-    ensure!(!cut.join("final").exists(), "killed too late: the run had finished");
+    ensure!(
+        !cut.join("final").exists(),
+        "killed too late: the run had finished"
+    );
     let latest = std::fs::read_to_string(cut.join("latest"))?;
     println!("killed after {}", latest.trim());
 
-    run(Command::new(bin("gram-train")?).args(["finetune", "--quiet", "--resume", "--out"]).arg(&cut))?;
+    run(Command::new(bin("gram-train")?)
+        .args(["finetune", "--quiet", "--resume", "--out"])
+        .arg(&cut))?;
     let a = tensors_of(&whole.join("final/model.safetensors"))?;
     let b = tensors_of(&cut.join("final/model.safetensors"))?;
     ensure!(a.len() == b.len(), "tensor counts differ");
     for ((na, da), (nb, db)) in a.iter().zip(&b) {
         ensure!(na == nb, "tensor names differ: {na} vs {nb}");
-        ensure!(da == db, "tensor {na} differs between the uninterrupted and the resumed run");
+        ensure!(
+            da == db,
+            "tensor {na} differs between the uninterrupted and the resumed run"
+        );
     }
     // The metrics of the resumed run hold each step once.
     let steps: Vec<u64> = std::fs::read_to_string(cut.join("metrics.jsonl"))?
@@ -222,7 +359,10 @@ fn a_killed_run_resumes_to_bit_identical_weights() -> Result<()> {
         .collect();
     let mut dedup = steps.clone();
     dedup.dedup();
-    ensure!(steps == dedup && steps.last() == Some(&24), "metrics steps after resume: {steps:?}");
+    ensure!(
+        steps == dedup && steps.last() == Some(&24),
+        "metrics steps after resume: {steps:?}"
+    );
     Ok(())
 }
 
@@ -249,11 +389,27 @@ fn wgpu_stage2_steps_match_the_cpu_where_a_device_exists() -> Result<()> {
         // no autotuning sweeps (they only pay off on real GPUs).
         run(train_cmd("finetune", &t.model, &t.data, &out)?
             .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
-            .args(["--max-steps", "2", "--lr", "1e-3", "--batch-size", "2", "--log-every", "1", "--max-valid", "2", "--backend", backend]))?;
+            .args([
+                "--max-steps",
+                "2",
+                "--lr",
+                "1e-3",
+                "--batch-size",
+                "2",
+                "--log-every",
+                "1",
+                "--max-valid",
+                "2",
+                "--backend",
+                backend,
+            ]))?;
         losses.push(train_losses(&out)?);
     }
     println!("cpu losses  {:?}\nwgpu losses {:?}", losses[0], losses[1]);
-    ensure!(losses[0].len() == 2 && losses[1].len() == 2, "expected 2 logged steps each");
+    ensure!(
+        losses[0].len() == 2 && losses[1].len() == 2,
+        "expected 2 logged steps each"
+    );
     for (a, b) in losses[0].iter().zip(&losses[1]) {
         ensure!((a - b).abs() <= 1e-3, "wgpu loss {b} vs cpu {a}");
     }
@@ -270,13 +426,19 @@ fn bad_runs_are_refused_before_training() -> Result<()> {
     for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
         std::fs::copy(t.model.join(f), other.join(f))?;
     }
-    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.model.join("tokenizer.json"))?)?;
-    let added = tok["added_tokens"].as_array_mut().context("tokenizer.json has no added_tokens")?;
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.model.join("tokenizer.json"))?)?;
+    let added = tok["added_tokens"]
+        .as_array_mut()
+        .context("tokenizer.json has no added_tokens")?;
     added.push(serde_json::json!({"id": 49152, "content": "<|extra|>", "single_word": false, "lstrip": false,
         "rstrip": false, "normalized": false, "special": true}));
     std::fs::write(other.join("tokenizer.json"), tok.to_string())?;
     let e = fails(&mut train_cmd("finetune", &other, &t.data, &out)?)?;
-    ensure!(e.contains("another tokenizer") && e.contains("train-00000.parquet"), "{e}");
+    ensure!(
+        e.contains("another tokenizer") && e.contains("train-00000.parquet"),
+        "{e}"
+    );
 
     // A model whose context is shorter than the data.
     let short_cfg = t.root.join("short.json");
@@ -297,27 +459,42 @@ fn bad_runs_are_refused_before_training() -> Result<()> {
     // A stage-1 shard where stage 2 is expected.
     let mixed = t.root.join("mixed");
     std::fs::create_dir_all(mixed.join("stage2"))?;
-    std::fs::copy(t.data.join("stage1/train-00000.parquet"), mixed.join("stage2/train-00000.parquet"))?;
+    std::fs::copy(
+        t.data.join("stage1/train-00000.parquet"),
+        mixed.join("stage2/train-00000.parquet"),
+    )?;
     let e = fails(&mut train_cmd("finetune", &t.model, &mixed, &out)?)?;
     ensure!(e.contains("column `label`") && e.contains("stage2"), "{e}");
 
     // No dataset folder; unknown settings key; an existing run without --resume/--overwrite.
-    let e = fails(&mut train_cmd("finetune", &t.model, &t.root.join("nope"), &out)?)?;
+    let e = fails(&mut train_cmd(
+        "finetune",
+        &t.model,
+        &t.root.join("nope"),
+        &out,
+    )?)?;
     ensure!(e.contains("nope"), "{e}");
     let toml = t.root.join("bad.toml");
     std::fs::write(&toml, "learning_rate = 1e-3\n")?;
-    let e = fails(Command::new(bin("gram-train")?).arg("finetune").arg("--config").arg(&toml))?;
+    let e = fails(
+        Command::new(bin("gram-train")?)
+            .arg("finetune")
+            .arg("--config")
+            .arg(&toml),
+    )?;
     ensure!(e.contains("learning_rate") && e.contains("bad.toml"), "{e}");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("x"), "")?;
-    let e = fails(Command::new(bin("gram-train")?)
-        .arg("finetune")
-        .arg("--model")
-        .arg(&t.model)
-        .arg("--data")
-        .arg(&t.data)
-        .arg("--out")
-        .arg(&out))?;
+    let e = fails(
+        Command::new(bin("gram-train")?)
+            .arg("finetune")
+            .arg("--model")
+            .arg(&t.model)
+            .arg("--data")
+            .arg(&t.data)
+            .arg("--out")
+            .arg(&out),
+    )?;
     ensure!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
     Ok(())
 }
@@ -332,9 +509,15 @@ fn torch_python() -> Option<PathBuf> {
     let candidates = std::env::var_os("GRAM_TORCH_PYTHON")
         .map(PathBuf::from)
         .into_iter()
-        .chain([cache.join("torch-venv/bin/python"), PathBuf::from("python3")]);
+        .chain([
+            cache.join("torch-venv/bin/python"),
+            PathBuf::from("python3"),
+        ]);
     candidates.into_iter().find(|p| {
-        Command::new(p).args(["-c", "import torch, transformers, safetensors"]).output().is_ok_and(|o| o.status.success())
+        Command::new(p)
+            .args(["-c", "import torch, transformers, safetensors"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     })
 }
 
@@ -363,23 +546,40 @@ print(json.dumps({
 fn our_checkpoints_load_in_hf_transformers_with_the_same_outputs() -> Result<()> {
     use burn::prelude::*;
     let Some(py) = torch_python() else {
-        println!("SKIPPED: no Python with torch + transformers (set GRAM_TORCH_PYTHON, or run benches/train_speed.sh once)");
+        println!(
+            "SKIPPED: no Python with torch + transformers (set GRAM_TORCH_PYTHON, or run benches/train_speed.sh once)"
+        );
         return Ok(());
     };
     let t = task()?;
-    let short = ["--max-steps", "3", "--lr", "1e-3", "--batch-size", "4", "--max-valid", "2"];
+    let short = [
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--max-valid",
+        "2",
+    ];
     let lm = t.root.join("hf-lm");
     run(train_cmd("finetune", &t.model, &t.data, &lm)?.args(short))?;
     let bt = t.root.join("hf-bt");
     run(train_cmd("bt", &t.model, &t.data, &bt)?.args(short))?;
 
     // Our outputs on a left-padded batch (ids >= 3 so that none is the padding id).
-    let seqs: [&[i64]; 3] = [&[1, 500, 600, 700, 800, 900], &[1, 42, 43], &[5, 6, 7, 8, 9, 10, 11, 12]];
+    let seqs: [&[i64]; 3] = [
+        &[1, 500, 600, 700, 800, 900],
+        &[1, 42, 43],
+        &[5, 6, 7, 8, 9, 10, 11, 12],
+    ];
     let (b, tlen) = (seqs.len(), seqs.iter().map(|s| s.len()).max().unwrap_or(0));
     let (mut ids, mut mask) = (Vec::new(), Vec::new());
     for s in seqs {
         ids.extend(std::iter::repeat_n(3i64, tlen - s.len()).chain(s.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, tlen - s.len()).chain(std::iter::repeat_n(1i64, s.len())));
+        mask.extend(
+            std::iter::repeat_n(0i64, tlen - s.len()).chain(std::iter::repeat_n(1i64, s.len())),
+        );
     }
     let device = Device::flex();
     let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [b, tlen]), &device);
@@ -387,30 +587,65 @@ fn our_checkpoints_load_in_hf_transformers_with_the_same_outputs() -> Result<()>
     let ck = gram_core::Checkpoint::open(&lm.join("final"))?;
     let logits = gram_model::load(&ck, &device)?.forward(ids_t.clone(), mask_t.clone());
     let vocab = logits.dims()[2];
-    let logits: Vec<f32> = logits.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let logits: Vec<f32> = logits
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let ckb = gram_core::Checkpoint::open(&bt.join("final"))?;
-    let rm = gram_model::RewardModel::from_weights(&ckb.config, ckb.weights()?, None, "bt", &device)?;
-    let rewards: Vec<f32> = rm.forward(ids_t, mask_t).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let rm =
+        gram_model::RewardModel::from_weights(&ckb.config, ckb.weights()?, None, "bt", &device)?;
+    let rewards: Vec<f32> = rm
+        .forward(ids_t, mask_t)
+        .into_data()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
 
     let le = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let lf = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (ib, mb, lb, rb) = (le(&ids), le(&mask), lf(&logits), lf(&rewards));
     use safetensors::tensor::TensorView;
     let views = vec![
-        ("ids", TensorView::new(safetensors::Dtype::I64, vec![b, tlen], &ib)?),
-        ("mask", TensorView::new(safetensors::Dtype::I64, vec![b, tlen], &mb)?),
-        ("logits", TensorView::new(safetensors::Dtype::F32, vec![b, tlen, vocab], &lb)?),
-        ("rewards", TensorView::new(safetensors::Dtype::F32, vec![b], &rb)?),
+        (
+            "ids",
+            TensorView::new(safetensors::Dtype::I64, vec![b, tlen], &ib)?,
+        ),
+        (
+            "mask",
+            TensorView::new(safetensors::Dtype::I64, vec![b, tlen], &mb)?,
+        ),
+        (
+            "logits",
+            TensorView::new(safetensors::Dtype::F32, vec![b, tlen, vocab], &lb)?,
+        ),
+        (
+            "rewards",
+            TensorView::new(safetensors::Dtype::F32, vec![b], &rb)?,
+        ),
     ];
     let ours = t.root.join("ours.safetensors");
     safetensors::tensor::serialize_to_file(views, None, &ours)?;
 
-    let out = run(Command::new(&py).arg("-c").arg(HF_CHECK).arg(lm.join("final")).arg(bt.join("final")).arg(&ours))?;
-    let line = out.lines().rev().find(|l| l.starts_with('{')).context("no JSON from the transformers check")?;
+    let out = run(Command::new(&py)
+        .arg("-c")
+        .arg(HF_CHECK)
+        .arg(lm.join("final"))
+        .arg(bt.join("final"))
+        .arg(&ours))?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no JSON from the transformers check")?;
     let v: serde_json::Value = serde_json::from_str(line)?;
     println!("transformers: {v}");
-    ensure!(v["lm_class"] == "LlamaForCausalLM" && v["bt_class"] == "LlamaForSequenceClassification", "{v}");
-    let (dl, db) = (v["lm_max_diff"].as_f64().unwrap_or(f64::MAX), v["bt_max_diff"].as_f64().unwrap_or(f64::MAX));
+    ensure!(
+        v["lm_class"] == "LlamaForCausalLM" && v["bt_class"] == "LlamaForSequenceClassification",
+        "{v}"
+    );
+    let (dl, db) = (
+        v["lm_max_diff"].as_f64().unwrap_or(f64::MAX),
+        v["bt_max_diff"].as_f64().unwrap_or(f64::MAX),
+    );
     ensure!(dl <= 1e-4, "LM logits differ from transformers' by {dl:e}");
     ensure!(db <= 1e-4, "BT rewards differ from transformers' by {db:e}");
     Ok(())

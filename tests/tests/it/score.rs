@@ -1,0 +1,757 @@
+//! gram-score on a tiny exported judge (random weights, SmolLM2's tokenizer): batch jobs keep
+//! every row in order, resume after SIGKILL to the same scores, are position-independent; best-
+//! of-n and reference modes; eval; the HTTP server under concurrent clients and bad requests.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use arrow::array::{Array, ArrayRef, Float32Array, Int32Array, Int64Array, ListArray, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::common::{bin, fixtures, scratch};
+use crate::export::export;
+
+const WORDS: &[&str] = &[
+    "apple", "river", "stone", "cloud", "green", "quick", "silver", "music", "garden", "paper",
+    "light", "ocean", "tiger", "winter", "yellow", "bread", "orange", "window", "summer", "forest",
+    "good", "bad",
+];
+
+/// Deterministic word salad of `n` words.
+fn words(seed: &mut u64, n: usize) -> String {
+    (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            WORDS[((*seed >> 33) as usize) % WORDS.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The tiny judge export, made once: `gram-train init` (2 layers, width 64) + `gram-export onnx`.
+fn judge() -> Result<&'static PathBuf> {
+    static J: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    J.get_or_init(|| make_judge().map_err(|e| format!("{e:#}")))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn make_judge() -> Result<PathBuf> {
+    let root = scratch("score-judge")?;
+    let cfg = root.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+            "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": true
+        })
+        .to_string(),
+    )?;
+    let model = root.join("model");
+    let out = Command::new(bin("gram-train")?)
+        .args(["init", "--seed", "7", "--model-config"])
+        .arg(&cfg)
+        .arg("--tokenizer")
+        .arg(fixtures().join("smollm2"))
+        .arg("--out")
+        .arg(&model)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "gram-train init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = root.join("judge");
+    export(&model, &dir, "judge", &["--verify", "--max-tokens", "512"])?;
+    Ok(dir)
+}
+
+/// A pairs Parquet: id, prompt, response_a, response_b (row `null_row` has a null response_b).
+fn pairs_parquet(path: &Path, n: usize, null_row: Option<usize>, swap: bool) -> Result<()> {
+    let mut seed = 42u64;
+    let (mut p, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let len = 5 + i % 60;
+        p.push(Some(format!(
+            "Question {i}: {}?",
+            words(&mut seed, 4 + i % 7)
+        )));
+        let x = words(&mut seed, len);
+        let y = words(&mut seed, 3 + (i * 7) % 50);
+        let (x, y) = if swap { (y, x) } else { (x, y) };
+        a.push(Some(x));
+        b.push(if Some(i) == null_row { None } else { Some(y) });
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("prompt", DataType::Utf8, true),
+        Field::new("response_a", DataType::Utf8, true),
+        Field::new("response_b", DataType::Utf8, true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(0..n as i64)),
+        Arc::new(StringArray::from(p)),
+        Arc::new(StringArray::from(a)),
+        Arc::new(StringArray::from(b)),
+    ];
+    write(path, RecordBatch::try_new(schema, cols)?)
+}
+
+fn write(path: &Path, batch: RecordBatch) -> Result<()> {
+    let mut w = ArrowWriter::try_new(std::fs::File::create(path)?, batch.schema(), None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<RecordBatch> {
+    let r = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?.build()?;
+    let batches = r.collect::<Result<Vec<_>, _>>()?;
+    ensure!(!batches.is_empty(), "{} is empty", path.display());
+    Ok(arrow::compute::concat_batches(
+        &batches[0].schema(),
+        &batches,
+    )?)
+}
+
+fn f32s(b: &RecordBatch, name: &str) -> Result<Vec<Option<f32>>> {
+    let c = b
+        .column_by_name(name)
+        .with_context(|| format!("no column {name}"))?;
+    let c = c
+        .as_any()
+        .downcast_ref::<Float32Array>()
+        .context("not f32")?;
+    Ok((0..c.len())
+        .map(|i| (!c.is_null(i)).then(|| c.value(i)))
+        .collect())
+}
+
+fn score_cmd(mode: &str, input: &Path, output: &Path) -> Result<Command> {
+    let mut c = Command::new(bin("gram-score")?);
+    c.args([mode, "--quiet", "--model"])
+        .arg(judge()?)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output);
+    Ok(c)
+}
+
+fn ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "{cmd:?}: {text}");
+    Ok(text)
+}
+
+#[test]
+fn pairwise_keeps_every_row_resumes_after_kill_and_is_position_independent() -> Result<()> {
+    let root = scratch("score-pairwise")?;
+    let n = 1200;
+    let input = root.join("pairs.parquet");
+    pairs_parquet(&input, n, Some(17), false)?;
+    let swapped = root.join("swapped.parquet");
+    pairs_parquet(&swapped, n, Some(17), true)?;
+
+    // Uninterrupted.
+    let full = root.join("full.parquet");
+    let t = Instant::now();
+    println!(
+        "{}",
+        ok(score_cmd("pairwise", &input, &full)?.args(["--chunk-rows", "100"]))?.trim()
+    );
+    println!("pairwise: {n} pairs in {:.1} s", t.elapsed().as_secs_f64());
+    let out = read(&full)?;
+    ensure!(out.num_rows() == n, "{} rows out of {n}", out.num_rows());
+    let ids = out
+        .column_by_name("id")
+        .context("id kept")?
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .context("id")?;
+    ensure!(
+        (0..n).all(|i| ids.value(i) == i as i64),
+        "rows out of order"
+    );
+    for c in ["prompt", "response_a", "response_b"] {
+        ensure!(out.column_by_name(c).is_some(), "input column {c} dropped");
+    }
+    let s = f32s(&out, "score_a")?;
+    let err = out
+        .column_by_name("error")
+        .context("error column")?
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .context("utf8")?;
+    ensure!(
+        s[17].is_none() && err.value(17).contains("response_b") && err.value(17).contains("null"),
+        "row 17: {:?}",
+        err.value(17)
+    );
+    ensure!(
+        s.iter()
+            .enumerate()
+            .all(|(i, x)| i == 17 || x.is_some_and(|v| (0.0..=1.0).contains(&v))),
+        "scores missing or out of range"
+    );
+    ensure!(
+        !root.join("full.parquet.parts").exists(),
+        "parts left behind"
+    );
+
+    // Killed mid-way, then re-run: the same scores, nothing duplicated or lost.
+    let resumed = root.join("resumed.parquet");
+    let parts = root.join("resumed.parquet.parts");
+    let mut child = score_cmd("pairwise", &input, &resumed)?
+        .args(["--chunk-rows", "50", "--sessions", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = std::fs::read_dir(&parts)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("part-"))
+                })
+                .count()
+            })
+            .unwrap_or(0);
+        if done >= 3 {
+            child.kill()?;
+            break;
+        }
+        if child.try_wait()?.is_some() {
+            bail!("the job finished before it could be killed (make it longer)");
+        }
+        ensure!(Instant::now() < deadline, "no parts appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait()?;
+    ensure!(
+        !resumed.exists(),
+        "a killed job left a complete-looking output"
+    );
+    let text = ok(score_cmd("pairwise", &input, &resumed)?.args([
+        "--chunk-rows",
+        "50",
+        "--sessions",
+        "1",
+    ]))?;
+    println!("after kill: {}", text.trim());
+    ensure!(text.contains("from an earlier run"), "{text}");
+    let again = f32s(&read(&resumed)?, "score_a")?;
+    ensure!(again.len() == n, "{} rows after resume", again.len());
+    let max = s
+        .iter()
+        .zip(&again)
+        .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).abs()))
+        .fold(0f32, f32::max);
+    ensure!(
+        s.iter()
+            .zip(&again)
+            .all(|(x, y)| x.is_some() == y.is_some()),
+        "null pattern changed"
+    );
+    println!("resumed vs uninterrupted: max |diff| {max:.2e}");
+    ensure!(max <= 1e-5, "resumed scores differ by {max}");
+
+    // A re-run with other options refuses to mix parts.
+    std::fs::create_dir_all(&parts)?;
+    std::fs::write(parts.join("job.json"), "{}")?;
+    let out = score_cmd("pairwise", &input, &resumed)?.output()?;
+    ensure!(
+        out.status.code() == Some(1) && String::from_utf8_lossy(&out.stderr).contains("--restart"),
+        "{out:?}"
+    );
+    std::fs::remove_dir_all(&parts)?;
+
+    // Swapping a and b gives 1 - score.
+    let sw = root.join("sw.parquet");
+    ok(&mut score_cmd("pairwise", &swapped, &sw)?)?;
+    let ssw = f32s(&read(&sw)?, "score_a")?;
+    let max = s
+        .iter()
+        .zip(&ssw)
+        .filter_map(|(x, y)| Some((x.as_ref()? + y.as_ref()? - 1.0).abs()))
+        .fold(0f32, f32::max);
+    println!("score(a, b) + score(b, a) - 1: max {max:.2e}");
+    ensure!(max <= 1e-5, "not position-independent: {max}");
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+#[test]
+fn reference_and_best_of_n_modes() -> Result<()> {
+    let root = scratch("score-modes")?;
+    let n = 40;
+    let mut seed = 9u64;
+    let prompts: Vec<String> = (0..n)
+        .map(|i| format!("Prompt {i} {}", words(&mut seed, 3)))
+        .collect();
+    let cands: Vec<Vec<String>> = (0..n)
+        .map(|i| {
+            (0..(1 + i % 6))
+                .map(|_| words(&mut seed, 4 + i % 9))
+                .collect()
+        })
+        .collect();
+    let mut lb = arrow::array::ListBuilder::new(arrow::array::StringBuilder::new());
+    for c in &cands {
+        for r in c {
+            lb.values().append_value(r);
+        }
+        lb.append(true);
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new(
+            "responses",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        ),
+    ]));
+    let bon_in = root.join("bon.parquet");
+    write(
+        &bon_in,
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(prompts.clone())),
+                Arc::new(lb.finish()),
+            ],
+        )?,
+    )?;
+
+    // Knockout and tournament on the same candidates: every winner beats (>= 0.5) each candidate
+    // it met; with a transitive judge both give the same winner on most rows.
+    for method in ["knockout", "tournament"] {
+        let out = root.join(format!("{method}.parquet"));
+        ok(score_cmd("best-of-n", &bon_in, &out)?.args(["--method", method]))?;
+        let b = read(&out)?;
+        let best = b
+            .column_by_name("best_index")
+            .context("best_index")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .context("i32")?;
+        let comps = b
+            .column_by_name("comparisons")
+            .context("comparisons")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .context("i32")?;
+        let scores = b
+            .column_by_name("scores")
+            .context("scores")?
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .context("list")?;
+        for i in 0..n {
+            let k = cands[i].len();
+            ensure!(
+                (best.value(i) as usize) < k,
+                "{method} row {i}: best {} of {k}",
+                best.value(i)
+            );
+            ensure!(
+                comps.value(i) as usize == k - 1,
+                "{method} row {i}: {} comparisons for {k} candidates",
+                comps.value(i)
+            );
+            let s = scores.value(i);
+            let s = s
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .context("f32 scores")?;
+            ensure!(s.len() == k, "{method} row {i}: {} scores", s.len());
+            if k > 1 {
+                ensure!(
+                    s.value(best.value(i) as usize) >= 0.5,
+                    "{method} row {i}: the winner's last score < 0.5"
+                );
+            }
+        }
+        println!("best-of-n {method}: {n} rows ok");
+    }
+
+    // Reference mode equals pairwise with b = the reference.
+    let reference = "A fixed reference answer about apples.";
+    let rin = root.join("ref.parquet");
+    let responses: Vec<String> = cands.iter().map(|c| c[0].clone()).collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("response", DataType::Utf8, false),
+    ]));
+    write(
+        &rin,
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(prompts.clone())),
+                Arc::new(StringArray::from(responses.clone())),
+            ],
+        )?,
+    )?;
+    let rout = root.join("ref-out.parquet");
+    ok(score_cmd("reference", &rin, &rout)?.args(["--reference", reference]))?;
+    let rewards = f32s(&read(&rout)?, "reward")?;
+    let pin = root.join("pw.parquet");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("response_a", DataType::Utf8, false),
+        Field::new("response_b", DataType::Utf8, false),
+    ]));
+    write(
+        &pin,
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(prompts)),
+                Arc::new(StringArray::from(responses)),
+                Arc::new(StringArray::from(vec![reference; n])),
+            ],
+        )?,
+    )?;
+    let pout = root.join("pw-out.parquet");
+    ok(&mut score_cmd("pairwise", &pin, &pout)?)?;
+    let pw = f32s(&read(&pout)?, "score_a")?;
+    let max = rewards
+        .iter()
+        .zip(&pw)
+        .map(|(x, y)| (x.unwrap_or(f32::NAN) - y.unwrap_or(f32::NAN)).abs())
+        .fold(0f32, f32::max);
+    ensure!(max <= 1e-5, "reward vs pairwise score: {max}");
+
+    // Bad input: a missing column is one line naming the file and the column.
+    let out = score_cmd("pairwise", &rin, &root.join("x.parquet"))?.output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && err.lines().count() == 1
+            && err.contains("ref.parquet")
+            && err.contains("response_a"),
+        "{err}"
+    );
+    let out = score_cmd(
+        "pairwise",
+        &root.join("missing.parquet"),
+        &root.join("x.parquet"),
+    )?
+    .output()?;
+    ensure!(
+        out.status.code() == Some(1)
+            && String::from_utf8_lossy(&out.stderr).contains("missing.parquet"),
+        "{out:?}"
+    );
+    std::fs::write(root.join("junk.parquet"), b"not parquet")?;
+    let out = score_cmd(
+        "pairwise",
+        &root.join("junk.parquet"),
+        &root.join("x.parquet"),
+    )?
+    .output()?;
+    ensure!(
+        out.status.code() == Some(1)
+            && String::from_utf8_lossy(&out.stderr).contains("junk.parquet"),
+        "{out:?}"
+    );
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+/// One HTTP/1.1 request on loopback; returns (status, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn server_answers_concurrent_clients_and_rejects_bad_requests() -> Result<()> {
+    let mut child = Command::new(bin("gram-score")?)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--max-wait-ms",
+            "20",
+            "--reference",
+            "The default reference.",
+            "--model",
+        ])
+        .arg(judge()?)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let server = Server(child);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let addr = loop {
+        let line = lines
+            .next()
+            .context("the server exited before listening")??;
+        if let Some(a) = line.split("http://").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    // Keep draining its stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let (st, body) = http(&addr, "GET", "/health", "text/plain", "")?;
+    ensure!(st == 200 && body.contains("\"ok\""), "health: {st} {body}");
+
+    // The expected rewards, from the library in this process.
+    let judge = gram_score::Judge::open(
+        judge()?,
+        gram_score::Threads::split(1),
+        gram_score::BatchLimits::default(),
+    )?;
+    let clients = 8;
+    let per_client = 6;
+    let t0 = Instant::now();
+    let results: Vec<Result<usize>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients)
+            .map(|c| {
+                let addr = addr.clone();
+                let judge = &judge;
+                s.spawn(move || -> Result<usize> {
+                    let mut seed = 1000 + c as u64;
+                    for r in 0..per_client {
+                        let n = 1 + (c + r) % 4;
+                        let prompts: Vec<String> = (0..n).map(|_| words(&mut seed, 5)).collect();
+                        let resp: Vec<String> = (0..n).map(|_| words(&mut seed, 3 + r)).collect();
+                        let refs: Vec<String> = (0..n).map(|_| words(&mut seed, 4)).collect();
+                        let query: Vec<String> = prompts.iter().zip(&resp).map(|(p, x)| format!("{p}{x}")).collect();
+                        let body = serde_json::json!({"query": query, "prompts": prompts, "references": refs}).to_string();
+                        let (st, out) = http(&addr, "POST", "/get_reward", "application/json", &body)?;
+                        ensure!(st == 200, "client {c} request {r}: {st} {out}");
+                        let v: serde_json::Value = serde_json::from_str(&out)?;
+                        let got: Vec<f64> = v["rewards"].as_array().context("rewards")?.iter().filter_map(serde_json::Value::as_f64).collect();
+                        let pairs: Vec<(&str, &str, &str)> = (0..n).map(|i| (prompts[i].as_str(), resp[i].as_str(), refs[i].as_str())).collect();
+                        let want = judge.score_pairs(&pairs)?;
+                        ensure!(got.len() == n, "client {c}: {} rewards for {n}", got.len());
+                        for (g, w) in got.iter().zip(want) {
+                            let w = w.map_err(|e| anyhow::anyhow!(e))?.score_a;
+                            ensure!((g - f64::from(w)).abs() <= 1e-5, "client {c}: reward {g} vs {w}");
+                        }
+                    }
+                    Ok(per_client)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+            })
+            .collect()
+    });
+    let mut done = 0;
+    for r in results {
+        done += r?;
+    }
+    println!(
+        "server: {done} requests from {clients} concurrent clients, 0 errors, {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The server's default reference and the typed pairs endpoint.
+    let (st, out) = http(
+        &addr,
+        "POST",
+        "/get_reward",
+        "application/json",
+        r#"{"query": ["Q? A."], "prompts": ["Q?"]}"#,
+    )?;
+    ensure!(st == 200 && out.contains("rewards"), "{st} {out}");
+    let (st, out) = http(
+        &addr,
+        "POST",
+        "/score/pairs",
+        "application/json",
+        r#"{"pairs": [{"prompt": "Q?", "response_a": "yes", "response_b": "no"}]}"#,
+    )?;
+    ensure!(st == 200 && out.contains("score_a"), "{st} {out}");
+
+    let bad: &[(&str, &str, &str, &str)] = &[
+        ("POST", "/get_reward", "application/json", "{not json"),
+        (
+            "POST",
+            "/get_reward",
+            "application/json",
+            r#"{"prompts": ["x"]}"#,
+        ),
+        (
+            "POST",
+            "/get_reward",
+            "application/json",
+            r#"{"query": ["a", "b"], "prompts": ["a"]}"#,
+        ),
+        (
+            "POST",
+            "/get_reward",
+            "application/json",
+            r#"{"query": ["abc"], "prompts": ["zzz"]}"#,
+        ),
+        ("POST", "/get_reward", "text/plain", r#"{"query": ["a"]}"#),
+        (
+            "POST",
+            "/get_reward",
+            "application/json",
+            r#"{"query": "not a list"}"#,
+        ),
+        (
+            "POST",
+            "/score/pairs",
+            "application/json",
+            r#"{"pairs": [{"prompt": "x"}]}"#,
+        ),
+        ("GET", "/get_reward", "application/json", ""),
+        ("POST", "/nope", "application/json", "{}"),
+    ];
+    for (m, p, ct, body) in bad {
+        let (st, out) = http(&addr, m, p, ct, body)?;
+        ensure!(
+            (400..500).contains(&st),
+            "{m} {p} {body:?}: status {st} {out}"
+        );
+    }
+    let (st, _) = http(&addr, "GET", "/health", "text/plain", "")?;
+    ensure!(st == 200, "the server did not survive bad requests");
+    drop(server);
+    Ok(())
+}
+
+#[test]
+fn eval_reports_accuracy_per_source() -> Result<()> {
+    let root = scratch("score-eval")?;
+    let n = 30;
+    let mut seed = 5u64;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("pair_id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("prompt", DataType::Utf8, false),
+        Field::new("response_a", DataType::Utf8, false),
+        Field::new("response_b", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, false),
+    ]));
+    let ids: Vec<String> = (0..n).map(|i| format!("p{}", i / 2)).collect();
+    let src: Vec<&str> = (0..n)
+        .map(|i| if i % 4 < 2 { "alpha" } else { "beta" })
+        .collect();
+    let pr: Vec<String> = (0..n).map(|_| words(&mut seed, 4)).collect();
+    let a: Vec<String> = (0..n).map(|_| words(&mut seed, 6)).collect();
+    let b: Vec<String> = (0..n).map(|_| words(&mut seed, 6)).collect();
+    let l: Vec<&str> = (0..n).map(|i| if i % 3 == 0 { "a" } else { "b" }).collect();
+    let file = root.join("labeled.parquet");
+    write(
+        &file,
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(ids)),
+                Arc::new(StringArray::from(src)),
+                Arc::new(StringArray::from(pr.clone())),
+                Arc::new(StringArray::from(a.clone())),
+                Arc::new(StringArray::from(b.clone())),
+                Arc::new(StringArray::from(l.clone())),
+            ],
+        )?,
+    )?;
+    let json = root.join("eval.json");
+    let text = ok(Command::new(bin("gram-score")?)
+        .args(["eval", "--quiet", "--model"])
+        .arg(judge()?)
+        .arg("--data")
+        .arg(&file)
+        .arg("--json")
+        .arg(&json))?;
+    println!("{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    ensure!(
+        r["overall"]["pairs"] == 15,
+        "pairs counted once: {}",
+        r["overall"]
+    );
+    ensure!(
+        r["by_source"]["alpha"]["pairs"].as_u64().unwrap_or(0)
+            + r["by_source"]["beta"]["pairs"].as_u64().unwrap_or(0)
+            == 15,
+        "{r}"
+    );
+    // The same decisions recomputed from the library's both-order scores, one per pair id.
+    let judge = gram_score::Judge::open(
+        judge()?,
+        gram_score::Threads::split(1),
+        gram_score::BatchLimits::default(),
+    )?;
+    let pairs: Vec<(&str, &str, &str)> = (0..n)
+        .step_by(2)
+        .map(|i| (pr[i].as_str(), a[i].as_str(), b[i].as_str()))
+        .collect();
+    let mut want = 0;
+    for (k, s) in judge.score_pairs(&pairs)?.into_iter().enumerate() {
+        let s = s.map_err(|e| anyhow::anyhow!(e))?.score_a;
+        want += usize::from(s != 0.5 && (s > 0.5) == (l[2 * k] == "a"));
+    }
+    let acc = r["overall"]["accuracy"].as_f64().context("accuracy")?;
+    ensure!(
+        r["overall"]["correct"] == want,
+        "correct {} vs recomputed {want}",
+        r["overall"]["correct"]
+    );
+    ensure!((acc - want as f64 / 15.0).abs() < 1e-9, "{r}");
+    ensure!(text.contains("overall") && text.contains("alpha"), "{text}");
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
