@@ -3,8 +3,8 @@
 # What exists so far: fetch SmolLM2-135M-Instruct (GGUF); build the GRAM datasets from the three
 # real preference sets of ../shared/data with the model's own (GGUF-embedded) tokenizer and chat
 # template; load the model and run a GRAM judge prompt through it; fine-tune it briefly on the
-# stage-2 data (GRAM's A/B loss) and write the result as an HF folder.
-# Export and scoring join here as they land.
+# stage-2 data (GRAM's A/B loss) and write the result as an HF folder; compile it to ONNX (checked
+# against burn); score real held-out pairs with onnxruntime (a Parquet job and an accuracy report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -29,9 +29,24 @@ echo "== 3. gram-train finetune: SmolLM2 on the stage-2 train split, a few steps
     --max-steps "${GRAM_MAIN_STEPS:-2}" --batch-size 2 --lr 1e-5 --warmup 0 --max-valid 8 --log-every 1 --quiet
 
 echo
+echo "== 4. gram-export onnx: the fine-tuned model as an ONNX judge, checked against burn"
+"$BIN/gram-export" onnx --model "$RUN/finetune/final" --out "$RUN/export" --max-tokens 1024 --verify --overwrite
+
+echo
+echo "== 5. gram-score: held-out pairs (stage-2 test split) through onnxruntime"
+TEST_SHARD="$(ls "$RUN"/data/stage2/test-*.parquet | head -n 1)"
+"$BIN/gram-score" pairwise --model "$RUN/export" --input "$TEST_SHARD" --output "$RUN/scored.parquet" \
+    --limit "${GRAM_MAIN_SCORE_ROWS:-16}" --restart --quiet
+"$BIN/gram-score" eval --model "$RUN/export" --data "$RUN/data" --split test \
+    --limit "${GRAM_MAIN_EVAL_PAIRS:-16}" --json "$RUN/eval.json" --quiet
+
+echo
 echo "outputs:"
 echo "  model     $GRAM_SMOLLM2_GGUF"
 echo "  datasets  $RUN/data/stage1, $RUN/data/stage2"
 echo "  rejects   $RUN/data/rejects-00000.parquet"
 echo "  stats     $RUN/data/stats.json"
 echo "  trained   $RUN/finetune/final (HF folder), metrics $RUN/finetune/metrics.jsonl, curves $RUN/finetune/curves.png"
+echo "  onnx      $RUN/export (model.onnx, tokenizer, gram-export.json)"
+echo "  scored    $RUN/scored.parquet (input columns + score_a, score_b, p_a_first, p_a_second)"
+echo "  accuracy  $RUN/eval.json"

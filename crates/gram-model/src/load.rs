@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use burn::prelude::*;
-use burn::store::{BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, burn_pack};
+use burn::store::{
+    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, burn_pack,
+};
 use burn::tensor::{Bytes, DType};
 use gram_core::{Checkpoint, F32Tensor, ModelConfig, Weights};
 
@@ -76,11 +78,21 @@ fn ignorable(name: &str, c: &ModelConfig) -> bool {
 /// Builds the model a checkpoint describes and loads its weights.
 pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<CausalLm> {
     let weights = ckpt.weights()?;
-    from_weights(&ckpt.config, weights, &ckpt.path.display().to_string(), device)
+    from_weights(
+        &ckpt.config,
+        weights,
+        &ckpt.path.display().to_string(),
+        device,
+    )
 }
 
 /// Builds a model of `config` from f32 tensors by HF name; `origin` names them in errors.
-pub fn from_weights(config: &ModelConfig, weights: Weights, origin: &str, device: &Device) -> Result<CausalLm> {
+pub fn from_weights(
+    config: &ModelConfig,
+    weights: Weights,
+    origin: &str,
+    device: &Device,
+) -> Result<CausalLm> {
     from_weights_with_ids(config, weights, None, origin, device)
 }
 
@@ -93,8 +105,14 @@ pub fn from_weights_with_ids(
     device: &Device,
 ) -> Result<CausalLm> {
     let expected = expected_shapes(config);
-    let werr = |msg: String| Error::Weights { path: origin.to_string(), msg };
-    let missing: Vec<&String> = expected.keys().filter(|k| !weights.tensors.contains_key(*k)).collect();
+    let werr = |msg: String| Error::Weights {
+        path: origin.to_string(),
+        msg,
+    };
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|k| !weights.tensors.contains_key(*k))
+        .collect();
     if !missing.is_empty() {
         let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
         return Err(werr(format!(
@@ -109,7 +127,10 @@ pub fn from_weights_with_ids(
             if ignorable(&name, config) {
                 continue;
             }
-            return Err(werr(format!("tensor `{name}` is not part of a {:?} model of this config", config.architecture)));
+            return Err(werr(format!(
+                "tensor `{name}` is not part of a {:?} model of this config",
+                config.architecture
+            )));
         };
         if &t.shape != shape {
             return Err(Error::Core(gram_core::Error::Shape {
@@ -120,18 +141,29 @@ pub fn from_weights_with_ids(
             }));
         }
         if let Some(bad) = t.data.iter().position(|x| !x.is_finite()) {
-            return Err(werr(format!("tensor `{name}` holds a non-finite value at index {bad}")));
+            return Err(werr(format!(
+                "tensor `{name}` holds a non-finite value at index {bad}"
+            )));
         }
         let id = ids.and_then(|m| m.get(&name).copied());
-        tensors.push(burn_pack::Tensor::new(name, DType::F32, t.shape, id, Bytes::from_elems(t.data)));
+        tensors.push(burn_pack::Tensor::new(
+            name,
+            DType::F32,
+            t.shape,
+            id,
+            Bytes::from_elems(t.data),
+        ));
     }
-    let remapper = KeyRemapper::from_patterns(HF_TO_BURN.to_vec()).map_err(|e| Error::Internal(e.to_string()))?;
+    let remapper = KeyRemapper::from_patterns(HF_TO_BURN.to_vec())
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let (tensors, _) = remapper.remap(tensors);
 
     let mut model = CausalLmConfig::from_model_config(config).init(device);
     let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), false);
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
-        return Err(werr(format!("weights did not map onto the model:\n{result}")));
+        return Err(werr(format!(
+            "weights did not map onto the model:\n{result}"
+        )));
     }
     Ok(model)
 }
@@ -140,17 +172,33 @@ pub fn from_weights_with_ids(
 /// with their burn parameter ids: what an HF `model.safetensors` holds.
 pub fn hf_tensors<M: ModuleSnapshot>(module: &M) -> Result<BTreeMap<String, (F32Tensor, u64)>> {
     let tensors = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
-    let remapper = KeyRemapper::from_patterns(BURN_TO_HF.to_vec()).map_err(|e| Error::Internal(e.to_string()))?;
+    let remapper = KeyRemapper::from_patterns(BURN_TO_HF.to_vec())
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let (tensors, _) = remapper.remap(tensors);
     let mut out = BTreeMap::new();
     for t in tensors {
-        let (name, dtype, shape, id, bytes) = t.into_parts().map_err(|e| Error::Internal(e.to_string()))?;
+        let (name, dtype, shape, id, bytes) =
+            t.into_parts().map_err(|e| Error::Internal(e.to_string()))?;
         if dtype != DType::F32 {
-            return Err(Error::Internal(format!("parameter `{name}` is {dtype:?}, expected f32")));
+            return Err(Error::Internal(format!(
+                "parameter `{name}` is {dtype:?}, expected f32"
+            )));
         }
-        let data: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let id = id.ok_or_else(|| Error::Internal(format!("parameter `{name}` has no id")))?;
-        out.insert(name, (F32Tensor { shape: shape.to_vec(), data }, id));
+        out.insert(
+            name,
+            (
+                F32Tensor {
+                    shape: shape.to_vec(),
+                    data,
+                },
+                id,
+            ),
+        );
     }
     Ok(out)
 }

@@ -66,7 +66,11 @@ mod tests {
 
     fn reference(z: f64, eps: f64) -> f64 {
         // -log sigmoid(z) in f64, stably
-        let nls = if z >= 0.0 { (-z).exp().ln_1p() } else { -z + z.exp().ln_1p() };
+        let nls = if z >= 0.0 {
+            (-z).exp().ln_1p()
+        } else {
+            -z + z.exp().ln_1p()
+        };
         nls + eps / 2.0 * z
     }
 
@@ -99,7 +103,11 @@ mod tests {
                 let want = reference(f64::from(zs[k]), eps);
                 let rel = (f64::from(got) - want).abs() / want.abs().max(1e-30);
                 assert!(got.is_finite(), "z={} eps={eps}: not finite", zs[k]);
-                assert!(rel <= 1e-5, "z={} eps={eps}: {got} vs {want} (rel {rel:e})", zs[k]);
+                assert!(
+                    rel <= 1e-5,
+                    "z={} eps={eps}: {got} vs {want} (rel {rel:e})",
+                    zs[k]
+                );
             }
         }
     }
@@ -109,13 +117,18 @@ mod tests {
         let device = Device::flex().autodiff();
         for eps in [0.0, 0.1] {
             for z0 in [-20.0f32, -3.0, -0.5, 0.0, 0.7, 2.94, 20.0] {
-                let z = Tensor::<1>::from_data(TensorData::new(vec![z0], [1]), &device).require_grad();
+                let z =
+                    Tensor::<1>::from_data(TensorData::new(vec![z0], [1]), &device).require_grad();
                 let loss = gram_loss_of_margin(z.clone(), eps).sum();
                 let grads = loss.backward();
                 let g = z.grad(&grads).map(values).unwrap_or_default()[0];
                 let h = 1e-3;
-                let fd = (reference(f64::from(z0) + h, eps) - reference(f64::from(z0) - h, eps)) / (2.0 * h);
-                assert!((f64::from(g) - fd).abs() < 1e-4, "z={z0} eps={eps}: grad {g} vs fd {fd}");
+                let fd = (reference(f64::from(z0) + h, eps) - reference(f64::from(z0) - h, eps))
+                    / (2.0 * h);
+                assert!(
+                    (f64::from(g) - fd).abs() < 1e-4,
+                    "z={z0} eps={eps}: grad {g} vs fd {fd}"
+                );
             }
         }
         // The minimiser sits where the gradient vanishes: z* = log((2 - eps)/eps).

@@ -54,27 +54,48 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             let user = e.chain().any(|c| {
-                c.downcast_ref::<gram_core::Error>().is_some_and(gram_core::Error::is_user_error)
-                    || c.downcast_ref::<gram_model::Error>().is_some_and(|e| !matches!(e, gram_model::Error::Internal(_)))
+                c.downcast_ref::<gram_core::Error>()
+                    .is_some_and(gram_core::Error::is_user_error)
+                    || c.downcast_ref::<gram_model::Error>()
+                        .is_some_and(|e| !matches!(e, gram_model::Error::Internal(_)))
             });
-            if user { ExitCode::from(1) } else { ExitCode::from(2) }
+            if user {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Inspect { checkpoint, text, chat, top, backend } => inspect(&checkpoint, &text, chat, top, backend),
+        Cmd::Inspect {
+            checkpoint,
+            text,
+            chat,
+            top,
+            backend,
+        } => inspect(&checkpoint, &text, chat, top, backend),
     }
 }
 
-fn inspect(path: &std::path::Path, texts: &[String], chat: bool, top: usize, backend: Backend) -> Result<()> {
+fn inspect(
+    path: &std::path::Path,
+    texts: &[String],
+    chat: bool,
+    top: usize,
+    backend: Backend,
+) -> Result<()> {
     let ckpt = Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
     let c = &ckpt.config;
     println!("checkpoint      {} ({:?})", path.display(), ckpt.format);
     println!("architecture    {:?}", c.architecture);
     println!("layers          {}", c.num_hidden_layers);
-    println!("hidden          {}  (mlp {})", c.hidden_size, c.intermediate_size);
+    println!(
+        "hidden          {}  (mlp {})",
+        c.hidden_size, c.intermediate_size
+    );
     println!(
         "heads           {} query / {} key-value, head_dim {}",
         c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -87,7 +108,11 @@ fn inspect(path: &std::path::Path, texts: &[String], chat: bool, top: usize, bac
     println!("rope            theta {}{rope}", c.rope_theta);
     println!("context         {}", c.max_position_embeddings);
     println!("tied head       {}", c.tie_word_embeddings);
-    println!("parameters      {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    println!(
+        "parameters      {} ({:.1} M)",
+        c.num_parameters(),
+        c.num_parameters() as f64 / 1e6
+    );
     println!("stored dtype    {}", c.dtype);
     let tok = ckpt.tokenizer().context("loading the tokenizer")?;
     println!(
@@ -112,17 +137,32 @@ fn inspect(path: &std::path::Path, texts: &[String], chat: bool, top: usize, bac
     let model = gram_model::load(&ckpt, &device).context("loading the weights")?;
     for text in texts {
         let ids = if chat {
-            let t = tok.chat_template.as_ref().context("--chat: this tokenizer has no chat template")?;
+            let t = tok
+                .chat_template
+                .as_ref()
+                .context("--chat: this tokenizer has no chat template")?;
             tok.encode(&t.render(&[Message::user(text)], true)?, false)?
         } else {
             tok.encode(text, true)?
         };
         anyhow::ensure!(!ids.is_empty(), "text {text:?} has no tokens");
         let n = ids.len();
-        let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(), [1, n]), &device);
+        let ids_t = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+                [1, n],
+            ),
+            &device,
+        );
         let mask = Tensor::<2, Int>::ones([1, n], &device);
-        let logits = model.forward(ids_t, mask).slice([0..1, n - 1..n, 0..c.vocab_size]).reshape([c.vocab_size]);
-        let probs: Vec<f32> = softmax(logits, 0).into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let logits = model
+            .forward(ids_t, mask)
+            .slice([0..1, n - 1..n, 0..c.vocab_size])
+            .reshape([c.vocab_size]);
+        let probs: Vec<f32> = softmax(logits, 0)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         println!("\ntext            {text:?} ({n} tokens)");

@@ -67,11 +67,21 @@ impl CausalLmConfig {
 
     /// A randomly initialised model (weights as HF's `initializer_range` 0.02 would give).
     pub fn init(&self, device: &Device) -> CausalLm {
-        let init = burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 };
-        let lin = |i: usize, o: usize, bias: bool| {
-            LinearConfig::new(i, o).with_bias(bias).with_initializer(init.clone()).init(device)
+        let init = burn::nn::Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
         };
-        let norm = |d: usize| RmsNormConfig::new(d).with_epsilon(self.rms_norm_eps).init(device);
+        let lin = |i: usize, o: usize, bias: bool| {
+            LinearConfig::new(i, o)
+                .with_bias(bias)
+                .with_initializer(init.clone())
+                .init(device)
+        };
+        let norm = |d: usize| {
+            RmsNormConfig::new(d)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device)
+        };
         let (h, q, kv) = (
             self.hidden_size,
             self.num_attention_heads * self.head_dim,
@@ -102,7 +112,9 @@ impl CausalLmConfig {
         let inv = rope::inv_freq(self.head_dim, self.rope_theta, &self.rope_scaling);
         CausalLm {
             model: Decoder {
-                embed_tokens: EmbeddingConfig::new(self.vocab_size, h).with_initializer(init.clone()).init(device),
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, h)
+                    .with_initializer(init.clone())
+                    .init(device),
                 layers,
                 norm: norm(h),
             },
@@ -140,7 +152,13 @@ impl Attention {
     /// - `x`: `[batch, seq, hidden]`; `cos`/`sin`: `[batch, 1, seq, head_dim]`;
     ///   `masked`: `[batch, 1, seq, seq]` (true where a query must not see a key)
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, masked: &Tensor<4, Bool>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        masked: &Tensor<4, Bool>,
+    ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor<3>, n: usize, norm: &Option<RmsNorm>| {
@@ -153,17 +171,27 @@ impl Attention {
         };
         let q = heads(self.q_proj.forward(x.clone()), h, &self.q_norm);
         let k = heads(self.k_proj.forward(x.clone()), kv, &self.k_norm);
-        let v = self.v_proj.forward(x).reshape([b, t, kv, d]).swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, t, kv, d])
+            .swap_dims(1, 2);
         let q = rope::apply(q, cos, sin);
         let k = rope::apply(k, cos, sin);
         let (k, v) = if kv == h {
             (k, v)
         } else {
             let rep = h / kv;
-            let expand = |y: Tensor<4>| y.unsqueeze_dim::<5>(2).repeat_dim(2, rep).reshape([b, h, t, d]);
+            let expand = |y: Tensor<4>| {
+                y.unsqueeze_dim::<5>(2)
+                    .repeat_dim(2, rep)
+                    .reshape([b, h, t, d])
+            };
             (expand(k), expand(v))
         };
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
         // A large finite value rather than -inf: a fully masked row (a padding query) then
         // softmaxes to a uniform row instead of NaN, and its output is never read.
         let scores = scores.mask_fill(masked.clone().expand([b, h, t, t]), -1.0e30);
@@ -187,7 +215,8 @@ pub struct Mlp {
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
 }
 
@@ -207,8 +236,17 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// # Shapes
     /// `x`: `[batch, seq, hidden]` -> same.
-    pub fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, masked: &Tensor<4, Bool>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, masked);
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        masked: &Tensor<4, Bool>,
+    ) -> Tensor<3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, masked);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -230,16 +268,29 @@ impl Decoder {
     /// # Shapes
     /// - `ids`, `mask`: `[batch, seq]`, left-padded (mask 1 on real tokens)
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>, inv_freq: &[f32]) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        inv_freq: &[f32],
+    ) -> Tensor<3> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let positions = rope::position_ids(mask.clone());
-        let inv = Tensor::<1>::from_data(TensorData::new(inv_freq.to_vec(), [inv_freq.len()]), &device);
+        let inv = Tensor::<1>::from_data(
+            TensorData::new(inv_freq.to_vec(), [inv_freq.len()]),
+            &device,
+        );
         let (cos, sin) = rope::cos_sin(positions, &inv);
         // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
         // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
-        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]).expand([b, 1, t, t]);
-        let pad = mask.equal_elem(0).reshape([b, 1, 1, t]).expand([b, 1, t, t]);
+        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device)
+            .reshape([1, 1, t, t])
+            .expand([b, 1, t, t]);
+        let pad = mask
+            .equal_elem(0)
+            .reshape([b, 1, 1, t])
+            .expand([b, 1, t, t]);
         let masked = future.bool_or(pad);
         let mut x = self.embed_tokens.forward(ids);
         for layer in &self.layers {
@@ -304,13 +355,21 @@ impl CausalLm {
     ///
     /// # Shapes
     /// - `ids`, `mask`: `[batch, seq]`; output: `[batch, token_ids.len()]`
-    pub fn last_logits(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>, token_ids: &[u32]) -> Tensor<2> {
+    pub fn last_logits(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        token_ids: &[u32],
+    ) -> Tensor<2> {
         let h = self.forward_hidden(ids, mask);
         let [b, t, d] = h.dims();
         let last = h.slice([0..b, t - 1..t, 0..d]).reshape([b, d]);
         let device = last.device();
         let idx = Tensor::<1, Int>::from_data(
-            TensorData::new(token_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [token_ids.len()]),
+            TensorData::new(
+                token_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+                [token_ids.len()],
+            ),
             &device,
         );
         let w = self.head_weight().select(1, idx);

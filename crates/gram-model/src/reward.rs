@@ -46,7 +46,10 @@ impl RewardModel {
         let h = config.hidden_size;
         let mut head = LinearConfig::new(h, 1)
             .with_bias(false)
-            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+            .with_initializer(burn::nn::Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            })
             .init(device);
         if let Some(t) = score {
             if t.shape != [1, h] {
@@ -59,12 +62,18 @@ impl RewardModel {
             }
             // PyTorch stores [out, in] = [1, h]; burn's Linear holds [in, out] = [h, 1].
             let w = Tensor::<2>::from_data(TensorData::new(t.data, [h, 1]), device);
-            let id = ids.and_then(|m| m.get(SCORE_WEIGHT).copied()).map_or_else(ParamId::new, ParamId::from);
+            let id = ids
+                .and_then(|m| m.get(SCORE_WEIGHT).copied())
+                .map_or_else(ParamId::new, ParamId::from);
             head.weight = Param::initialized(id, w);
         } else if let Some(id) = ids.and_then(|m| m.get(SCORE_WEIGHT).copied()) {
             head.weight = Param::initialized(ParamId::from(id), head.weight.val());
         }
-        Ok(Self { model: lm.model, score: head, inv_freq: lm.inv_freq })
+        Ok(Self {
+            model: lm.model,
+            score: head,
+            inv_freq: lm.inv_freq,
+        })
     }
 
     /// One reward per row, read at the last position (left padding puts every row's last real
@@ -84,7 +93,10 @@ impl RewardModel {
 /// one label), loadable by transformers' `AutoModelForSequenceClassification`.
 pub fn reward_config_json(config: &ModelConfig, pad_token_id: u32) -> serde_json::Value {
     let mut v = config.to_hf_json();
-    let class = config.architecture.hf_class().replace("ForCausalLM", "ForSequenceClassification");
+    let class = config
+        .architecture
+        .hf_class()
+        .replace("ForCausalLM", "ForSequenceClassification");
     if let Some(o) = v.as_object_mut() {
         o.insert("architectures".into(), serde_json::json!([class]));
         o.insert("num_labels".into(), serde_json::json!(1));

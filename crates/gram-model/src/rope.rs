@@ -14,7 +14,12 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> 
     match *scaling {
         RopeScaling::Default => base,
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let old = original_max_position_embeddings as f64;
             let low_wavelen = old / f64::from(low_freq_factor);
             let high_wavelen = old / f64::from(high_freq_factor);
@@ -23,7 +28,8 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> 
                     let wavelen = 2.0 * std::f32::consts::PI / f;
                     let w = f64::from(wavelen);
                     let scaled = if w > low_wavelen { f / factor } else { f };
-                    let smooth = ((old as f32) / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    let smooth = ((old as f32) / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
                     let medium = !(w < high_wavelen) && !(w > low_wavelen);
                     if medium { smoothed } else { scaled }
@@ -78,12 +84,34 @@ mod tests {
         let s = inv_freq(
             16,
             500000.0,
-            &RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 },
+            &RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
         );
         assert_eq!(s[0], base[0], "highest frequency untouched");
-        assert!((s[7] - base[7] / 8.0).abs() < 1e-12, "lowest frequency divided by the factor");
+        assert!(
+            (s[7] - base[7] / 8.0).abs() < 1e-12,
+            "lowest frequency divided by the factor"
+        );
         // With a short original context every band is in the smoothed middle: between the two.
-        let m = inv_freq(16, 500000.0, &RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16 });
-        assert!(m[0] < base[0] && m[0] > base[0] / 8.0, "{} vs {}", m[0], base[0]);
+        let m = inv_freq(
+            16,
+            500000.0,
+            &RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 16,
+            },
+        );
+        assert!(
+            m[0] < base[0] && m[0] > base[0] / 8.0,
+            "{} vs {}",
+            m[0],
+            base[0]
+        );
     }
 }

@@ -224,8 +224,16 @@ pub fn read_pairs(files: &[PathBuf]) -> Result<Vec<LabeledPair>> {
 }
 
 /// Scores the pairs and aggregates.
-pub fn evaluate(judge: &Judge, files: Vec<PathBuf>, quiet: bool) -> Result<EvalReport> {
-    let pairs = read_pairs(&files)?;
+pub fn evaluate(
+    judge: &Judge,
+    files: Vec<PathBuf>,
+    limit: Option<usize>,
+    quiet: bool,
+) -> Result<EvalReport> {
+    let mut pairs = read_pairs(&files)?;
+    if let Some(l) = limit {
+        pairs.truncate(l);
+    }
     let t0 = std::time::Instant::now();
     let bar = if quiet {
         indicatif::ProgressBar::hidden()

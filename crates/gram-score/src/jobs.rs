@@ -5,7 +5,7 @@
 //! input, the model and the options. A killed job re-run with the same arguments skips the parts
 //! it has, so no row is scored twice or lost; when all parts exist they are joined into OUTPUT
 //! (temp + rename) and the parts removed. Rows that cannot be scored (a null text, a template
-//! that cannot fit) keep their place with null scores and the reason in `error`.
+//! that cannot fit) keep their place with null scores and the reason in `score_error`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -110,8 +110,8 @@ impl Mode {
                 Field::new("comparisons", DataType::Int32, false),
             ],
         };
-        v.push(Field::new("truncated", DataType::Boolean, false));
-        v.push(Field::new("error", DataType::Utf8, true));
+        v.push(Field::new("score_truncated", DataType::Boolean, false));
+        v.push(Field::new("score_error", DataType::Utf8, true));
         v
     }
 }
@@ -123,6 +123,8 @@ pub struct JobOptions {
     pub input: PathBuf,
     /// Output Parquet file.
     pub output: PathBuf,
+    /// Score only the first rows.
+    pub limit: Option<usize>,
     /// Rows per chunk (the unit of progress and of resuming).
     pub chunk_rows: usize,
     /// Throw away a partial job's parts instead of resuming it.
@@ -144,6 +146,8 @@ pub struct JobReport {
     pub chunks_resumed: usize,
     /// Seconds spent.
     pub seconds: f64,
+    /// Model work of the rows scored now.
+    pub work: crate::judge::RunStats,
 }
 
 /// What pins a partial job: resuming with anything else would mix outputs.
@@ -250,7 +254,14 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
     let meta = file.metadata().map_err(|e| Error::file(input, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| Error::file(input, format!("not a readable Parquet file: {e}")))?;
-    let rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let mut rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
+    let builder = match opts.limit {
+        Some(l) => {
+            rows = rows.min(l);
+            builder.with_limit(l)
+        }
+        None => builder,
+    };
     let in_schema = builder.schema().clone();
     check_schema(&in_schema, mode, input)?;
     let mut fields: Vec<Field> = in_schema
@@ -335,6 +346,7 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         rows_failed: failed,
         chunks_resumed: resumed,
         seconds: t0.elapsed().as_secs_f64(),
+        work: judge.stats(),
     })
 }
 

@@ -4,7 +4,7 @@
 //! score.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use gram_core::export::{ExportManifest, HeadKind};
 use gram_core::fit::Tokenizer;
@@ -45,6 +45,30 @@ pub struct PairScore {
     pub truncated: bool,
 }
 
+/// Work done so far, for throughput and FLOP accounting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct RunStats {
+    /// Batches run.
+    pub batches: u64,
+    /// Sequences run.
+    pub sequences: u64,
+    /// Their real tokens.
+    pub tokens: u64,
+    /// Tokens including padding (sum of rows x width).
+    pub padded_tokens: u64,
+    /// Sum of rows x width^2 (what attention scales with).
+    pub attention_cells: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    sequences: AtomicU64,
+    tokens: AtomicU64,
+    padded_tokens: AtomicU64,
+    attention_cells: AtomicU64,
+}
+
 /// A loaded export folder.
 pub struct Judge {
     /// Its manifest.
@@ -55,6 +79,7 @@ pub struct Judge {
     pool: SessionPool,
     /// Batch limits.
     pub limits: BatchLimits,
+    counters: Counters,
 }
 
 /// Encoded pair: both orders.
@@ -98,7 +123,20 @@ impl Judge {
             enc,
             pool,
             limits,
+            counters: Counters::default(),
         })
+    }
+
+    /// Work done since the judge was opened.
+    pub fn stats(&self) -> RunStats {
+        let c = &self.counters;
+        RunStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            sequences: c.sequences.load(Ordering::Relaxed),
+            tokens: c.tokens.load(Ordering::Relaxed),
+            padded_tokens: c.padded_tokens.load(Ordering::Relaxed),
+            attention_cells: c.attention_cells.load(Ordering::Relaxed),
+        }
     }
 
     /// Sessions in the pool.
@@ -147,6 +185,16 @@ impl Judge {
                             let rows: Vec<&[u32]> =
                                 batch.iter().map(|&i| seqs[i].as_slice()).collect();
                             let b = Batch::left_padded(&rows, self.manifest.pad_id);
+                            let (n, w) = (b.rows as u64, b.width as u64);
+                            let c = &self.counters;
+                            c.batches.fetch_add(1, Ordering::Relaxed);
+                            c.sequences.fetch_add(n, Ordering::Relaxed);
+                            c.tokens.fetch_add(
+                                rows.iter().map(|r| r.len() as u64).sum(),
+                                Ordering::Relaxed,
+                            );
+                            c.padded_tokens.fetch_add(n * w, Ordering::Relaxed);
+                            c.attention_cells.fetch_add(n * w * w, Ordering::Relaxed);
                             let (shape, data) =
                                 self.pool.with(|sess| b.run(sess, &self.manifest.output))?;
                             if shape != [batch.len(), 2] {

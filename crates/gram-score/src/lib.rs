@@ -10,5 +10,5 @@ pub mod runtime;
 pub mod serve;
 
 pub use error::{Error, Result};
-pub use judge::{BatchLimits, Judge, PairScore};
+pub use judge::{BatchLimits, Judge, PairScore, RunStats};
 pub use runtime::Threads;

@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Pairs: adds score_a, score_b, p_a_first, p_a_second, truncated, error to every row.
+    /// Pairs: adds score_a, score_b, p_a_first, p_a_second, score_truncated, score_error to every row.
     ///
     /// Examples:
     ///   gram-score pairwise --model exports/judge --input pairs.parquet --output scored.parquet
@@ -38,7 +38,8 @@ enum Cmd {
         #[arg(long, default_value = "response_b")]
         b_col: String,
     },
-    /// One response against a reference response: adds reward (= its both-order score), ...
+    /// One response against a reference response: adds reward (its both-order score against the
+    /// reference), p_response_first, p_response_second, score_truncated, score_error.
     ///
     /// Examples:
     ///   gram-score reference --model exports/judge --input rollouts.parquet --output rewards.parquet
@@ -58,7 +59,7 @@ enum Cmd {
         reference: Option<String>,
     },
     /// Several responses per prompt: adds best_index, scores (each candidate's score in the last
-    /// comparison it played), comparisons, truncated, error.
+    /// comparison it played), comparisons, score_truncated, score_error.
     ///
     /// Examples:
     ///   gram-score best-of-n --model exports/judge --input cands.parquet --output best.parquet
@@ -94,6 +95,9 @@ enum Cmd {
         /// Where to save the JSON report (default: printed only).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Evaluate only the first N pairs.
+        #[arg(long)]
+        limit: Option<usize>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -141,6 +145,12 @@ struct JobArgs {
     /// Column of the prompt.
     #[arg(long, default_value = "prompt")]
     prompt_col: String,
+    /// Score only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Also write the job's report (rows, seconds, tokens and padding processed) as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Rows per chunk: the unit of progress and of resuming a killed job.
     #[arg(long, default_value_t = 1024)]
     chunk_rows: usize,
@@ -189,20 +199,25 @@ fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
     let opts = JobOptions {
         input: job.input,
         output: job.output.clone(),
+        limit: job.limit,
         chunk_rows: job.chunk_rows,
         restart: job.restart,
         quiet: job.run.quiet,
     };
     let r = jobs::run(&judge, &mode, &opts)?;
     println!(
-        "{} rows -> {} ({} scored now, {} from an earlier run's parts, {} with an error) in {:.1} s",
+        "{} rows -> {} ({} scored now, {} of them with an error; {} from an earlier run's parts) in {:.1} s",
         r.rows,
         job.output.display(),
         r.rows_scored,
-        r.rows - r.rows_scored,
         r.rows_failed,
+        r.rows - r.rows_scored,
         r.seconds
     );
+    if let Some(p) = job.report {
+        let bytes = serde_json::to_vec_pretty(&r).map_err(|e| Error::Runtime(e.to_string()))?;
+        gram_core::atomic_write(&p, &bytes)?;
+    }
     Ok(())
 }
 
@@ -254,11 +269,12 @@ fn main() -> ExitCode {
             data,
             split,
             json,
+            limit,
             run,
         } => {
             let judge = run.open(&model)?;
             let files = gram_score::eval::input_files(&data, &split)?;
-            let report = gram_score::eval::evaluate(&judge, files, run.quiet)?;
+            let report = gram_score::eval::evaluate(&judge, files, limit, run.quiet)?;
             print!("{}", gram_score::eval::table(&report));
             if let Some(p) = json {
                 let bytes = serde_json::to_vec_pretty(&report)

@@ -48,9 +48,17 @@ pub fn bench(
     let device = gram_model::device(backend)?.autodiff();
     device.seed(0);
     let mut model = CausalLmConfig::from_model_config(&cfg).init(&device);
-    let mut optim = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init();
+    let mut optim = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init();
     let labels = LabelIds { a: 1, b: 2 };
-    let ctx = Ctx { stage, pad: 0, labels, eps: 0.1 };
+    let ctx = Ctx {
+        stage,
+        pad: 0,
+        labels,
+        eps: 0.1,
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = cfg.vocab_size as u32;
     let mut times = Vec::with_capacity(steps);
@@ -72,7 +80,13 @@ pub fn bench(
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-4, model, grads);
         // Wait for the step to finish: read one parameter value back.
-        let _ = model.model.norm.gamma.val().slice([0..1]).into_scalar::<f32>();
+        let _ = model
+            .model
+            .norm
+            .gamma
+            .val()
+            .slice([0..1])
+            .into_scalar::<f32>();
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -120,11 +120,16 @@ pub fn save_checkpoint(
     let tmp = fresh_tmp(&parent, &name)?;
     state.param_ids = write_model(&tmp, model)?;
     let opt_path = tmp.join("optimizer.bpk");
-    optim.save(&opt_path).map_err(|e| Error::Internal(format!("saving {}: {e}", opt_path.display())))?;
+    optim
+        .save(&opt_path)
+        .map_err(|e| Error::Internal(format!("saving {}: {e}", opt_path.display())))?;
     write_json(&tmp.join("trainer_state.json"), &state)?;
     let dest = parent.join(&name);
     rename_into_place(&tmp, &dest)?;
-    gram_core::atomic_write(&run.join("latest"), format!("checkpoints/{name}\n").as_bytes())?;
+    gram_core::atomic_write(
+        &run.join("latest"),
+        format!("checkpoints/{name}\n").as_bytes(),
+    )?;
     prune(&parent, keep)?;
     Ok(dest)
 }
@@ -132,7 +137,10 @@ pub fn save_checkpoint(
 /// Deletes all but the newest `keep` complete checkpoints and any temporary leftovers.
 fn prune(parent: &Path, keep: usize) -> Result<()> {
     let mut done: Vec<PathBuf> = Vec::new();
-    for e in std::fs::read_dir(parent).map_err(|e| Error::io(parent, e))?.flatten() {
+    for e in std::fs::read_dir(parent)
+        .map_err(|e| Error::io(parent, e))?
+        .flatten()
+    {
         let p = e.path();
         let n = e.file_name().to_string_lossy().to_string();
         if n.starts_with("step-") {
@@ -162,12 +170,15 @@ pub fn save_final(run: &Path, model: SaveModel<'_>) -> Result<PathBuf> {
 pub fn latest(run: &Path) -> Result<(PathBuf, TrainState)> {
     let ptr = run.join("latest");
     let rel = std::fs::read_to_string(&ptr).map_err(|e| {
-        Error::Input(format!("{}: cannot resume: no checkpoint was completed in this run ({e})", ptr.display()))
+        Error::Input(format!(
+            "{}: cannot resume: no checkpoint was completed in this run ({e})",
+            ptr.display()
+        ))
     })?;
     let dir = run.join(rel.trim());
     let sp = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-    let state: TrainState =
-        serde_json::from_str(&text).map_err(|e| Error::data(&sp, format!("not a trainer state: {e}")))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| Error::data(&sp, format!("not a trainer state: {e}")))?;
     Ok((dir, state))
 }

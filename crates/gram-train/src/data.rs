@@ -96,7 +96,10 @@ pub fn shard_files(data: &Path, stage: Stage, split: &str) -> Result<Vec<PathBuf
 }
 
 fn meta_of(kv: Option<&Vec<parquet::file::metadata::KeyValue>>, path: &Path) -> Result<Meta> {
-    let get = |k: &str| kv.and_then(|kv| kv.iter().find(|e| e.key == k)).and_then(|e| e.value.clone());
+    let get = |k: &str| {
+        kv.and_then(|kv| kv.iter().find(|e| e.key == k))
+            .and_then(|e| e.value.clone())
+    };
     let label_ids = match get("gram.label_ids") {
         Some(s) => Some(
             serde_json::from_str::<LabelIds>(&s)
@@ -105,10 +108,19 @@ fn meta_of(kv: Option<&Vec<parquet::file::metadata::KeyValue>>, path: &Path) -> 
         None => None,
     };
     let max_tokens = match get("gram.max_tokens") {
-        Some(s) => Some(s.parse().map_err(|_| Error::data(path, format!("metadata gram.max_tokens `{s}` is not a number")))?),
+        Some(s) => Some(s.parse().map_err(|_| {
+            Error::data(
+                path,
+                format!("metadata gram.max_tokens `{s}` is not a number"),
+            )
+        })?),
         None => None,
     };
-    Ok(Meta { tokenizer: get("gram.tokenizer"), label_ids, max_tokens })
+    Ok(Meta {
+        tokenizer: get("gram.tokenizer"),
+        label_ids,
+        max_tokens,
+    })
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a dyn Array> {
@@ -121,23 +133,43 @@ fn column<'a>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a dyn
 /// Reads one split. `bt` also needs the texts, to build its own single-response sequences.
 pub fn read_split(data: &Path, stage: Stage, split: &str) -> Result<Split> {
     let files = shard_files(data, stage, split)?;
-    let schema = if stage == Stage::Pretrain { Schema::Stage1 } else { Schema::Stage2 };
-    let mut out = Split { files: files.clone(), ..Split::default() };
+    let schema = if stage == Stage::Pretrain {
+        Schema::Stage1
+    } else {
+        Schema::Stage2
+    };
+    let mut out = Split {
+        files: files.clone(),
+        ..Split::default()
+    };
     for (i, path) in files.iter().enumerate() {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| Error::data(path, format!("not a readable Parquet file: {e}")))?;
         gram_core::schema::check(builder.schema(), schema, path)?;
-        let meta = meta_of(builder.metadata().file_metadata().key_value_metadata(), path)?;
+        let meta = meta_of(
+            builder.metadata().file_metadata().key_value_metadata(),
+            path,
+        )?;
         if i == 0 {
             out.meta = meta;
         } else if meta != out.meta {
-            return Err(Error::data(path, format!("metadata differs from {}'s (built by another run?)", files[0].display())));
+            return Err(Error::data(
+                path,
+                format!(
+                    "metadata differs from {}'s (built by another run?)",
+                    files[0].display()
+                ),
+            ));
         }
-        let reader = builder.with_batch_size(8192).build().map_err(|e| Error::data(path, e.to_string()))?;
+        let reader = builder
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| Error::data(path, e.to_string()))?;
         let mut row0 = 0usize;
         for batch in reader {
-            let batch = batch.map_err(|e| Error::data(path, format!("reading after row {row0}: {e}")))?;
+            let batch =
+                batch.map_err(|e| Error::data(path, format!("reading after row {row0}: {e}")))?;
             read_batch(&batch, stage, path, row0, &mut out.examples)?;
             row0 += batch.num_rows();
         }
@@ -145,7 +177,13 @@ pub fn read_split(data: &Path, stage: Stage, split: &str) -> Result<Split> {
     Ok(out)
 }
 
-fn read_batch(batch: &RecordBatch, stage: Stage, path: &Path, row0: usize, out: &mut Vec<Example>) -> Result<()> {
+fn read_batch(
+    batch: &RecordBatch,
+    stage: Stage,
+    path: &Path,
+    row0: usize,
+    out: &mut Vec<Example>,
+) -> Result<()> {
     let ids = column(batch, "input_ids", path)?.as_list::<i32>();
     let values = ids.values().as_primitive::<UInt32Type>();
     let pair_id = column(batch, "pair_id", path)?.as_string::<i32>();
@@ -156,34 +194,55 @@ fn read_batch(batch: &RecordBatch, stage: Stage, path: &Path, row0: usize, out: 
     };
     let (label, swapped) = match stage {
         Stage::Pretrain => (None, None),
-        _ => (Some(column(batch, "label", path)?.as_string::<i32>()), Some(column(batch, "swapped", path)?.as_boolean())),
+        _ => (
+            Some(column(batch, "label", path)?.as_string::<i32>()),
+            Some(column(batch, "swapped", path)?.as_boolean()),
+        ),
     };
     for r in 0..batch.num_rows() {
         let row = row0 + r;
         if ids.is_null(r) {
             return Err(Error::data(
                 path,
-                format!("row {row}: input_ids is null: the dataset was built without --model, so it holds no tokens"),
+                format!(
+                    "row {row}: input_ids is null: the dataset was built without --model, so it holds no tokens"
+                ),
             ));
         }
-        let (s, e) = (ids.value_offsets()[r] as usize, ids.value_offsets()[r + 1] as usize);
+        let (s, e) = (
+            ids.value_offsets()[r] as usize,
+            ids.value_offsets()[r + 1] as usize,
+        );
         let toks = values.values()[s..e].to_vec();
         if toks.is_empty() {
             return Err(Error::data(path, format!("row {row}: input_ids is empty")));
         }
         let plen = match prompt_len {
-            Some(p) if p.is_null(r) => return Err(Error::data(path, format!("row {row}: prompt_len is null"))),
+            Some(p) if p.is_null(r) => {
+                return Err(Error::data(path, format!("row {row}: prompt_len is null")));
+            }
             Some(p) => p.value(r) as usize,
             None => 0,
         };
         if stage == Stage::Pretrain && plen >= toks.len() {
-            return Err(Error::data(path, format!("row {row}: prompt_len {plen} leaves no target tokens of {}", toks.len())));
+            return Err(Error::data(
+                path,
+                format!(
+                    "row {row}: prompt_len {plen} leaves no target tokens of {}",
+                    toks.len()
+                ),
+            ));
         }
         let label_is_b = match label.map(|l| l.value(r)) {
             None => false,
             Some("a") => false,
             Some("b") => true,
-            Some(other) => return Err(Error::data(path, format!("row {row}: label `{other}` is not a or b"))),
+            Some(other) => {
+                return Err(Error::data(
+                    path,
+                    format!("row {row}: label `{other}` is not a or b"),
+                ));
+            }
         };
         out.push(Example {
             ids: toks,
@@ -202,7 +261,12 @@ fn read_batch(batch: &RecordBatch, stage: Stage, path: &Path, row0: usize, out: 
 /// and rejected responses each rendered as prompt + response and tokenised; sequences longer
 /// than `max_tokens` keep their last `max_tokens` tokens (the response's end, where the reward
 /// is read). Returns the pairs and how many were cut.
-pub fn bt_pairs(data: &Path, split: &str, templates: &Templates<'_>, max_tokens: usize) -> Result<(Vec<Example>, usize)> {
+pub fn bt_pairs(
+    data: &Path,
+    split: &str,
+    templates: &Templates<'_>,
+    max_tokens: usize,
+) -> Result<(Vec<Example>, usize)> {
     let files = shard_files(data, Stage::Bt, split)?;
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -212,13 +276,24 @@ pub fn bt_pairs(data: &Path, split: &str, templates: &Templates<'_>, max_tokens:
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| Error::data(path, format!("not a readable Parquet file: {e}")))?;
         gram_core::schema::check(builder.schema(), Schema::Stage2, path)?;
-        let reader = builder.with_batch_size(8192).build().map_err(|e| Error::data(path, e.to_string()))?;
+        let reader = builder
+            .with_batch_size(8192)
+            .build()
+            .map_err(|e| Error::data(path, e.to_string()))?;
         let mut row0 = 0usize;
         for batch in reader {
-            let batch = batch.map_err(|e| Error::data(path, format!("reading after row {row0}: {e}")))?;
-            let text = |n: &str| -> Result<_> { Ok(column(&batch, n, path)?.as_string::<i32>().clone()) };
-            let (prompt, ra, rb, label, pair, source) =
-                (text("prompt")?, text("response_a")?, text("response_b")?, text("label")?, text("pair_id")?, text("source")?);
+            let batch =
+                batch.map_err(|e| Error::data(path, format!("reading after row {row0}: {e}")))?;
+            let text =
+                |n: &str| -> Result<_> { Ok(column(&batch, n, path)?.as_string::<i32>().clone()) };
+            let (prompt, ra, rb, label, pair, source) = (
+                text("prompt")?,
+                text("response_a")?,
+                text("response_b")?,
+                text("label")?,
+                text("pair_id")?,
+                text("source")?,
+            );
             for r in 0..batch.num_rows() {
                 if !seen.insert(pair.value(r).to_string()) {
                     continue;
@@ -226,7 +301,12 @@ pub fn bt_pairs(data: &Path, split: &str, templates: &Templates<'_>, max_tokens:
                 let (chosen, rejected) = match label.value(r) {
                     "a" => (ra.value(r), rb.value(r)),
                     "b" => (rb.value(r), ra.value(r)),
-                    other => return Err(Error::data(path, format!("row {}: label `{other}` is not a or b", row0 + r))),
+                    other => {
+                        return Err(Error::data(
+                            path,
+                            format!("row {}: label `{other}` is not a or b", row0 + r),
+                        ));
+                    }
                 };
                 let mut enc = |resp: &str| -> Result<Vec<u32>> {
                     let t = templates.single(prompt.value(r), resp)?;
@@ -258,8 +338,16 @@ pub fn bt_pairs(data: &Path, split: &str, templates: &Templates<'_>, max_tokens:
 /// The batches of one epoch, as indices into the examples: shuffled by (seed, epoch), sorted
 /// by length within windows of `window` batches (so a batch pads to similar lengths), and the
 /// batches shuffled again so lengths do not trend through the epoch.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, window: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    window: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
     let mut batches = Vec::with_capacity(lengths.len().div_ceil(batch_size));
@@ -288,11 +376,16 @@ mod tests {
         assert_ne!(b, epoch_batches(&lengths, 8, 4, 8, 0));
         // Bucketing: padding with windows is below padding without.
         let pad = |bs: &[Vec<usize>]| -> usize {
-            bs.iter().map(|x| {
-                let m = x.iter().map(|&i| lengths[i]).max().unwrap_or(0);
-                x.iter().map(|&i| m - lengths[i]).sum::<usize>()
-            }).sum()
+            bs.iter()
+                .map(|x| {
+                    let m = x.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                    x.iter().map(|&i| m - lengths[i]).sum::<usize>()
+                })
+                .sum()
         };
-        assert!(pad(&b) * 2 < pad(&epoch_batches(&lengths, 8, 1, 7, 0)), "bucketing should cut padding");
+        assert!(
+            pad(&b) * 2 < pad(&epoch_batches(&lengths, 8, 1, 7, 0)),
+            "bucketing should cut padding"
+        );
     }
 }

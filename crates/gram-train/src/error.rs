@@ -41,16 +41,25 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Self::Io { path: path.as_ref().to_path_buf(), source }
+        Self::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
 
     /// A dataset error on `path`.
     pub fn data(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Self::Data { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Self::Data {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
 
     /// Whether the user can fix it (exit status 1) rather than a bug (2).
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, Self::Internal(_) | Self::Model(gram_model::Error::Internal(_)))
+        !matches!(
+            self,
+            Self::Internal(_) | Self::Model(gram_model::Error::Internal(_))
+        )
     }
 }

@@ -25,8 +25,15 @@ pub fn init_model(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Res
             tokenizer.display()
         )));
     }
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(Error::Input(format!("{}: exists and is not empty", out.display())));
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::Input(format!(
+            "{}: exists and is not empty",
+            out.display()
+        )));
     }
     let device = Device::flex();
     device.seed(seed);
@@ -39,7 +46,15 @@ pub fn init_model(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Res
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    write_model(&tmp, SaveModel { config_json: cfg.to_hf_json(), tensors: hf_tensors(&model)?, tokenizer: &tok, card: None })?;
+    write_model(
+        &tmp,
+        SaveModel {
+            config_json: cfg.to_hf_json(),
+            tensors: hf_tensors(&model)?,
+            tokenizer: &tok,
+            card: None,
+        },
+    )?;
     if out.exists() {
         std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
     }

@@ -182,12 +182,38 @@ impl TrainArgs {
             None => Settings::default(),
         };
         s.stage = stage;
-        set!(s, self, model, data, out, backend, lr, warmup, epochs, batch_size, grad_accum, clip, weight_decay,
-             label_smoothing, seed, bucket_window, eval_every, max_valid, save_every, keep, log_every, bt_max_tokens);
+        set!(
+            s,
+            self,
+            model,
+            data,
+            out,
+            backend,
+            lr,
+            warmup,
+            epochs,
+            batch_size,
+            grad_accum,
+            clip,
+            weight_decay,
+            label_smoothing,
+            seed,
+            bucket_window,
+            eval_every,
+            max_valid,
+            save_every,
+            keep,
+            log_every,
+            bt_max_tokens
+        );
         if self.max_steps.is_some() {
             s.max_steps = self.max_steps;
         }
-        let opts = RunOptions { resume: self.resume, overwrite: self.overwrite, progress: !self.quiet };
+        let opts = RunOptions {
+            resume: self.resume,
+            overwrite: self.overwrite,
+            progress: !self.quiet,
+        };
         Ok((s, opts))
     }
 }
@@ -199,25 +225,57 @@ fn main() -> ExitCode {
             Cmd::Pretrain(a) => (Stage::Pretrain, a),
             Cmd::Finetune(a) => (Stage::Finetune, a),
             Cmd::Bt(a) => (Stage::Bt, a),
-            Cmd::Bench { model_config, stage, batch_size, seq_len, steps, warmup, backend } => {
-                let r = gram_train::bench::bench(&model_config, stage, batch_size, seq_len, steps, warmup, backend)?;
-                println!("{}", serde_json::to_string(&r).map_err(|e| gram_train::Error::Internal(e.to_string()))?);
+            Cmd::Bench {
+                model_config,
+                stage,
+                batch_size,
+                seq_len,
+                steps,
+                warmup,
+                backend,
+            } => {
+                let r = gram_train::bench::bench(
+                    &model_config,
+                    stage,
+                    batch_size,
+                    seq_len,
+                    steps,
+                    warmup,
+                    backend,
+                )?;
+                println!(
+                    "{}",
+                    serde_json::to_string(&r)
+                        .map_err(|e| gram_train::Error::Internal(e.to_string()))?
+                );
                 return Ok(());
             }
-            Cmd::Init { model_config, tokenizer, out, seed } => {
+            Cmd::Init {
+                model_config,
+                tokenizer,
+                out,
+                seed,
+            } => {
                 let out = gram_train::init::init_model(&model_config, &tokenizer, &out, seed)?;
                 println!("wrote {}", out.display());
                 return Ok(());
             }
         };
-        let (settings, opts) = args.settings(stage).map_err(|e| gram_train::Error::Input(format!("{e:#}")))?;
+        let (settings, opts) = args
+            .settings(stage)
+            .map_err(|e| gram_train::Error::Input(format!("{e:#}")))?;
         let summary = gram_train::run(settings, &opts)?;
         println!("model:   {}", summary.final_model.display());
         println!("metrics: {}", summary.out.join("metrics.jsonl").display());
         println!("curves:  {}", summary.out.join("curves.png").display());
         if let Some(v) = &summary.valid {
             match v.acc {
-                Some(a) => println!("valid:   loss {:.4}, pairwise accuracy {:.2}% on {} pairs", v.loss, 100.0 * a, v.n),
+                Some(a) => println!(
+                    "valid:   loss {:.4}, pairwise accuracy {:.2}% on {} pairs",
+                    v.loss,
+                    100.0 * a,
+                    v.n
+                ),
                 None => println!("valid:   loss {:.4} on {} rows", v.loss, v.n),
             }
         }
@@ -228,7 +286,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            if e.is_user_error() { ExitCode::from(1) } else { ExitCode::from(2) }
+            if e.is_user_error() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }

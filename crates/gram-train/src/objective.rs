@@ -83,14 +83,24 @@ fn ints(v: Vec<i64>, device: &Device) -> Tensor<1, Int> {
 pub trait Objective: Module + burn::store::ModuleSnapshot + Clone + Sized {
     /// Mean loss of a micro-batch (differentiable when the model is on an autodiff device) and
     /// a tensor of correctly ranked rows (`[1]`, 0 for stage 1).
-    fn batch_loss(&self, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<1>, Tensor<1>, BatchStats);
+    fn batch_loss(
+        &self,
+        rows: &[&Example],
+        ctx: &Ctx,
+        device: &Device,
+    ) -> (Tensor<1>, Tensor<1>, BatchStats);
 
     /// Validation over `rows` in batches of `batch_size` (the model should be `valid()`).
     fn evaluate(&self, rows: &[Example], ctx: &Ctx, batch_size: usize, device: &Device) -> Eval;
 }
 
 /// Stage-1 loss pieces: per-target-token log-probabilities.
-fn stage1_logprobs(model: &CausalLm, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<1>, BatchStats) {
+fn stage1_logprobs(
+    model: &CausalLm,
+    rows: &[&Example],
+    ctx: &Ctx,
+    device: &Device,
+) -> (Tensor<1>, BatchStats) {
     let seqs: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).collect();
     let (ids, mask) = pad_left(&seqs, ctx.pad, device);
     let h = model.forward_hidden(ids, mask);
@@ -111,25 +121,48 @@ fn stage1_logprobs(model: &CausalLm, rows: &[&Example], ctx: &Ctx, device: &Devi
     let hs = h.reshape([b * t, d]).select(0, ints(pos, device));
     let lp = log_softmax(model.head(hs), 1);
     let picked = lp.gather(1, ints(tgt, device).reshape([n, 1])).reshape([n]);
-    (picked, BatchStats { rows: rows.len(), tokens, units: n })
+    (
+        picked,
+        BatchStats {
+            rows: rows.len(),
+            tokens,
+            units: n,
+        },
+    )
 }
 
 /// Stage-2 label logits `[rows, 2]` (l_A, l_B) and targets.
-fn stage2_logits(model: &CausalLm, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<2>, Tensor<1, Int>, usize) {
+fn stage2_logits(
+    model: &CausalLm,
+    rows: &[&Example],
+    ctx: &Ctx,
+    device: &Device,
+) -> (Tensor<2>, Tensor<1, Int>, usize) {
     let seqs: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).collect();
     let tokens = seqs.iter().map(|s| s.len()).sum();
     let (ids, mask) = pad_left(&seqs, ctx.pad, device);
     let logits = model.last_logits(ids, mask, &[ctx.labels.a, ctx.labels.b]);
-    let target = ints(rows.iter().map(|r| i64::from(r.label_is_b)).collect(), device);
+    let target = ints(
+        rows.iter().map(|r| i64::from(r.label_is_b)).collect(),
+        device,
+    );
     (logits, target, tokens)
 }
 
 fn values(t: Tensor<2>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
 }
 
 impl Objective for CausalLm {
-    fn batch_loss(&self, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<1>, Tensor<1>, BatchStats) {
+    fn batch_loss(
+        &self,
+        rows: &[&Example],
+        ctx: &Ctx,
+        device: &Device,
+    ) -> (Tensor<1>, Tensor<1>, BatchStats) {
         match ctx.stage {
             Stage::Pretrain => {
                 let (picked, stats) = stage1_logprobs(self, rows, ctx, device);
@@ -140,7 +173,15 @@ impl Objective for CausalLm {
                 let z = label_margin(logits, target);
                 let correct = z.clone().greater_elem(0.0).float().sum();
                 let loss = gram_loss_of_margin(z, ctx.eps).mean();
-                (loss, correct, BatchStats { rows: rows.len(), tokens, units: rows.len() })
+                (
+                    loss,
+                    correct,
+                    BatchStats {
+                        rows: rows.len(),
+                        tokens,
+                        units: rows.len(),
+                    },
+                )
             }
         }
     }
@@ -154,7 +195,13 @@ impl Objective for CausalLm {
                 sum -= f64::from(picked.sum().into_scalar::<f32>());
                 n += stats.units;
             }
-            return Eval { loss: sum / n.max(1) as f64, acc: None, row_acc: None, n: rows.len(), by_source: BTreeMap::new() };
+            return Eval {
+                loss: sum / n.max(1) as f64,
+                acc: None,
+                row_acc: None,
+                n: rows.len(),
+                by_source: BTreeMap::new(),
+            };
         }
         // Stage 2: (l_A, l_B) of every row, then both orders of each pair combined.
         let mut logits = Vec::with_capacity(rows.len());
@@ -178,8 +225,14 @@ pub fn stage2_eval(rows: &[Example], logits: &[(f32, f32)], loss_sum: f64) -> Ev
     let mut pairs: BTreeMap<&str, (&str, Option<usize>, Option<usize>)> = BTreeMap::new();
     let mut row_correct = 0usize;
     for (i, r) in rows.iter().enumerate() {
-        let e = pairs.entry(r.pair_id.as_str()).or_insert((r.source.as_str(), None, None));
-        if r.swapped { e.2 = Some(i) } else { e.1 = Some(i) }
+        let e = pairs
+            .entry(r.pair_id.as_str())
+            .or_insert((r.source.as_str(), None, None));
+        if r.swapped {
+            e.2 = Some(i)
+        } else {
+            e.1 = Some(i)
+        }
         let (la, lb) = logits[i];
         if (la > lb) != r.label_is_b {
             row_correct += 1;
@@ -192,7 +245,10 @@ pub fn stage2_eval(rows: &[Example], logits: &[(f32, f32)], loss_sum: f64) -> Ev
         let (score_first, first_chosen) = match (un, sw) {
             (Some(u), Some(s)) => (pair_score(logits[*u], logits[*s]), !rows[*u].label_is_b),
             (Some(u), None) => (prob_a(logits[*u].0, logits[*u].1), !rows[*u].label_is_b),
-            (None, Some(s)) => (1.0 - prob_a(logits[*s].0, logits[*s].1), rows[*s].label_is_b),
+            (None, Some(s)) => (
+                1.0 - prob_a(logits[*s].0, logits[*s].1),
+                rows[*s].label_is_b,
+            ),
             (None, None) => continue,
         };
         let ok = (score_first > 0.5) == first_chosen;
@@ -207,14 +263,26 @@ pub fn stage2_eval(rows: &[Example], logits: &[(f32, f32)], loss_sum: f64) -> Ev
         acc: Some(correct as f64 / n.max(1) as f64),
         row_acc: Some(row_correct as f64 / rows.len().max(1) as f64),
         n,
-        by_source: by_source.into_iter().map(|(k, (c, t))| (k, c as f64 / t.max(1) as f64)).collect(),
+        by_source: by_source
+            .into_iter()
+            .map(|(k, (c, t))| (k, c as f64 / t.max(1) as f64))
+            .collect(),
     }
 }
 
 /// Rewards of the chosen and rejected sequences of each pair.
-fn bt_rewards(model: &RewardModel, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<1>, Tensor<1>, usize) {
+fn bt_rewards(
+    model: &RewardModel,
+    rows: &[&Example],
+    ctx: &Ctx,
+    device: &Device,
+) -> (Tensor<1>, Tensor<1>, usize) {
     let b = rows.len();
-    let seqs: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).chain(rows.iter().map(|r| r.other.as_slice())).collect();
+    let seqs: Vec<&[u32]> = rows
+        .iter()
+        .map(|r| r.ids.as_slice())
+        .chain(rows.iter().map(|r| r.other.as_slice()))
+        .collect();
     let tokens = seqs.iter().map(|s| s.len()).sum();
     let (ids, mask) = pad_left(&seqs, ctx.pad, device);
     let r = model.forward(ids, mask);
@@ -222,10 +290,23 @@ fn bt_rewards(model: &RewardModel, rows: &[&Example], ctx: &Ctx, device: &Device
 }
 
 impl Objective for RewardModel {
-    fn batch_loss(&self, rows: &[&Example], ctx: &Ctx, device: &Device) -> (Tensor<1>, Tensor<1>, BatchStats) {
+    fn batch_loss(
+        &self,
+        rows: &[&Example],
+        ctx: &Ctx,
+        device: &Device,
+    ) -> (Tensor<1>, Tensor<1>, BatchStats) {
         let (c, r, tokens) = bt_rewards(self, rows, ctx, device);
         let correct = (c.clone() - r.clone()).greater_elem(0.0).float().sum();
-        (bt_loss(c, r), correct, BatchStats { rows: rows.len(), tokens, units: rows.len() })
+        (
+            bt_loss(c, r),
+            correct,
+            BatchStats {
+                rows: rows.len(),
+                tokens,
+                units: rows.len(),
+            },
+        )
     }
 
     fn evaluate(&self, rows: &[Example], ctx: &Ctx, batch_size: usize, device: &Device) -> Eval {
@@ -235,8 +316,16 @@ impl Objective for RewardModel {
             let refs: Vec<&Example> = chunk.iter().collect();
             let (c, r, _) = bt_rewards(self, &refs, ctx, device);
             let m = c - r;
-            loss_sum += f64::from(gram_model::loss::neg_log_sigmoid(m.clone()).sum().into_scalar::<f32>());
-            let margins = m.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+            loss_sum += f64::from(
+                gram_model::loss::neg_log_sigmoid(m.clone())
+                    .sum()
+                    .into_scalar::<f32>(),
+            );
+            let margins = m
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
             for (row, z) in chunk.iter().zip(margins) {
                 let ok = z > 0.0;
                 correct += usize::from(ok);
@@ -250,7 +339,10 @@ impl Objective for RewardModel {
             acc: Some(correct as f64 / rows.len().max(1) as f64),
             row_acc: None,
             n: rows.len(),
-            by_source: by_source.into_iter().map(|(k, (c, t))| (k, c as f64 / t.max(1) as f64)).collect(),
+            by_source: by_source
+                .into_iter()
+                .map(|(k, (c, t))| (k, c as f64 / t.max(1) as f64))
+                .collect(),
         }
     }
 }

@@ -67,7 +67,10 @@ fn range(all: &[&Series], pad_zero: bool) -> (std::ops::Range<f64>, std::ops::Ra
 pub fn plot_metrics(metrics: &Path, png: &Path, stage: Stage) -> Result<()> {
     let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
     // Drawn beside the target and renamed over it (the encoder picks PNG from the extension).
-    let name = png.file_name().and_then(|n| n.to_str()).unwrap_or("curves.png");
+    let name = png
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("curves.png");
     let tmp = png.with_file_name(format!(".tmp-{}-{name}", std::process::id()));
     draw(&text, &tmp, stage).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
@@ -90,9 +93,12 @@ fn draw(text: &str, png: &Path, stage: Stage) -> Result<()> {
         let mut b = ChartBuilder::on(area);
         b.margin(12);
         if labels {
-            b.caption(format!("{} {name}: train (blue), validation (red)", stage.name()), ("sans-serif", 18))
-                .x_label_area_size(30)
-                .y_label_area_size(50);
+            b.caption(
+                format!("{} {name}: train (blue), validation (red)", stage.name()),
+                ("sans-serif", 18),
+            )
+            .x_label_area_size(30)
+            .y_label_area_size(50);
         }
         let mut chart = b.build_cartesian_2d(xr, yr).map_err(|e| err(&e))?;
         let mut mesh = chart.configure_mesh();
@@ -102,11 +108,15 @@ fn draw(text: &str, png: &Path, stage: Stage) -> Result<()> {
             mesh.disable_axes().x_labels(0).y_labels(0);
         }
         mesh.draw().map_err(|e| err(&e))?;
-        chart.draw_series(LineSeries::new(train, BLUE.stroke_width(2))).map_err(|e| err(&e))?;
+        chart
+            .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))
+            .map_err(|e| err(&e))?;
         chart
             .draw_series(LineSeries::new(valid.clone(), RED.stroke_width(2)))
             .map_err(|e| err(&e))?;
-        chart.draw_series(valid.into_iter().map(|p| Circle::new(p, 3, RED.filled()))).map_err(|e| err(&e))?;
+        chart
+            .draw_series(valid.into_iter().map(|p| Circle::new(p, 3, RED.filled())))
+            .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())

@@ -128,7 +128,8 @@ impl Settings {
     /// Reads a TOML settings file (unknown keys are an error naming the file).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Input(format!("{}: {}", path.display(), e.message())))
+        toml::from_str(&text)
+            .map_err(|e| Error::Input(format!("{}: {}", path.display(), e.message())))
     }
 
     /// The TOML form saved with a run.
@@ -152,7 +153,10 @@ impl Settings {
             return bad(format!("lr must be > 0, got {}", self.lr));
         }
         if !(0.0..1.0).contains(&self.warmup) {
-            return bad(format!("warmup is a share of the steps in [0, 1), got {}", self.warmup));
+            return bad(format!(
+                "warmup is a share of the steps in [0, 1), got {}",
+                self.warmup
+            ));
         }
         if self.batch_size == 0 || self.grad_accum == 0 || self.bucket_window == 0 {
             return bad("batch_size, grad_accum and bucket_window must be >= 1".into());
@@ -161,7 +165,10 @@ impl Settings {
             return bad("nothing to train: epochs and max_steps must be >= 1".into());
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            return bad(format!("label_smoothing must be in [0, 1), got {}", self.label_smoothing));
+            return bad(format!(
+                "label_smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            ));
         }
         if self.clip < 0.0 || self.weight_decay < 0.0 {
             return bad("clip and weight_decay must be >= 0".into());
@@ -208,11 +215,18 @@ mod tests {
 
     #[test]
     fn toml_round_trip_and_unknown_keys() {
-        let s = Settings { lr: 3e-4, max_steps: Some(7), stage: Stage::Bt, ..Settings::default() };
+        let s = Settings {
+            lr: 3e-4,
+            max_steps: Some(7),
+            stage: Stage::Bt,
+            ..Settings::default()
+        };
         let text = s.to_toml().expect("toml");
         let back: Settings = toml::from_str(&text).expect("parse");
         assert_eq!(back, s);
-        let e = toml::from_str::<Settings>("lr = 1e-3\nlearning_rate = 2").unwrap_err().to_string();
+        let e = toml::from_str::<Settings>("lr = 1e-3\nlearning_rate = 2")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("learning_rate"), "{e}");
     }
 }

@@ -76,11 +76,13 @@ pub fn run(settings: Settings, opts: &RunOptions) -> Result<Summary> {
     let ids = p.resume.as_ref().map(|(_, s)| s.param_ids.clone());
     match p.settings.stage {
         Stage::Pretrain | Stage::Finetune => {
-            let model = from_weights_with_ids(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
+            let model =
+                from_weights_with_ids(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
             train_loop(model, p, &device, &base)
         }
         Stage::Bt => {
-            let model = RewardModel::from_weights(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
+            let model =
+                RewardModel::from_weights(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
             train_loop(model, p, &device, &base)
         }
     }
@@ -91,10 +93,16 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
     let resume = if opts.resume {
         let saved = out.join("settings.toml");
         if !saved.exists() {
-            return Err(Error::Input(format!("{}: nothing to resume (no settings.toml)", out.display())));
+            return Err(Error::Input(format!(
+                "{}: nothing to resume (no settings.toml)",
+                out.display()
+            )));
         }
         let s = Settings::from_toml_file(&saved)?;
-        settings = Settings { out: out.clone(), ..s };
+        settings = Settings {
+            out: out.clone(),
+            ..s
+        };
         Some(checkpoint::latest(&out)?)
     } else {
         None
@@ -102,7 +110,9 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
     settings.validate()?;
 
     // The model to start from: the base, or the checkpoint being resumed.
-    let start = resume.as_ref().map_or_else(|| settings.model.clone(), |(dir, _)| dir.clone());
+    let start = resume
+        .as_ref()
+        .map_or_else(|| settings.model.clone(), |(dir, _)| dir.clone());
     let ckpt = Checkpoint::open(&start)?;
     let config = ckpt.config.clone();
     let tokenizer = ckpt.tokenizer()?;
@@ -119,13 +129,20 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
         let templates = Templates::auto(&tokenizer);
         let max = settings.bt_max_tokens.min(config.max_position_embeddings);
         let (t, _) = data::bt_pairs(&settings.data, "train", &templates, max)?;
-        let (v, _) = if valid_split.files.is_empty() { (Vec::new(), 0) } else { data::bt_pairs(&settings.data, "valid", &templates, max)? };
+        let (v, _) = if valid_split.files.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            data::bt_pairs(&settings.data, "valid", &templates, max)?
+        };
         (t, v)
     } else {
         (train_split.examples, valid_split.examples)
     };
     if train.is_empty() {
-        return Err(Error::data(settings.data.join(settings.stage.dataset_dir()), "the train split is empty"));
+        return Err(Error::data(
+            settings.data.join(settings.stage.dataset_dir()),
+            "the train split is empty",
+        ));
     }
     let ctx_len = config.max_position_embeddings;
     for (split, rows) in [("train", &train), ("valid", &valid)] {
@@ -151,7 +168,11 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
 
     // The run folder.
     if !opts.resume {
-        if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        if out.exists()
+            && std::fs::read_dir(&out)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
             if !opts.overwrite {
                 return Err(Error::Input(format!(
                     "{}: run folder exists; pass --resume to continue it or --overwrite to replace it",
@@ -179,9 +200,17 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
 }
 
 fn check_meta(split: &Split, tok: &GramTokenizer, labels: &LabelIds, data: &Path) -> Result<()> {
-    let file = split.files.first().map_or_else(|| data.to_path_buf(), Clone::clone);
+    let file = split
+        .files
+        .first()
+        .map_or_else(|| data.to_path_buf(), Clone::clone);
     match &split.meta.tokenizer {
-        None => return Err(Error::data(&file, "the dataset records no tokenizer (built without --model?)")),
+        None => {
+            return Err(Error::data(
+                &file,
+                "the dataset records no tokenizer (built without --model?)",
+            ));
+        }
         Some(f) if *f != tok.fingerprint() => {
             return Err(Error::data(
                 &file,
@@ -197,7 +226,10 @@ fn check_meta(split: &Split, tok: &GramTokenizer, labels: &LabelIds, data: &Path
     if let Some(l) = split.meta.label_ids
         && l != *labels
     {
-        return Err(Error::data(&file, format!("label ids {l:?} differ from the model's {labels:?}")));
+        return Err(Error::data(
+            &file,
+            format!("label ids {l:?} differ from the model's {labels:?}"),
+        ));
     }
     Ok(())
 }
@@ -242,7 +274,8 @@ struct Scale<'a> {
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            self.grads.register::<D>(param.id, g.mul_scalar(self.factor));
+            self.grads
+                .register::<D>(param.id, g.mul_scalar(self.factor));
         }
     }
 }
@@ -250,14 +283,20 @@ impl ModuleVisitor for Scale<'_> {
 /// Clips the global L2 norm of all gradients to `max_norm` (as torch's `clip_grad_norm_`);
 /// returns the norm before clipping.
 fn clip_global<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    let mut v = SquaredNorm { grads, parts: Vec::new() };
+    let mut v = SquaredNorm {
+        grads,
+        parts: Vec::new(),
+    };
     model.visit(&mut v);
     if v.parts.is_empty() {
         return 0.0;
     }
     let norm = f64::from(Tensor::cat(v.parts, 0).sum().into_scalar::<f32>()).sqrt();
     if max_norm > 0.0 && norm > max_norm {
-        let mut s = Scale { grads, factor: max_norm / (norm + 1e-6) };
+        let mut s = Scale {
+            grads,
+            factor: max_norm / (norm + 1e-6),
+        };
         model.visit(&mut s);
     }
     norm
@@ -288,7 +327,11 @@ impl Metrics {
                 .collect();
             gram_core::atomic_write(&path, kept.as_bytes())?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         Ok(Self { file, path })
     }
 
@@ -303,16 +346,31 @@ fn eval_json(step: usize, e: &Eval) -> serde_json::Value {
 
 fn describe(e: &Eval) -> String {
     match e.acc {
-        Some(a) => format!("valid loss {:.4} acc {:.1}% ({} pairs)", e.loss, 100.0 * a, e.n),
+        Some(a) => format!(
+            "valid loss {:.4} acc {:.1}% ({} pairs)",
+            e.loss,
+            100.0 * a,
+            e.n
+        ),
         None => format!("valid loss {:.4} ({} rows)", e.loss, e.n),
     }
 }
 
 #[allow(clippy::too_many_lines)]
-fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_device: &Device) -> Result<Summary> {
+fn train_loop<M: Saveable>(
+    mut model: M,
+    p: Prepared,
+    device: &Device,
+    eval_device: &Device,
+) -> Result<Summary> {
     let s = &p.settings;
     let run = s.out.clone();
-    let ctx = Ctx { stage: s.stage, pad: p.tokenizer.pad_id(), labels: p.labels, eps: s.label_smoothing };
+    let ctx = Ctx {
+        stage: s.stage,
+        pad: p.tokenizer.pad_id(),
+        labels: p.labels,
+        eps: s.label_smoothing,
+    };
     let lengths: Vec<usize> = p.train.iter().map(Example::len).collect();
     let batches_per_epoch = p.train.len().div_ceil(s.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(s.grad_accum);
@@ -337,7 +395,9 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
     };
     if let Some((dir, saved)) = &p.resume {
         let opt_path = dir.join("optimizer.bpk");
-        optim = optim.load(&opt_path).map_err(|e| Error::data(&opt_path, format!("optimizer state: {e}")))?;
+        optim = optim
+            .load(&opt_path)
+            .map_err(|e| Error::data(&opt_path, format!("optimizer state: {e}")))?;
         state = saved.clone();
         if state.total_steps != total {
             return Err(Error::Input(format!(
@@ -386,7 +446,11 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
             p.origin,
             p.train.len(),
             p.valid.len(),
-            if s.stage == Stage::Bt { "pairs" } else { "rows" },
+            if s.stage == Stage::Bt {
+                "pairs"
+            } else {
+                "rows"
+            },
             total,
             s.grad_accum,
             s.batch_size,
@@ -394,14 +458,22 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
             s.backend
         );
     } else {
-        eprintln!("gram-train {}: resuming {} at step {}/{}", s.stage.name(), run.display(), state.step, total);
+        eprintln!(
+            "gram-train {}: resuming {} at step {}/{}",
+            s.stage.name(),
+            run.display(),
+            state.step,
+            total
+        );
     }
 
-    let mut batches = data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, state.epoch);
+    let mut batches =
+        data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, state.epoch);
     let started = Instant::now();
     let elapsed0 = state.elapsed_s;
     let mut tokens_this_process = 0u64;
-    let (mut win_loss, mut win_correct, mut win_rows, mut win_n, mut win_tokens) = (0.0f64, 0usize, 0usize, 0usize, 0usize);
+    let (mut win_loss, mut win_correct, mut win_rows, mut win_n, mut win_tokens) =
+        (0.0f64, 0usize, 0usize, 0usize, 0usize);
     let mut win_start = Instant::now();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
     let mut last_eval: Option<Eval> = None;
@@ -414,9 +486,18 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
             if state.batch_in_epoch >= batches.len() {
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
-                batches = data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, state.epoch);
+                batches = data::epoch_batches(
+                    &lengths,
+                    s.batch_size,
+                    s.bucket_window,
+                    s.seed,
+                    state.epoch,
+                );
             }
-            let rows: Vec<&Example> = batches[state.batch_in_epoch].iter().map(|&i| &p.train[i]).collect();
+            let rows: Vec<&Example> = batches[state.batch_in_epoch]
+                .iter()
+                .map(|&i| &p.train[i])
+                .collect();
             state.batch_in_epoch += 1;
             let (loss, correct, stats) = model.batch_loss(&rows, &ctx, device);
             let loss_v = f64::from(loss.clone().into_scalar::<f32>());
@@ -459,7 +540,9 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
                 "step": state.step, "epoch": state.epoch, "split": "train", "loss": loss_mean, "acc": acc_v,
                 "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s,
             }))?;
-            let acc_txt = acc_v.map(|a| format!(" acc {:.1}%", 100.0 * a)).unwrap_or_default();
+            let acc_txt = acc_v
+                .map(|a| format!(" acc {:.1}%", 100.0 * a))
+                .unwrap_or_default();
             let msg = format!("loss {loss_mean:.4}{acc_txt} {:.0} tok/s", tps);
             if quiet_log {
                 eprintln!("step {}/{} {msg} lr {lr:.2e}", state.step, total);
@@ -470,9 +553,12 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
         }
         bar.set_position(state.step as u64);
 
-        let eval_now = !p.valid.is_empty() && ((s.eval_every > 0 && state.step % s.eval_every == 0) || state.step == total);
+        let eval_now = !p.valid.is_empty()
+            && ((s.eval_every > 0 && state.step % s.eval_every == 0) || state.step == total);
         if eval_now {
-            let e = model.valid().evaluate(&p.valid, &ctx, s.batch_size * 2, eval_device);
+            let e = model
+                .valid()
+                .evaluate(&p.valid, &ctx, s.batch_size * 2, eval_device);
             metrics.write(&eval_json(state.step, &e))?;
             bar.println(format!("step {}: {}", state.step, describe(&e)));
             last_eval = Some(e);
@@ -499,11 +585,13 @@ fn train_loop<M: Saveable>(mut model: M, p: Prepared, device: &Device, eval_devi
         valid: last_eval,
         tokens_per_s: tokens_this_process as f64 / secs,
     };
-    let text = serde_json::to_string_pretty(&summary).map_err(|e| Error::Internal(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(&summary).map_err(|e| Error::Internal(e.to_string()))?;
     gram_core::atomic_write(&run.join("summary.json"), text.as_bytes())?;
     Ok(summary)
 }
 
 fn progress_enabled() -> bool {
-    std::env::var_os("NO_PROGRESS").is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    std::env::var_os("NO_PROGRESS").is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
 }

@@ -195,7 +195,7 @@ fn pairwise_keeps_every_row_resumes_after_kill_and_is_position_independent() -> 
     }
     let s = f32s(&out, "score_a")?;
     let err = out
-        .column_by_name("error")
+        .column_by_name("score_error")
         .context("error column")?
         .as_any()
         .downcast_ref::<StringArray>()

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Scoring throughput of gram-score (onnxruntime) beside PyTorch eager on the same model and the
+# same real preference pairs, same machine, same run, plus the machine's f32 GEMM peak. Run by
+# hand (not in CI):
+#
+#   bash benches/score_speed.sh [ROUNDS] [PAIRS]      # defaults 3 rounds, 96 pairs
+#
+# Pairs: the held-out (test) split of hh-rlhf harmless + PandaLM + LLMBar as `gram-data build`
+# makes it with SmolLM2's tokenizer and chat template (max 1024 tokens). Models: a ~44M LLaMA
+# (benches/score/llama-40m.json, random weights, SmolLM2's vocabulary) and SmolLM2-135M-Instruct
+# (the Q4_1 GGUF, dequantised to f32 on both sides). gram-score runs `pairwise` end to end
+# (Parquet in and out, tokenisation included, model loading excluded); PyTorch scores the same
+# token ids in file order, 8 pairs (16 sequences) per batch, full forward, as GRAM's evaluation
+# does (benches/score/torch_reference.py). Each side runs ROUNDS times, alternating; medians.
+#
+# GEMM efficiency: the FLOPs gram-score actually did (its report counts padded tokens and
+# attention cells; matrix products only: 2 x non-embedding weights per token, plus QK^T and PV)
+# over its time, divided by the best f32 GEMM rate PyTorch's BLAS reaches here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${1:-3}"
+PAIRS="${2:-96}"
+bash scripts/setup.sh >/dev/null
+source "${GRAM_CACHE:-$HOME/.cache/gram-rs}/env.sh"
+cargo build --bins -q
+BIN="$CARGO_TARGET_DIR/debug"
+VENV="$GRAM_CACHE/torch-venv"
+if ! "$VENV/bin/python" -c 'import torch, transformers, pyarrow, gguf' 2>/dev/null; then
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" -q install --find-links "$GRAM_CACHE/wheels" torch==2.15.0 transformers==5.24.0 pyarrow gguf
+fi
+THREADS=$(nproc)
+WORK="$GRAM_CACHE/bench-score"; mkdir -p "$WORK"; rm -f "$WORK"/*.jsonl
+
+# Data: the real sets, tokenised as the judge sees them.
+[ -d "$WORK/data" ] || "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml \
+    pipelines/llmbar.toml --model "$GRAM_SMOLLM2_GGUF" --out "$WORK/data" --max-tokens 1024 --quiet >/dev/null
+STAGE2="$WORK/stage2-test.parquet"
+"$VENV/bin/python" - "$WORK/data/stage2" "$STAGE2" "$WORK/pairs.parquet" "$PAIRS" <<'PY'
+import glob, sys
+import pyarrow as pa, pyarrow.parquet as pq
+src, stage2, pairs, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+t = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(f"{src}/test-*.parquet"))])
+rows = t.to_pylist()
+seen, keep = {}, []
+for r in rows:
+    seen.setdefault(r["pair_id"], []).append(r)
+ids = [p for p in dict.fromkeys(r["pair_id"] for r in rows) if len(seen[p]) == 2][:n]
+both = [r for p in ids for r in seen[p]]
+pq.write_table(pa.Table.from_pylist(both, schema=t.schema), stage2)
+first = [next(r for r in seen[p] if not r["swapped"]) for p in ids]
+pq.write_table(pa.table({k: [r[k] for r in first] for k in ["pair_id", "source", "prompt", "response_a", "response_b", "label"]}), pairs)
+print(f"{len(ids)} pairs", file=sys.stderr)
+PY
+
+# Models: HF folders for PyTorch, ONNX exports for gram-score.
+[ -f "$WORK/llama-40m/model.safetensors" ] || "$BIN/gram-train" init --model-config benches/score/llama-40m.json \
+    --tokenizer ../shared/fixtures/smollm2 --out "$WORK/llama-40m" --seed 1 >/dev/null
+[ -f "$WORK/llama-40m.onnx/model.onnx" ] || "$BIN/gram-export" onnx --model "$WORK/llama-40m" --out "$WORK/llama-40m.onnx" \
+    --max-tokens 1024 --overwrite >/dev/null
+[ -f "$WORK/smollm2.onnx/model.onnx" ] || "$BIN/gram-export" onnx --model "$GRAM_SMOLLM2_GGUF" --out "$WORK/smollm2.onnx" \
+    --max-tokens 1024 --overwrite >/dev/null
+LABELS=$(python3 -c "import json;m=json.load(open('$WORK/smollm2.onnx/gram-export.json'));print(f\"{m['label_ids']['a']},{m['label_ids']['b']}\")")
+
+"$VENV/bin/python" benches/score/gemm_peak.py --threads "$THREADS" > "$WORK/gemm.json"
+run_pair() { # name onnx-dir torch-args...
+    local name=$1 onnx=$2; shift 2
+    for r in $(seq "$ROUNDS"); do
+        rm -f "$WORK/$name.out.parquet"
+        "$BIN/gram-score" pairwise --model "$onnx" --input "$WORK/pairs.parquet" --output "$WORK/$name.out.parquet" \
+            --quiet --restart --report "$WORK/$name.report.json" >/dev/null
+        python3 -c "import json,sys;print(json.dumps(json.load(open(sys.argv[1]))))" "$WORK/$name.report.json" >> "$WORK/$name.rust.jsonl"
+        "$VENV/bin/python" benches/score/torch_reference.py "$@" --data "$STAGE2" --pairs "$PAIRS" \
+            --label-ids "$LABELS" --threads "$THREADS" >> "$WORK/$name.torch.jsonl"
+    done
+}
+run_pair llama-40m "$WORK/llama-40m.onnx" --model "$WORK/llama-40m"
+run_pair smollm2 "$WORK/smollm2.onnx" --model "$(dirname "$GRAM_SMOLLM2_GGUF")" --gguf "$(basename "$GRAM_SMOLLM2_GGUF")"
+
+"$VENV/bin/python" - "$WORK" <<'PY'
+import json, statistics, sys
+import pyarrow.parquet as pq
+work = sys.argv[1]
+gemm = json.load(open(f"{work}/gemm.json"))["gemm_gflops"]
+print(f"f32 GEMM peak (PyTorch BLAS, {json.load(open(f'{work}/gemm.json'))['threads']} threads): {gemm:.1f} GFLOP/s")
+print(f"{'model':<10} {'pairs':>6} {'gram-score pairs/s':>19} {'pytorch pairs/s':>16} {'ratio':>7} {'GFLOP/s':>8} {'of peak':>8} {'max |score diff|':>17}")
+for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
+    rs = [json.loads(l) for l in open(f"{work}/{name}.rust.jsonl")]
+    ts = [json.loads(l) for l in open(f"{work}/{name}.torch.jsonl")]
+    r = statistics.median(x["rows"] / x["seconds"] for x in rs)
+    t = statistics.median(x["pairs_per_s"] for x in ts)
+    m = json.load(open(f"{work}/{name}.onnx/gram-export.json"))
+    c = json.load(open(f"{work}/{cfg}")) if cfg else {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+    h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    d = c.get("head_dim", h // c["num_attention_heads"])
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    per_token = 2 * L * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    flops = statistics.median(
+        (x["work"]["padded_tokens"] * per_token + x["work"]["attention_cells"] * 4 * q * L) / x["seconds"] for x in rs
+    ) / 1e9
+    ours = pq.read_table(f"{work}/{name}.out.parquet").column("score_a").to_pylist()
+    diff = max(abs(a - b) for a, b in zip(ours, ts[-1]["scores"]))
+    print(f"{name:<10} {rs[0]['rows']:>6} {r:>19.2f} {t:>16.2f} {r / t:>6.2f}x {flops:>8.1f} {flops / gemm:>7.0%} {diff:>17.2e}")
+PY
