@@ -7,7 +7,8 @@
 //! (concatenated weights, then Split); RMS norms use the Pow-ReduceMean-Add-Sqrt-Div-Mul pattern
 //! that onnxruntime fuses into one kernel; grouped query heads are folded into the row axis of
 //! one batched product per key/value head instead of copying keys and values; the `judge` head
-//! multiplies only the last position by only the two label rows of the output matrix.
+//! multiplies only the last position by only the two label rows of the output matrix, and its
+//! last layer computes only that position past the key/value projections.
 
 use std::collections::BTreeMap;
 
@@ -150,6 +151,19 @@ impl Builder<'_> {
         self.g.node("Add", &[&a, &b], vec![])
     }
 
+    /// `x[:, -1:, ...]` along `axis`.
+    fn last(&mut self, x: &str, axis: i64) -> String {
+        let (st, en, ax) = (
+            self.g.vec_i64(&[-1]),
+            self.g.vec_i64(&[i64::MAX]),
+            self.g.vec_i64(&[axis]),
+        );
+        self.g.node("Slice", &[x, &st, &en, &ax], vec![])
+    }
+
+    /// One decoder layer. With `last_only` (the judge head's last layer) only the last position
+    /// is computed past the key/value projections: its query, attention row, output
+    /// projection and MLP; the output is `[batch, 1, hidden]`.
     fn layer(
         &mut self,
         l: usize,
@@ -157,6 +171,7 @@ impl Builder<'_> {
         cos: &str,
         sin: &str,
         bias: &str,
+        last_only: bool,
     ) -> Result<String, MissingTensor> {
         let c = self.c;
         let p = format!("model.layers.{l}");
@@ -167,22 +182,41 @@ impl Builder<'_> {
             c.num_key_value_heads,
         );
         let (q, kv) = (nh * d, nkv * d);
+        let (qp, kp, vp) = (
+            format!("{p}.self_attn.q_proj"),
+            format!("{p}.self_attn.k_proj"),
+            format!("{p}.self_attn.v_proj"),
+        );
         let xn = self.rms_norm(x, &format!("{p}.input_layernorm.weight"), h)?;
-        let qkv = self.linear(
-            &xn,
-            &[
-                &format!("{p}.self_attn.q_proj"),
-                &format!("{p}.self_attn.k_proj"),
-                &format!("{p}.self_attn.v_proj"),
-            ],
-            &[[q, h], [kv, h], [kv, h]],
-            c.qkv_bias,
-            &format!("{p}.self_attn.qkv_proj"),
-        )?;
-        let split = self.g.vec_i64(&[q as i64, kv as i64, kv as i64]);
-        let parts = self
-            .g
-            .node_multi("Split", &[&qkv, &split], 3, vec![("axis", Attr::Int(2))]);
+        let (qx, kx, vx) = if last_only {
+            let xl = self.last(&xn, 1);
+            let qx = self.linear(&xl, &[&qp], &[[q, h]], c.qkv_bias, &qp)?;
+            let kvx = self.linear(
+                &xn,
+                &[&kp, &vp],
+                &[[kv, h], [kv, h]],
+                c.qkv_bias,
+                &format!("{p}.self_attn.kv_proj"),
+            )?;
+            let split = self.g.vec_i64(&[kv as i64, kv as i64]);
+            let parts =
+                self.g
+                    .node_multi("Split", &[&kvx, &split], 2, vec![("axis", Attr::Int(2))]);
+            (qx, parts[0].clone(), parts[1].clone())
+        } else {
+            let qkv = self.linear(
+                &xn,
+                &[&qp, &kp, &vp],
+                &[[q, h], [kv, h], [kv, h]],
+                c.qkv_bias,
+                &format!("{p}.self_attn.qkv_proj"),
+            )?;
+            let split = self.g.vec_i64(&[q as i64, kv as i64, kv as i64]);
+            let parts =
+                self.g
+                    .node_multi("Split", &[&qkv, &split], 3, vec![("axis", Attr::Int(2))]);
+            (parts[0].clone(), parts[1].clone(), parts[2].clone())
+        };
         let heads = |b: &mut Self,
                      y: &str,
                      n: usize,
@@ -201,10 +235,15 @@ impl Builder<'_> {
         };
         let qn = c.qk_norm.then(|| format!("{p}.self_attn.q_norm.weight"));
         let kn = c.qk_norm.then(|| format!("{p}.self_attn.k_norm.weight"));
-        let qh = heads(self, &parts[0], nh, qn)?;
-        let kh = heads(self, &parts[1], nkv, kn)?;
-        let vh = heads(self, &parts[2], nkv, None)?;
-        let qh = self.rope(&qh, cos, sin);
+        let qh = heads(self, &qx, nh, qn)?;
+        let kh = heads(self, &kx, nkv, kn)?;
+        let vh = heads(self, &vx, nkv, None)?;
+        let (qcos, qsin, qbias) = if last_only {
+            (self.last(cos, 2), self.last(sin, 2), self.last(bias, 2))
+        } else {
+            (cos.to_string(), sin.to_string(), bias.to_string())
+        };
+        let qh = self.rope(&qh, &qcos, &qsin);
         let kh = self.rope(&kh, cos, sin);
         let scale = self.g.scalar(1.0 / (d as f32).sqrt());
         let qh = self.g.node("Mul", &[&qh, &scale], vec![]);
@@ -227,7 +266,7 @@ impl Builder<'_> {
             let s = self.g.vec_i64(&[0, nh as i64, -1, 0]);
             scores = self.g.node("Reshape", &[&scores, &s], vec![]);
         }
-        let scores = self.g.node("Add", &[&scores, bias], vec![]);
+        let scores = self.g.node("Add", &[&scores, &qbias], vec![]);
         let mut probs = self
             .g
             .node("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
@@ -254,7 +293,12 @@ impl Builder<'_> {
             c.o_bias,
             &format!("{p}.self_attn.o_proj"),
         )?;
-        let x = self.g.node("Add", &[x, &o], vec![]);
+        let resid = if last_only {
+            self.last(x, 1)
+        } else {
+            x.to_string()
+        };
+        let x = self.g.node("Add", &[&resid, &o], vec![]);
 
         let i = c.intermediate_size;
         let xn = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"), h)?;
@@ -372,7 +416,8 @@ pub fn build(
     let mut x =
         b.g.node("Gather", &[&emb_name, &ids], vec![("axis", Attr::Int(0))]);
     for l in 0..c.num_hidden_layers {
-        x = b.layer(l, &x, &cos, &sin, &bias)?;
+        let last_only = matches!(head, Head::Judge(_)) && l + 1 == c.num_hidden_layers;
+        x = b.layer(l, &x, &cos, &sin, &bias, last_only)?;
     }
     let head_name = if c.tie_word_embeddings {
         "model.embed_tokens.weight"
