@@ -15,7 +15,8 @@ use crate::proto::{
 pub const OPSET: i64 = 17;
 /// The IR version that goes with [`OPSET`].
 pub const IR_VERSION: i64 = 8;
-/// Protobuf messages cannot exceed 2 GiB; past this many bytes of weights they go to a side file.
+/// Protobuf messages cannot exceed 2 GiB; past this many bytes of weights they go to a side file
+/// (the default of `gram-export onnx --external-data-over`).
 pub const INLINE_LIMIT: usize = 1 << 30;
 
 /// An attribute value.
@@ -214,7 +215,7 @@ impl Graph {
         self.nodes.len()
     }
 
-    /// Writes `model.onnx` (and `model.onnx.data` when the weights pass [`INLINE_LIMIT`]) into
+    /// Writes `model.onnx` (and `model.onnx.data` when the weights pass `inline_limit` bytes) into
     /// `dir`. Returns the files written, for the caller's atomic folder rename.
     pub fn write(
         self,
@@ -222,9 +223,10 @@ impl Graph {
         file: &str,
         metadata: &[(&str, String)],
         doc: &str,
+        inline_limit: usize,
     ) -> std::io::Result<Vec<String>> {
         let total: usize = self.inits.iter().map(|i| i.bytes.len()).sum();
-        let external = total > INLINE_LIMIT;
+        let external = total > inline_limit;
         let data_name = format!("{file}.data");
         let mut files = vec![file.to_string()];
         let mut data_file = if external {

@@ -83,6 +83,9 @@ pub struct ExportOptions {
     pub tolerance: f32,
     /// Replace an existing output folder.
     pub overwrite: bool,
+    /// Weights beyond this many bytes go to `model.onnx.data` instead of inside the graph
+    /// (protobuf's 2 GiB limit); [`graph::INLINE_LIMIT`] by default.
+    pub external_data_over: usize,
 }
 
 /// What an export produced.
@@ -168,7 +171,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             source.display()
         );
         let mut files = graph
-            .write(&tmp, "model.onnx", &meta, &doc)
+            .write(&tmp, "model.onnx", &meta, &doc, opts.external_data_over)
             .map_err(|e| Error::File {
                 path: tmp.join("model.onnx"),
                 msg: e.to_string(),

@@ -73,6 +73,10 @@ enum Cmd {
         /// Replace OUT if it exists.
         #[arg(long)]
         overwrite: bool,
+        /// Put the weights in OUT/model.onnx.data when they pass this many bytes (protobuf
+        /// messages are limited to 2 GiB).
+        #[arg(long, default_value_t = gram_export::graph::INLINE_LIMIT)]
+        external_data_over: usize,
     },
 }
 
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         verify,
         tolerance,
         overwrite,
+        external_data_over,
     } = Cli::parse().cmd;
     let opts = ExportOptions {
         model,
@@ -104,6 +109,7 @@ fn main() -> ExitCode {
         verify,
         tolerance,
         overwrite,
+        external_data_over,
     };
     match export(&opts) {
         Ok(r) => {

@@ -65,7 +65,32 @@ fn onnx_lm_logits_match_transformers_for_every_tiny_model() -> Result<()> {
     for name in TINY {
         let src = fixtures().join("hf-tiny").join(name);
         let out = root.join(name);
-        export(&src, &out, "lm", &["--verify"])?;
+        // One model with its weights in model.onnx.data (the layout used past 1 GiB).
+        let external = *name == "qwen2";
+        export(
+            &src,
+            &out,
+            "lm",
+            if external {
+                &["--verify", "--external-data-over", "0"]
+            } else {
+                &["--verify"]
+            },
+        )?;
+        ensure!(
+            out.join("model.onnx.data").exists() == external,
+            "{name}: model.onnx.data presence"
+        );
+        if external {
+            let (g, d) = (
+                std::fs::metadata(out.join("model.onnx"))?.len(),
+                std::fs::metadata(out.join("model.onnx.data"))?.len(),
+            );
+            ensure!(
+                g < 64 * 1024 && d > 100_000,
+                "{name}: graph {g} bytes, data {d} bytes: weights not external"
+            );
+        }
         let bytes = std::fs::read(src.join("expected.safetensors"))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
         let (shape, ids) = fixture_tensor(&st, "input_ids")?;
