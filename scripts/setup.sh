@@ -2,7 +2,7 @@
 # Installs what GRAM-rs's tests and main job need on a fresh Debian machine, into a cache
 # outside the clone. Idempotent: every step checks before it fetches.
 #
-#   scripts/setup.sh            # apt packages + model + onnxruntime
+#   scripts/setup.sh            # apt packages + model + onnxruntime + Python onnx (checker)
 #   GRAM_CACHE=/somewhere scripts/setup.sh
 #
 # Prints `export` lines for the environment it prepared (eval them, or source scripts/env.sh).
@@ -15,7 +15,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # 1. Debian packages: Mesa's lavapipe (a Vulkan device on the CPU, for the wgpu tests) and
 #    the Vulkan loader. Skipped when already installed or when not root.
 need_apt=()
-for p in mesa-vulkan-drivers libvulkan1 unzip; do
+for p in mesa-vulkan-drivers libvulkan1 unzip python3-venv; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
 done
 if ((${#need_apt[@]})); then
@@ -60,6 +60,18 @@ if [ ! -s "$ORT_LIB" ]; then
     unzip -p "$whl" "onnxruntime/capi/libonnxruntime.so.$ORT_VER" > "$tmp/lib.so"
     mv "$tmp/lib.so" "$ORT_LIB"
     rm -rf "$tmp"
+fi
+
+# 4. Python's onnx package in a small venv: the tests run onnx.checker on exported graphs.
+ONNX_PY="$CACHE/onnx-venv/bin/python"
+if ! "$ONNX_PY" -c 'import onnx' 2>/dev/null; then
+    log "installing onnx (onnx.checker for the export tests)"
+    if ${PYTHON:-python3} -m venv "$CACHE/onnx-venv" >/dev/null 2>&1 \
+        && "$CACHE/onnx-venv/bin/pip" -q install --disable-pip-version-check "onnx==1.23.2" >/dev/null 2>&1; then
+        :
+    else
+        log "could not install onnx; the export tests will skip onnx.checker"
+    fi
 fi
 
 cat > "$CACHE/env.sh" <<ENV

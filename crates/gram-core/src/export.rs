@@ -56,6 +56,10 @@ pub struct ExportManifest {
     pub source: PathBuf,
     /// Fingerprint of the tokenizer saved beside the graph.
     pub tokenizer_fingerprint: String,
+    /// Token ids every judge prompt starts with, whose keys and values are inside the graph: the
+    /// graph's inputs are the tokens after them (None: inputs are whole sequences).
+    #[serde(default)]
+    pub prefix_tokens: Option<Vec<u32>>,
     /// The largest difference onnxruntime showed against burn in `--verify`, if it ran.
     pub verified_max_abs_diff: Option<f32>,
 }

@@ -310,6 +310,12 @@ impl<'t> Tokenizer<'t> {
         self.judge_prefix.is_some()
     }
 
+    /// The ids of the judge prefix (chat template, system prompt, judge instruction,
+    /// `[User Question]`), when every judge prompt's ids provably start with them.
+    pub fn judge_prefix_ids(&self) -> Option<&[u32]> {
+        self.judge_prefix.as_ref().map(|c| c.ids.as_slice())
+    }
+
     /// Stage-2 ids by tokenising the whole judge prompt (the reference for the cached path).
     pub fn stage2_uncached(&self, x: &str, a: &str, b: &str) -> Result<Vec<u32>> {
         Ok(self

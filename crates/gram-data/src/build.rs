@@ -596,7 +596,7 @@ fn run(
         &meta,
     );
     let mut stats = Stats::default();
-    let mut seen: HashMap<[u8; 16], String> = HashMap::new();
+    let mut seen = Seen::default();
 
     let total_bytes: u64 = files
         .iter()
@@ -810,12 +810,42 @@ fn run(
     Ok(stats)
 }
 
+/// Pairs seen so far, by a 128-bit hash of the normalised prompt and responses, with where each
+/// was first seen: 32 bytes per pair (plus the table's slack), so the dedup state of a build of
+/// tens of millions of pairs stays in the hundreds of MB. File names are stored once.
+#[derive(Default)]
+struct Seen {
+    first: HashMap<u128, (u32, u64)>,
+    files: Vec<String>,
+    file_ids: HashMap<String, u32>,
+}
+
+impl Seen {
+    /// Records the pair; if it was seen before, says where.
+    fn first_seen(&mut self, key: u128, file: &str, row: u64) -> Option<String> {
+        if let Some(&(f, r)) = self.first.get(&key) {
+            return Some(format!("at {} row {r}", self.files[f as usize]));
+        }
+        let f = match self.file_ids.get(file) {
+            Some(&f) => f,
+            None => {
+                let f = self.files.len() as u32;
+                self.files.push(file.to_string());
+                self.file_ids.insert(file.to_string(), f);
+                f
+            }
+        };
+        self.first.insert(key, (f, row));
+        None
+    }
+}
+
 fn check_pair(
     m: MappedPair,
     idx: u32,
     spec: &Spec,
     opts: &BuildOptions,
-    seen: &mut HashMap<[u8; 16], String>,
+    seen: &mut Seen,
 ) -> std::result::Result<Pair, Reject> {
     let rej = |reason: String, m: &MappedPair| {
         Reject {
@@ -888,10 +918,9 @@ fn check_pair(
     let key = blake3::hash([norm(prompt).as_str(), lo, hi].join("\u{0}").as_bytes());
     let mut k = [0u8; 16];
     k.copy_from_slice(&key.as_bytes()[..16]);
-    if let Some(first) = seen.get(&k) {
+    if let Some(first) = seen.first_seen(u128::from_le_bytes(k), &m.file, m.row) {
         return Err(rej(format!("duplicate of pair {first}"), &m));
     }
-    seen.insert(k, id.clone());
     Ok(Pair {
         file: m.file.clone(),
         row: m.row,

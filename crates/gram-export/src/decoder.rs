@@ -24,6 +24,22 @@ pub enum Head {
     Judge(Vec<u32>),
     /// `logits` `[batch, seq, vocab]`: every position, the whole vocabulary.
     Lm,
+    /// `key_{l}`, `value_{l}` `[batch, kv_heads, seq, head_dim]` of every layer (rotated): used
+    /// once at export to precompute the judge prefix.
+    KeyValues,
+}
+
+/// Keys and values of a fixed token prefix (the judge template before the question), per
+/// layer, `[1, kv_heads, len, head_dim]`: baked into a judge graph, whose inputs are then only
+/// the tokens after the prefix.
+#[derive(Debug, Clone)]
+pub struct PrefixKv {
+    /// The prefix's token ids.
+    pub ids: Vec<u32>,
+    /// Keys per layer.
+    pub keys: Vec<Vec<f32>>,
+    /// Values per layer.
+    pub values: Vec<Vec<f32>>,
 }
 
 /// Errors of graph construction: a tensor missing or of the wrong size.
@@ -83,6 +99,11 @@ struct Builder<'a> {
     w: W<'a>,
     c: &'a ModelConfig,
     eps: String,
+    prefix: Option<&'a PrefixKv>,
+    /// `[batch, 1, 1, 1]`, to broadcast the prefix's keys and values over the batch.
+    batch_shape: String,
+    /// Each layer's rotated keys and values (for [`Head::KeyValues`]).
+    kv_out: Vec<(String, String)>,
 }
 
 impl Builder<'_> {
@@ -245,6 +266,34 @@ impl Builder<'_> {
         };
         let qh = self.rope(&qh, &qcos, &qsin);
         let kh = self.rope(&kh, cos, sin);
+        self.kv_out.push((kh.clone(), vh.clone()));
+        // With a precomputed prefix, its keys and values come first (they are always visible:
+        // the mask's prefix columns are 0).
+        let (kh, vh) = match self.prefix {
+            Some(p) => {
+                let n = p.ids.len();
+                let kp = self.g.weight(
+                    &format!("{p_}.prefix_keys", p_ = p_name(l)),
+                    &[1, nkv, n, d],
+                    &p.keys[l],
+                );
+                let vp = self.g.weight(
+                    &format!("{p_}.prefix_values", p_ = p_name(l)),
+                    &[1, nkv, n, d],
+                    &p.values[l],
+                );
+                let bs = self.batch_shape.clone();
+                let kp = self.g.node("Expand", &[&kp, &bs], vec![]);
+                let vp = self.g.node("Expand", &[&vp, &bs], vec![]);
+                (
+                    self.g
+                        .node("Concat", &[&kp, &kh], vec![("axis", Attr::Int(2))]),
+                    self.g
+                        .node("Concat", &[&vp, &vh], vec![("axis", Attr::Int(2))]),
+                )
+            }
+            None => (kh, vh),
+        };
         let scale = self.g.scalar(1.0 / (d as f32).sqrt());
         let qh = self.g.node("Mul", &[&qh, &scale], vec![]);
         // Grouped heads: q [b, nh, t, d] viewed as [b, nkv, rep*t, d] meets k [b, nkv, t, d]
@@ -327,46 +376,69 @@ impl Builder<'_> {
     }
 }
 
+fn p_name(l: usize) -> String {
+    format!("model.layers.{l}.self_attn")
+}
+
 /// Builds the graph. `inv_freq` are the rotary inverse frequencies (gram-model computes them as
-/// transformers does, scaling included).
+/// transformers does, scaling included). With `prefix` (judge head only) the inputs are the
+/// tokens after that prefix: positions start at its length and every query also attends to its
+/// precomputed keys and values.
 pub fn build(
     c: &ModelConfig,
     tensors: &BTreeMap<String, F32Tensor>,
     inv_freq: &[f32],
     head: &Head,
+    prefix: Option<&PrefixKv>,
 ) -> Result<Graph, MissingTensor> {
     let mut g = Graph::default();
-    let ids = g.input(
-        "input_ids",
-        dtype::INT64,
-        &[Dim::Named("batch"), Dim::Named("sequence")],
-    );
-    let mask = g.input(
-        "attention_mask",
-        dtype::INT64,
-        &[Dim::Named("batch"), Dim::Named("sequence")],
-    );
+    let dyn2 = [Dim::Named("batch"), Dim::Named("sequence")];
+    let ids = g.input("input_ids", dtype::INT64, &dyn2);
+    let mask = g.input("attention_mask", dtype::INT64, &dyn2);
     let eps = g.scalar(c.rms_norm_eps as f32);
+    let float = || vec![("to", Attr::Int(i64::from(dtype::FLOAT)))];
+    let const_f = |x: f32| {
+        vec![(
+            "value",
+            Attr::Tensor(crate::proto::TensorProto {
+                dims: vec![1],
+                data_type: Some(dtype::FLOAT),
+                raw_data: Some(x.to_le_bytes().to_vec()),
+                ..Default::default()
+            }),
+        )]
+    };
+    let shape = g.node("Shape", &[&ids], vec![]);
+    let (idx0, idx1) = (g.vec_i64(&[0]), g.vec_i64(&[1]));
+    let bsz = g.node("Gather", &[&shape, &idx0], vec![("axis", Attr::Int(0))]);
+    let t = g.node("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
+    let ones3 = g.vec_i64(&[1, 1, 1]);
+    let batch_shape = g.node("Concat", &[&bsz, &ones3], vec![("axis", Attr::Int(0))]);
     let mut b = Builder {
         g,
         w: W { t: tensors },
         c,
         eps,
+        prefix,
+        batch_shape,
+        kv_out: Vec::new(),
     };
     let (h, v) = (c.hidden_size, c.vocab_size);
+    let plen = prefix.map_or(0, |p| p.ids.len());
 
-    // Positions count real tokens: cumsum(mask) - 1, clamped at 0 (padding rows get 0).
+    // Positions count real tokens: cumsum(mask) - 1, clamped at 0 (padding rows get 0), after
+    // the prefix if there is one.
     let g = &mut b.g;
     let one_ax = g.ints(&[], &[1]);
     let cum = g.node("CumSum", &[&mask, &one_ax], vec![]);
-    let cumf = g.node(
-        "Cast",
-        &[&cum],
-        vec![("to", Attr::Int(i64::from(dtype::FLOAT)))],
-    );
+    let cumf = g.node("Cast", &[&cum], float());
     let one = g.scalar(1.0);
     let pos = g.node("Sub", &[&cumf, &one], vec![]);
-    let pos = g.node("Relu", &[&pos], vec![]);
+    let mut pos = g.node("Relu", &[&pos], vec![]);
+    if plen > 0 {
+        let p = g.scalar(plen as f32);
+        pos = g.node("Add", &[&pos, &p], vec![]);
+    }
     let ax2 = g.vec_i64(&[2]);
     let pos = g.node("Unsqueeze", &[&pos, &ax2], vec![]);
     let inv = g.weight("rope.inv_freq", &[inv_freq.len()], inv_freq);
@@ -378,37 +450,29 @@ pub fn build(
     let sin = g.node("Sin", &[&emb], vec![]);
     let sin = g.node("Unsqueeze", &[&sin, &ax1], vec![]);
 
-    // Additive mask [b, 1, t, t]: 0 where query i may see key j (j <= i, j real), -1e30 elsewhere
-    // (finite, as in gram-model: a padding query's row softmaxes to uniform, never NaN).
-    let shape = g.node("Shape", &[&ids], vec![]);
-    let idx1 = g.vec_i64(&[1]);
-    let t = g.node("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
+    // Additive mask [b, 1, t, (prefix +) t]: 0 where query i may see key j (j <= i, j real; every
+    // prefix key), -1e30 elsewhere (finite, as in gram-model: a padding query's row softmaxes to
+    // uniform, never NaN).
     let tt = g.node("Concat", &[&t, &t], vec![("axis", Attr::Int(0))]);
-    let ones = g.node(
-        "ConstantOfShape",
-        &[&tt],
-        vec![(
-            "value",
-            Attr::Tensor(crate::proto::TensorProto {
-                dims: vec![1],
-                data_type: Some(dtype::FLOAT),
-                raw_data: Some(1f32.to_le_bytes().to_vec()),
-                ..Default::default()
-            }),
-        )],
-    );
+    let ones = g.node("ConstantOfShape", &[&tt], const_f(1.0));
     let lower = g.node("Trilu", &[&ones], vec![("upper", Attr::Int(0))]);
-    let maskf = g.node(
-        "Cast",
-        &[&mask],
-        vec![("to", Attr::Int(i64::from(dtype::FLOAT)))],
-    );
+    let maskf = g.node("Cast", &[&mask], float());
     let ax12 = g.vec_i64(&[1, 2]);
     let maskf = g.node("Unsqueeze", &[&maskf, &ax12], vec![]);
     let allowed = g.node("Mul", &[&lower, &maskf], vec![]);
     let allowed = g.node("Sub", &[&allowed, &one], vec![]);
     let big = g.scalar(1.0e30);
-    let bias = g.node("Mul", &[&allowed, &big], vec![]);
+    let mut bias = g.node("Mul", &[&allowed, &big], vec![]);
+    if plen > 0 {
+        let (one1, pl) = (g.vec_i64(&[1]), g.vec_i64(&[plen as i64]));
+        let zshape = g.node(
+            "Concat",
+            &[&bsz, &one1, &t, &pl],
+            vec![("axis", Attr::Int(0))],
+        );
+        let zeros = g.node("ConstantOfShape", &[&zshape], const_f(0.0));
+        bias = g.node("Concat", &[&zeros, &bias], vec![("axis", Attr::Int(3))]);
+    }
 
     let emb_w = b.w.get("model.embed_tokens.weight", &[v, h])?;
     let emb_name =
@@ -488,6 +552,21 @@ pub fn build(
                     Dim::Fixed(v as i64),
                 ],
             );
+        }
+        Head::KeyValues => {
+            let (nkv, d) = (c.num_key_value_heads as i64, c.head_dim as i64);
+            let dims = || {
+                [
+                    Dim::Named("batch"),
+                    Dim::Fixed(nkv),
+                    Dim::Named("sequence"),
+                    Dim::Fixed(d),
+                ]
+            };
+            for (l, (k, vv)) in std::mem::take(&mut b.kv_out).into_iter().enumerate() {
+                b.g.output(&k, &format!("key_{l}"), dtype::FLOAT, &dims());
+                b.g.output(&vv, &format!("value_{l}"), dtype::FLOAT, &dims());
+            }
         }
     }
     Ok(b.g)

@@ -83,6 +83,9 @@ pub struct ExportOptions {
     pub tolerance: f32,
     /// Replace an existing output folder.
     pub overwrite: bool,
+    /// Judge head: precompute the judge template's prefix (the part before the question) into
+    /// the graph, so each sequence runs only its own tokens.
+    pub prefix: bool,
     /// Weights beyond this many bytes go to `model.onnx.data` instead of inside the graph
     /// (protobuf's 2 GiB limit); [`graph::INLINE_LIMIT`] by default.
     pub external_data_over: usize,
@@ -99,6 +102,70 @@ pub struct ExportReport {
     pub files: Vec<String>,
     /// The check, if it ran.
     pub verify: Option<verify::VerifyReport>,
+}
+
+/// The keys and values of the judge prefix, computed by onnxruntime on a graph that outputs
+/// them (the same builder, so the same arithmetic). None when the tokenizer gives no fixed prefix
+/// or the prefix would not leave room for the texts.
+fn judge_prefix(
+    config: &gram_core::ModelConfig,
+    weights: &gram_core::Weights,
+    inv_freq: &[f32],
+    tok: &gram_core::GramTokenizer,
+    style: PromptStyle,
+    max_tokens: usize,
+    tmp: &Path,
+) -> Result<Option<decoder::PrefixKv>> {
+    let enc = gram_core::fit::Tokenizer::new(tok, Templates::new(tok, style)?, max_tokens)?;
+    let Some(ids) = enc.judge_prefix_ids().map(<[u32]>::to_vec) else {
+        return Ok(None);
+    };
+    if ids.is_empty()
+        || ids.len() * 2 > max_tokens
+        || ids.iter().any(|&i| i as usize >= config.vocab_size)
+    {
+        return Ok(None);
+    }
+    let graph = decoder::build(config, &weights.tensors, inv_freq, &Head::KeyValues, None)?;
+    let path = tmp.join("prefix-kv.onnx");
+    graph
+        .write(
+            tmp,
+            "prefix-kv.onnx",
+            &[],
+            "judge prefix keys and values",
+            usize::MAX,
+        )
+        .map_err(|e| Error::File {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+    let mut session = gram_score::runtime::open_session(&path, 0)?;
+    let n = ids.len();
+    let batch = gram_score::runtime::Batch {
+        rows: 1,
+        width: n,
+        ids: ids.iter().map(|&i| i64::from(i)).collect(),
+        mask: vec![1; n],
+    };
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let outputs = batch.run_all(&mut session)?;
+    for l in 0..config.num_hidden_layers {
+        let get = |name: String| -> Result<Vec<f32>> {
+            outputs
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| Error::Verify(format!("prefix graph lacks `{name}`")))
+        };
+        keys.push(get(format!("key_{l}"))?);
+        values.push(get(format!("value_{l}"))?);
+    }
+    drop(session);
+    std::fs::remove_file(&path).map_err(|e| Error::File {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    Ok(Some(decoder::PrefixKv { ids, keys, values }))
 }
 
 /// Runs an export: graph, tokenizer files and manifest into a temp folder, the optional check
@@ -135,9 +202,6 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         HeadKind::Judge => Head::Judge(vec![labels.a, labels.b]),
         HeadKind::Lm => Head::Lm,
     };
-    let graph = decoder::build(&config, &weights.tensors, &inv_freq, &head)?;
-    let nodes = graph.num_nodes();
-
     let parent = opts
         .out
         .parent()
@@ -159,6 +223,14 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         msg: e.to_string(),
     })?;
     let result = (|| -> Result<ExportReport> {
+        let prefix = match opts.head {
+            HeadKind::Judge if opts.prefix => {
+                judge_prefix(&config, &weights, &inv_freq, &tok, style, max_tokens, &tmp)?
+            }
+            _ => None,
+        };
+        let graph = decoder::build(&config, &weights.tensors, &inv_freq, &head, prefix.as_ref())?;
+        let nodes = graph.num_nodes();
         let source = std::fs::canonicalize(&opts.model).unwrap_or_else(|_| opts.model.clone());
         let meta = [
             ("gram.head", format!("{:?}", opts.head).to_lowercase()),
@@ -196,6 +268,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             num_parameters: config.num_parameters(),
             source,
             tokenizer_fingerprint: tok.fingerprint(),
+            prefix_tokens: prefix.as_ref().map(|p| p.ids.clone()),
             verified_max_abs_diff: None,
         };
         let write_manifest = |m: &ExportManifest| -> Result<()> {

@@ -77,6 +77,10 @@ enum Cmd {
         /// messages are limited to 2 GiB).
         #[arg(long, default_value_t = gram_export::graph::INLINE_LIMIT)]
         external_data_over: usize,
+        /// Judge head: do not precompute the judge template's prefix into the graph (inputs are
+        /// then whole sequences).
+        #[arg(long)]
+        no_prefix_cache: bool,
     },
 }
 
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         tolerance,
         overwrite,
         external_data_over,
+        no_prefix_cache,
     } = Cli::parse().cmd;
     let opts = ExportOptions {
         model,
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
         tolerance,
         overwrite,
         external_data_over,
+        prefix: !no_prefix_cache,
     };
     match export(&opts) {
         Ok(r) => {

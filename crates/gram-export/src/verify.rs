@@ -44,7 +44,7 @@ fn samples(tok: &GramTokenizer, manifest: &ExportManifest, vocab: usize) -> Resu
     let mut out = Vec::new();
     for (x, a, b) in cases {
         let mut ids = t.encode(&t.stage2(x, a, b)?, true)?;
-        if ids.len() > manifest.max_tokens {
+        if ids.len() > manifest.max_tokens && manifest.prefix_tokens.is_none() {
             ids.drain(..ids.len() - manifest.max_tokens);
         }
         out.push(ids.into_iter().map(|i| i % vocab as u32).collect());
@@ -62,11 +62,26 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let seqs = samples(tok, manifest, ckpt.config.vocab_size)?;
     let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let batch = Batch::left_padded(&rows, manifest.pad_id);
-    let (b, t) = (batch.rows, batch.width);
-    let (ids, mask) = (batch.ids.clone(), batch.mask.clone());
+    // burn reads whole sequences; a graph holding the judge prefix reads what follows it.
+    let full = Batch::left_padded(&rows, manifest.pad_id);
+    let (b, t) = (full.rows, full.width);
+    let (ids, mask) = (full.ids.clone(), full.mask.clone());
+    let input = match &manifest.prefix_tokens {
+        None => full,
+        Some(p) => {
+            let rest = rows
+                .iter()
+                .map(|r| {
+                    r.strip_prefix(p.as_slice()).ok_or_else(|| {
+                        Error::Verify("a sample does not start with the judge prefix".into())
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Batch::left_padded(&rest, manifest.pad_id)
+        }
+    };
     let mut session = open_session(&dir.join(&manifest.model_file), 0)?;
-    let (shape, ort) = batch.run(&mut session, &manifest.output)?;
+    let (shape, ort) = input.run(&mut session, &manifest.output)?;
 
     let device = gram_model::device(gram_model::Backend::Cpu)?;
     let model = gram_model::load(ckpt, &device)?;

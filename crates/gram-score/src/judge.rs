@@ -110,6 +110,14 @@ impl Judge {
         }
         let templates = Templates::new(tok, manifest.prompt_style)?;
         let enc = Tokenizer::new(tok, templates, manifest.max_tokens)?;
+        if let Some(p) = &manifest.prefix_tokens
+            && enc.judge_prefix_ids() != Some(p.as_slice())
+        {
+            return Err(Error::Input(format!(
+                "{}: the graph holds a judge prefix that this tokenizer and template do not produce; re-export the model",
+                dir.display()
+            )));
+        }
         if enc.labels != manifest.label_ids {
             return Err(Error::Input(format!(
                 "{}: label ids of the tokenizer differ from the manifest's",
@@ -144,10 +152,19 @@ impl Judge {
         self.pool.size()
     }
 
-    /// Token ids of the judge prompt for (x, a, b), cut to fit.
+    /// The graph's input ids for the judge prompt of (x, a, b), cut to fit: the whole prompt,
+    /// or what follows the judge prefix when the graph holds it.
     pub fn encode(&self, x: &str, a: &str, b: &str) -> Result<(Vec<u32>, bool)> {
         let t = self.enc.stage2(x, a, b)?;
-        Ok((t.ids, t.truncated))
+        match &self.manifest.prefix_tokens {
+            None => Ok((t.ids, t.truncated)),
+            Some(p) => match t.ids.strip_prefix(p.as_slice()) {
+                Some(rest) if !rest.is_empty() => Ok((rest.to_vec(), t.truncated)),
+                _ => Err(Error::Input(
+                    "this judge prompt's tokens do not start with the graph's judge prefix (re-export with --no-prefix-cache)".into(),
+                )),
+            },
+        }
     }
 
     /// Label logits (l_A, l_B) of each sequence, in input order. Sequences are sorted by length

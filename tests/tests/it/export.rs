@@ -228,7 +228,7 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
 fn onnx_checker(model: &Path) -> Result<()> {
     let Some(py) = python_with("onnx") else {
         println!(
-            "SKIPPED onnx.checker for {}: no Python with the onnx package (pip install onnx into ~/.cache/gram-rs/torch-venv)",
+            "SKIPPED onnx.checker for {}: no Python with the onnx package (scripts/setup.sh installs one into ~/.cache/gram-rs/onnx-venv)",
             model.display()
         );
         return Ok(());

@@ -755,3 +755,51 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
     std::fs::remove_dir_all(&root)?;
     Ok(())
 }
+
+#[test]
+fn judge_prefix_in_the_graph_gives_the_whole_sequence_scores() -> Result<()> {
+    let root = scratch("score-prefix")?;
+    let j = judge()?;
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(j.join("gram-export.json"))?)?;
+    let plen = m["prefix_tokens"].as_array().map_or(0, Vec::len);
+    ensure!(
+        plen > 100,
+        "the tiny judge should hold the chat + judge prefix ({plen} tokens)"
+    );
+    let whole = root.join("whole");
+    export(
+        &j.parent().context("judge root")?.join("model"),
+        &whole,
+        "judge",
+        &["--no-prefix-cache", "--max-tokens", "512", "--verify"],
+    )?;
+    let m2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole.join("gram-export.json"))?)?;
+    ensure!(
+        m2["prefix_tokens"].is_null(),
+        "--no-prefix-cache still baked a prefix"
+    );
+    let input = root.join("pairs.parquet");
+    pairs_parquet(&input, 200, None, false)?;
+    let (a, b) = (root.join("a.parquet"), root.join("b.parquet"));
+    ok(&mut score_cmd("pairwise", &input, &a)?)?;
+    let mut c = Command::new(bin("gram-score")?);
+    ok(c.args(["pairwise", "--quiet", "--model"])
+        .arg(&whole)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&b))?;
+    let (sa, sb) = (f32s(&read(&a)?, "score_a")?, f32s(&read(&b)?, "score_a")?);
+    let max = sa
+        .iter()
+        .zip(&sb)
+        .map(|(x, y)| (x.unwrap_or(f32::NAN) - y.unwrap_or(f32::NAN)).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "prefix graph vs whole-sequence graph: {plen} prefix tokens, max |score diff| {max:.2e}"
+    );
+    ensure!(max <= 1e-5, "prefix graph scores differ by {max}");
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
