@@ -56,7 +56,7 @@ pub struct RunStats {
     pub tokens: u64,
     /// Tokens including padding (sum of rows x width).
     pub padded_tokens: u64,
-    /// Sum of rows x width^2 (what attention scales with).
+    /// Sum of rows x width x (prefix + width): the query-key pairs attention computes.
     pub attention_cells: u64,
 }
 
@@ -203,6 +203,7 @@ impl Judge {
                                 batch.iter().map(|&i| seqs[i].as_slice()).collect();
                             let b = Batch::left_padded(&rows, self.manifest.pad_id);
                             let (n, w) = (b.rows as u64, b.width as u64);
+                            let plen = self.manifest.prefix_tokens.as_ref().map_or(0, |p| p.len() as u64);
                             let c = &self.counters;
                             c.batches.fetch_add(1, Ordering::Relaxed);
                             c.sequences.fetch_add(n, Ordering::Relaxed);
@@ -211,7 +212,7 @@ impl Judge {
                                 Ordering::Relaxed,
                             );
                             c.padded_tokens.fetch_add(n * w, Ordering::Relaxed);
-                            c.attention_cells.fetch_add(n * w * w, Ordering::Relaxed);
+                            c.attention_cells.fetch_add(n * w * (w + plen), Ordering::Relaxed);
                             let (shape, data) =
                                 self.pool.with(|sess| b.run(sess, &self.manifest.output))?;
                             if shape != [batch.len(), 2] {
