@@ -135,12 +135,8 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            eprintln!("error: {msg}");
-            if msg.starts_with("internal error") {
-                ExitCode::from(2)
-            } else {
-                ExitCode::from(1)
-            }
+            let user = !msg.starts_with("internal error");
+            gram_core::exit_with(&msg, user)
         }
     }
 }

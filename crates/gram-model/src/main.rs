@@ -52,18 +52,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
             let user = e.chain().any(|c| {
                 c.downcast_ref::<gram_core::Error>()
                     .is_some_and(gram_core::Error::is_user_error)
                     || c.downcast_ref::<gram_model::Error>()
                         .is_some_and(|e| !matches!(e, gram_model::Error::Internal(_)))
             });
-            if user {
-                ExitCode::from(1)
-            } else {
-                ExitCode::from(2)
-            }
+            gram_core::exit_with(&format!("{e:#}"), user)
         }
     }
 }

@@ -203,7 +203,11 @@ impl Judge {
                                 batch.iter().map(|&i| seqs[i].as_slice()).collect();
                             let b = Batch::left_padded(&rows, self.manifest.pad_id);
                             let (n, w) = (b.rows as u64, b.width as u64);
-                            let plen = self.manifest.prefix_tokens.as_ref().map_or(0, |p| p.len() as u64);
+                            let plen = self
+                                .manifest
+                                .prefix_tokens
+                                .as_ref()
+                                .map_or(0, |p| p.len() as u64);
                             let c = &self.counters;
                             c.batches.fetch_add(1, Ordering::Relaxed);
                             c.sequences.fetch_add(n, Ordering::Relaxed);
@@ -212,7 +216,8 @@ impl Judge {
                                 Ordering::Relaxed,
                             );
                             c.padded_tokens.fetch_add(n * w, Ordering::Relaxed);
-                            c.attention_cells.fetch_add(n * w * (w + plen), Ordering::Relaxed);
+                            c.attention_cells
+                                .fetch_add(n * w * (w + plen), Ordering::Relaxed);
                             let (shape, data) =
                                 self.pool.with(|sess| b.run(sess, &self.manifest.output))?;
                             if shape != [batch.len(), 2] {

@@ -284,13 +284,6 @@ fn main() -> ExitCode {
     })();
     match res {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            if e.is_user_error() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::from(2)
-            }
-        }
+        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
     }
 }
