@@ -108,6 +108,20 @@ fn same_type(a: &DataType, b: &DataType) -> bool {
     }
 }
 
+/// The shards of one split in a dataset folder (`DIR/{split}-NNNNN.parquet`), in order.
+pub fn split_files(dir: &Path, split: &str) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{split}-")) && n.ends_with(".parquet"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// Checks that `actual` has every column of `dataset` with its type (extra columns allowed);
 /// `path` names the file in the error.
 pub fn check(actual: &Schema, dataset: Dataset, path: &Path) -> Result<()> {

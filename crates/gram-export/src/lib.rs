@@ -149,12 +149,12 @@ fn judge_prefix(
         mask: vec![1; n],
     };
     let (mut keys, mut values) = (Vec::new(), Vec::new());
-    let outputs = batch.run_all(&mut session)?;
+    let mut outputs = batch.run_all(&mut session)?;
     for l in 0..config.num_hidden_layers {
-        let get = |name: String| -> Result<Vec<f32>> {
+        let mut get = |name: String| -> Result<Vec<f32>> {
             outputs
-                .get(&name)
-                .cloned()
+                .remove(&name)
+                .map(|(_, v)| v)
                 .ok_or_else(|| Error::Verify(format!("prefix graph lacks `{name}`")))
         };
         keys.push(get(format!("key_{l}"))?);

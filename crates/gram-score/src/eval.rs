@@ -92,21 +92,12 @@ pub fn input_files(data: &Path, split: &str) -> Result<Vec<PathBuf>> {
         return Ok(vec![data.to_path_buf()]);
     }
     let dir = data.join("stage2");
-    let rd = std::fs::read_dir(&dir).map_err(|e| {
+    let files = gram_core::schema::split_files(&dir, split).map_err(|e| {
         Error::file(
             &dir,
             format!("{e} (expected a `gram-data build` output folder or a Parquet file)"),
         )
     })?;
-    let mut files: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{split}-")) && n.ends_with(".parquet"))
-        })
-        .collect();
-    files.sort();
     if files.is_empty() {
         return Err(Error::file(
             &dir,

@@ -174,11 +174,11 @@ impl Batch {
         }
     }
 
-    /// Runs the batch and returns every float output by name.
+    /// Runs the batch and returns every float output by name, with its shape.
     pub fn run_all(
         self,
         session: &mut Session,
-    ) -> Result<std::collections::HashMap<String, Vec<f32>>> {
+    ) -> Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
         let shape = [self.rows, self.width];
         let ids =
             Tensor::from_array((shape, self.ids)).map_err(|e| Error::Runtime(e.to_string()))?;
@@ -189,30 +189,21 @@ impl Batch {
             .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
         let mut all = std::collections::HashMap::new();
         for (name, value) in out.iter() {
-            let (_, data) = value
+            let (shape, data) = value
                 .try_extract_tensor::<f32>()
                 .map_err(|e| Error::Runtime(e.to_string()))?;
-            all.insert(name.to_string(), data.to_vec());
+            all.insert(
+                name.to_string(),
+                (shape.iter().map(|&d| d as usize).collect(), data.to_vec()),
+            );
         }
         Ok(all)
     }
 
     /// Runs the batch and returns the named float output with its shape.
     pub fn run(self, session: &mut Session, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let shape = [self.rows, self.width];
-        let ids =
-            Tensor::from_array((shape, self.ids)).map_err(|e| Error::Runtime(e.to_string()))?;
-        let mask =
-            Tensor::from_array((shape, self.mask)).map_err(|e| Error::Runtime(e.to_string()))?;
-        let out = session
-            .run(ort::inputs!["input_ids" => ids, "attention_mask" => mask])
-            .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
-        let value = out
-            .get(output)
-            .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))?;
-        let (shape, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(|e| Error::Runtime(e.to_string()))?;
-        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        self.run_all(session)?
+            .remove(output)
+            .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))
     }
 }

@@ -82,17 +82,7 @@ pub fn shard_files(data: &Path, stage: Stage, split: &str) -> Result<Vec<PathBuf
         };
         return Err(Error::data(&dir, format!("missing: {hint}")));
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| Error::io(&dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{split}-")) && n.ends_with(".parquet"))
-        })
-        .collect();
-    files.sort();
-    Ok(files)
+    gram_core::schema::split_files(&dir, split).map_err(|e| Error::io(&dir, e))
 }
 
 fn meta_of(kv: Option<&Vec<parquet::file::metadata::KeyValue>>, path: &Path) -> Result<Meta> {
