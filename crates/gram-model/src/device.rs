@@ -20,10 +20,36 @@ pub enum Backend {
 pub fn device(backend: Backend) -> crate::Result<Device> {
     static WGPU: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
     match backend {
-        Backend::Cpu => Ok(Device::flex()),
+        Backend::Cpu => {
+            flush_subnormals();
+            Ok(Device::flex())
+        }
         Backend::Wgpu => WGPU
             .get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string()))
             .clone()
             .map_err(|e| crate::Error::Device(format!("no usable wgpu device ({e}); install a Vulkan driver (e.g. Mesa's mesa-vulkan-drivers) or use --backend cpu"))),
     }
+}
+
+/// Sets flush-to-zero and denormals-are-zero on the calling thread and on every thread of
+/// rayon's global pool (where burn's CPU backend and the fused kernels run their work).
+///
+/// Why: a randomly initialised or freshly fine-tuned model has gradients far from the loss that
+/// fall below f32's normal range (~1.2e-38); x86 cores take a microcode assist for every such
+/// operand, and a matrix product fed with them was measured here ~50x slower (gemm crate, 2048 x
+/// 512 x 1376: 240 -> 5.7 GFLOP/s). Flushing them changes values smaller than 1e-38 only.
+/// PyTorch offers the same switch (`torch.set_flush_denormal`).
+pub fn flush_subnormals() {
+    fn set() {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code, deprecated)]
+        // SAFETY: reading and writing this thread's MXCSR register only changes how this thread
+        // rounds subnormal floats (bits 15 FTZ and 6 DAZ); it touches no memory.
+        unsafe {
+            use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+            _mm_setcsr(_mm_getcsr() | 0x8040);
+        }
+    }
+    set();
+    rayon::broadcast(|_| set());
 }

@@ -3,6 +3,8 @@
 
 pub mod device;
 pub mod error;
+pub mod fused;
+pub mod kernels;
 pub mod load;
 pub mod loss;
 pub mod model;
@@ -12,5 +14,5 @@ pub mod rope;
 pub use device::{Backend, device};
 pub use error::{Error, Result};
 pub use load::{ParamIds, from_weights, from_weights_with_ids, hf_tensors, load};
-pub use model::{CausalLm, CausalLmConfig};
+pub use model::{CausalLm, CausalLmConfig, Kernels};
 pub use reward::RewardModel;

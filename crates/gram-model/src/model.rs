@@ -6,7 +6,47 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use gram_core::{ModelConfig, RopeScaling};
 
-use crate::rope;
+use crate::{fused, rope};
+
+/// Which implementation of attention, RMSNorm and SwiGLU a forward pass uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused CPU operations of [`crate::fused`] on burn's CPU backend, burn's primitives
+    /// elsewhere.
+    Auto,
+    /// burn's primitives everywhere (the reference the fused operations are tested against).
+    Composed,
+}
+
+/// What every layer's attention needs besides the hidden states.
+pub struct AttnCtx {
+    /// RoPE tables, `[batch, 1, seq, head_dim]`.
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    /// How keys are hidden: a `[batch, 1, seq, seq]` mask (true = hidden) for the composed
+    /// path, or the `[batch, seq]` real-token indicator for the fused one.
+    mask: AttnMask,
+}
+
+enum AttnMask {
+    Composed(Tensor<4, Bool>),
+    Fused(Tensor<2>),
+}
+
+impl AttnCtx {
+    fn fused(&self) -> bool {
+        matches!(self.mask, AttnMask::Fused(_))
+    }
+}
+
+/// RMSNorm through the fused CPU operation or burn's module.
+fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>, fused: bool) -> Tensor<D> {
+    if fused {
+        fused::rms_norm(x, norm.gamma.val(), norm.epsilon)
+    } else {
+        norm.forward(x)
+    }
+}
 
 /// Runtime configuration of [`CausalLm`], made from a checkpoint's [`ModelConfig`].
 #[derive(Config, Debug)]
@@ -149,16 +189,18 @@ pub struct Attention {
 
 impl Attention {
     /// # Shapes
-    /// - `x`: `[batch, seq, hidden]`; `cos`/`sin`: `[batch, 1, seq, head_dim]`;
-    ///   `masked`: `[batch, 1, seq, seq]` (true where a query must not see a key)
-    /// - output: `[batch, seq, hidden]`
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        masked: &Tensor<4, Bool>,
-    ) -> Tensor<3> {
+    /// - `x`: `[batch, seq, hidden]`; output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, ctx: &AttnCtx) -> Tensor<3> {
+        let (cos, sin) = (&ctx.cos, &ctx.sin);
+        let masked = match &ctx.mask {
+            AttnMask::Composed(m) => m,
+            AttnMask::Fused(_) => {
+                let [b, t, w] = x.dims();
+                return self
+                    .forward_fused(x.reshape([b * t, w]), ctx, b)
+                    .reshape([b, t, w]);
+            }
+        };
         let [b, t, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor<3>, n: usize, norm: &Option<RmsNorm>| {
@@ -199,6 +241,31 @@ impl Attention {
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, t, h * d]);
         self.o_proj.forward(out)
     }
+
+    /// The same through the fused CPU attention (no head transposes, no score tensor), on rows
+    /// flattened to `[batch * seq, hidden]` so that each projection is one matrix product.
+    fn forward_fused(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
+        let AttnMask::Fused(keep) = &ctx.mask else {
+            unreachable!("forward_fused is only called with the fused mask")
+        };
+        let [n, _] = x.dims();
+        let t = n / b;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let per_head = |y: Tensor<2>, heads: usize, norm: &Option<RmsNorm>| {
+            let y = match norm {
+                Some(nm) => rms_norm(nm, y.reshape([n, heads, d]), true).reshape([n, heads * d]),
+                None => y,
+            };
+            y.reshape([b, t, heads * d])
+        };
+        let q = per_head(self.q_proj.forward(x.clone()), h, &self.q_norm);
+        let k = per_head(self.k_proj.forward(x.clone()), kv, &self.k_norm);
+        let v = self.v_proj.forward(x).reshape([b, t, kv * d]);
+        let cos = ctx.cos.clone().reshape([b, t, d]);
+        let sin = ctx.sin.clone().reshape([b, t, d]);
+        let out = fused::attention(q, k, v, cos, sin, keep.clone(), h, kv);
+        self.o_proj.forward(out.reshape([n, h * d]))
+    }
 }
 
 /// The SwiGLU MLP.
@@ -214,9 +281,14 @@ pub struct Mlp {
 
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))`.
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
+        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let act = if fused {
+            fused::swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
+        self.down_proj.forward(act)
     }
 }
 
@@ -236,18 +308,38 @@ pub struct DecoderLayer {
 impl DecoderLayer {
     /// # Shapes
     /// `x`: `[batch, seq, hidden]` -> same.
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        masked: &Tensor<4, Bool>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, ctx: &AttnCtx) -> Tensor<3> {
+        if ctx.fused() {
+            let [b, t, w] = x.dims();
+            return self
+                .forward_rows(x.reshape([b * t, w]), ctx, b)
+                .reshape([b, t, w]);
+        }
+        let f = false;
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, masked);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(rms_norm(&self.input_layernorm, x, f), ctx);
+        h.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, h, f), f)
+    }
+}
+
+impl DecoderLayer {
+    /// The fused CPU path on rows flattened to `[batch * seq, hidden]`: every linear layer is
+    /// one matrix product over all rows (burn's batched product would repack the weight per
+    /// batch row, and sum per-row weight gradients afterwards).
+    fn forward_rows(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward_fused(rms_norm(&self.input_layernorm, x, true), ctx, b);
+        h.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, h, true), true)
     }
 }
 
@@ -274,6 +366,17 @@ impl Decoder {
         mask: Tensor<2, Int>,
         inv_freq: &[f32],
     ) -> Tensor<3> {
+        self.forward_with(ids, mask, inv_freq, Kernels::Auto)
+    }
+
+    /// [`Decoder::forward`] with a choice of kernels.
+    pub fn forward_with(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        inv_freq: &[f32],
+        kernels: Kernels,
+    ) -> Tensor<3> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let positions = rope::position_ids(mask.clone());
@@ -282,6 +385,20 @@ impl Decoder {
             &device,
         );
         let (cos, sin) = rope::cos_sin(positions, &inv);
+        if kernels == Kernels::Auto && fused::cpu_fused(&device) {
+            let ctx = AttnCtx {
+                cos,
+                sin,
+                mask: AttnMask::Fused(mask.float()),
+            };
+            let x = self.embed_tokens.forward(ids);
+            let [_, _, w] = x.dims();
+            let mut x = x.reshape([b * t, w]);
+            for layer in &self.layers {
+                x = layer.forward_rows(x, &ctx, b);
+            }
+            return rms_norm(&self.norm, x, true).reshape([b, t, w]);
+        }
         // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
         // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
         let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device)
@@ -291,10 +408,14 @@ impl Decoder {
             .equal_elem(0)
             .reshape([b, 1, 1, t])
             .expand([b, 1, t, t]);
-        let masked = future.bool_or(pad);
+        let ctx = AttnCtx {
+            cos,
+            sin,
+            mask: AttnMask::Composed(future.bool_or(pad)),
+        };
         let mut x = self.embed_tokens.forward(ids);
         for layer in &self.layers {
-            x = layer.forward(x, &cos, &sin, &masked);
+            x = layer.forward(x, &ctx);
         }
         self.norm.forward(x)
     }

@@ -1,0 +1,825 @@
+//! CPU kernels behind the fused operations of [`crate::fused`]: causal attention with the rotary
+//! embedding applied inside, RMSNorm and SwiGLU, each with its backward pass, on contiguous f32
+//! slices. Work is split over (batch, head) or over fixed chunks of rows with rayon; every sum is
+//! taken in a fixed order, so results do not depend on thread timing (resumed CPU runs stay
+//! bit-identical). Matrix products go through the `gemm` crate, single-threaded inside a task.
+//!
+//! What composing burn's primitive operations costs and this saves: the attention scores
+//! `[batch, heads, seq, seq]` are never materialised as a tensor (one `seq x seq` block per task,
+//! in cache), the scale, mask, softmax and their backward are one pass each instead of a dozen
+//! tensor-wide ones, and the q/k/v head transposes and the RoPE slices/concats disappear.
+
+use rayon::prelude::*;
+
+/// Rows per parallel chunk in the row-wise kernels (fixed, so sums are taken in a fixed order).
+const ROWS_PER_CHUNK: usize = 64;
+/// Elements per parallel chunk in the element-wise kernels.
+const ELEMS_PER_CHUNK: usize = 1 << 14;
+
+/// `c = a · b` (or `c += a · b` with `accumulate`), `c` row-major with row stride `c_rs`; `a` is
+/// `m x k` and `b` is `k x n`, each given by its row and column strides, so a transposed operand
+/// is a swap of strides rather than a copy.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn matmul(
+    c: &mut [f32],
+    c_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The bounds gemm reads and writes, checked here so the unsafe call below stays in bounds.
+    assert!(
+        (m - 1) * c_rs + n <= c.len(),
+        "matmul: output out of bounds"
+    );
+    if k > 0 {
+        assert!(
+            (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+            "matmul: lhs out of bounds"
+        );
+        assert!(
+            (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+            "matmul: rhs out of bounds"
+        );
+    }
+    let s = |x: usize| x as isize;
+    // SAFETY: every index gemm touches is inside the three slices (asserted above: the largest
+    // offsets of dst, lhs and rhs are in bounds for the given strides), `c` is borrowed mutably
+    // and does not alias `a` or `b` (distinct borrows), and f32 is a type gemm supports.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            s(c_rs),
+            accumulate,
+            a.as_ptr(),
+            s(a_cs),
+            s(a_rs),
+            b.as_ptr(),
+            s(b_cs),
+            s(b_rs),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Shapes of one attention call: `q` is `[b, t, h * d]`, `k` and `v` are `[b, t, kv * d]`,
+/// `cos`/`sin` are `[b, t, d]`, `keep` is `[b, t]` (1 for a real token, 0 for padding).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    /// Batch.
+    pub b: usize,
+    /// Sequence length.
+    pub t: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads (divides `h`).
+    pub kv: usize,
+    /// Head size (even).
+    pub d: usize,
+}
+
+impl AttnShape {
+    fn rep(&self) -> usize {
+        self.h / self.kv
+    }
+}
+
+/// The inputs of an attention call, borrowed.
+#[derive(Clone, Copy)]
+pub struct AttnInputs<'a> {
+    /// Queries `[b, t, h * d]` (before the rotary embedding).
+    pub q: &'a [f32],
+    /// Keys `[b, t, kv * d]` (before the rotary embedding).
+    pub k: &'a [f32],
+    /// Values `[b, t, kv * d]`.
+    pub v: &'a [f32],
+    /// `[b, t, d]`.
+    pub cos: &'a [f32],
+    /// `[b, t, d]`.
+    pub sin: &'a [f32],
+    /// `[b, t]`, nonzero on real tokens.
+    pub keep: &'a [f32],
+}
+
+impl AttnInputs<'_> {
+    fn check(&self, s: &AttnShape) {
+        assert!(
+            s.kv > 0 && s.h % s.kv == 0 && s.d % 2 == 0,
+            "attention: bad heads {s:?}"
+        );
+        assert_eq!(self.q.len(), s.b * s.t * s.h * s.d, "attention: q");
+        assert_eq!(self.k.len(), s.b * s.t * s.kv * s.d, "attention: k");
+        assert_eq!(self.v.len(), s.b * s.t * s.kv * s.d, "attention: v");
+        assert_eq!(self.cos.len(), s.b * s.t * s.d, "attention: cos");
+        assert_eq!(self.sin.len(), s.b * s.t * s.d, "attention: sin");
+        assert_eq!(self.keep.len(), s.b * s.t, "attention: keep");
+    }
+}
+
+/// One head of `x` (`[b, t, heads * d]`) for batch row `bi`, rotated (HF's
+/// `x * cos + rotate_half(x) * sin`) and multiplied by `scale`, as a `[t, d]` block.
+fn rope_head(
+    x: &[f32],
+    heads: usize,
+    head: usize,
+    bi: usize,
+    s: &AttnShape,
+    inp: &AttnInputs,
+    scale: f32,
+) -> Vec<f32> {
+    let (t, d) = (s.t, s.d);
+    let half = d / 2;
+    let mut out = vec![0.0f32; t * d];
+    for i in 0..t {
+        let row = &x[((bi * t + i) * heads + head) * d..][..d];
+        let c = &inp.cos[(bi * t + i) * d..][..d];
+        let sn = &inp.sin[(bi * t + i) * d..][..d];
+        let o = &mut out[i * d..][..d];
+        for j in 0..half {
+            o[j] = (row[j] * c[j] - row[j + half] * sn[j]) * scale;
+            o[j + half] = (row[j + half] * c[j + half] + row[j] * sn[j + half]) * scale;
+        }
+    }
+    out
+}
+
+/// The transpose of [`rope_head`]'s rotation applied to a `[t, d]` gradient block, times `scale`:
+/// `g * cos + rotate_half^T(g * sin)`, where `rotate_half^T(u) = [u2, -u1]`.
+fn rope_head_backward(g: &mut [f32], bi: usize, s: &AttnShape, inp: &AttnInputs, scale: f32) {
+    let (t, d) = (s.t, s.d);
+    let half = d / 2;
+    for i in 0..t {
+        let c = &inp.cos[(bi * t + i) * d..][..d];
+        let sn = &inp.sin[(bi * t + i) * d..][..d];
+        let r = &mut g[i * d..][..d];
+        for j in 0..half {
+            let (a, b) = (r[j], r[j + half]);
+            r[j] = (a * c[j] + b * sn[j + half]) * scale;
+            r[j + half] = (b * c[j + half] - a * sn[j]) * scale;
+        }
+    }
+}
+
+/// One head of `x` (`[b, t, heads * d]`) for batch row `bi`, as a `[t, d]` block.
+fn head_block(x: &[f32], heads: usize, head: usize, bi: usize, s: &AttnShape) -> Vec<f32> {
+    let (t, d) = (s.t, s.d);
+    let mut out = vec![0.0f32; t * d];
+    for i in 0..t {
+        out[i * d..][..d].copy_from_slice(&x[((bi * t + i) * heads + head) * d..][..d]);
+    }
+    out
+}
+
+/// Writes a `[t, d]` block into head `head` of `dst` (`[b, t, heads * d]`), batch row `bi`.
+fn scatter_head(
+    dst: &mut [f32],
+    block: &[f32],
+    heads: usize,
+    head: usize,
+    bi: usize,
+    s: &AttnShape,
+) {
+    let (t, d) = (s.t, s.d);
+    for i in 0..t {
+        dst[((bi * t + i) * heads + head) * d..][..d].copy_from_slice(&block[i * d..][..d]);
+    }
+}
+
+/// Turns the scores of query `i` (a row over keys `0..row.len()`, `row.len() > i`) into
+/// probabilities in place: causal (key `j <= i`) and only keys with `keep[j] != 0`; a query with
+/// no visible key (a padding position) gets all zeros. Returns the row's log-sum-exp (infinite
+/// for an empty row), which is what the backward pass needs to rebuild the probabilities from
+/// recomputed scores.
+fn softmax_causal_row(row: &mut [f32], keep: &[f32], i: usize) -> f32 {
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..=i {
+        if keep[j] != 0.0 && row[j] > max {
+            max = row[j];
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::INFINITY;
+    }
+    let mut sum = 0.0f32;
+    for j in 0..=i {
+        let e = if keep[j] != 0.0 {
+            (row[j] - max).exp()
+        } else {
+            0.0
+        };
+        row[j] = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    for x in &mut row[..=i] {
+        *x *= inv;
+    }
+    row[i + 1..].fill(0.0);
+    max + sum.ln()
+}
+
+/// Rebuilds the probabilities of query `i` from its recomputed scores and saved log-sum-exp
+/// (see [`softmax_causal_row`]), in place.
+fn softmax_row_from_lse(row: &mut [f32], keep: &[f32], i: usize, lse: f32) {
+    if lse == f32::INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    for j in 0..=i {
+        row[j] = if keep[j] != 0.0 {
+            (row[j] - lse).exp()
+        } else {
+            0.0
+        };
+    }
+    row[i + 1..].fill(0.0);
+}
+
+/// Query rows per block: a block of queries `i0..i1` only sees keys `0..i1`, so the products
+/// skip the blocks above the causal diagonal (about half of the attention arithmetic).
+const QUERY_BLOCK: usize = 64;
+
+/// Causal attention with the rotary embedding applied to q and k, grouped key/value heads and a
+/// key padding mask. Returns the output `[b, t, h * d]` and the per-row log-sum-exp `[b, h, t]`
+/// that [`attention_backward`] needs.
+pub fn attention_forward(s: &AttnShape, inp: &AttnInputs) -> (Vec<f32>, Vec<f32>) {
+    inp.check(s);
+    let (t, d) = (s.t, s.d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..s.b * s.h)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, hi) = (task / s.h, task % s.h);
+            let g = hi / s.rep();
+            let keep = &inp.keep[bi * t..][..t];
+            let q = rope_head(inp.q, s.h, hi, bi, s, inp, scale);
+            let k = rope_head(inp.k, s.kv, g, bi, s, inp, 1.0);
+            let v = head_block(inp.v, s.kv, g, bi, s);
+            let mut p = vec![0.0f32; t * t];
+            let mut lse = vec![f32::INFINITY; t];
+            let mut o = vec![0.0f32; t * d];
+            for i0 in (0..t).step_by(QUERY_BLOCK) {
+                let i1 = (i0 + QUERY_BLOCK).min(t);
+                let rows = i1 - i0;
+                let pb = &mut p[i0 * t..i1 * t];
+                matmul(
+                    pb,
+                    t,
+                    (rows, i1, d),
+                    &q[i0 * d..],
+                    (d, 1),
+                    &k,
+                    (1, d),
+                    false,
+                );
+                for r in 0..rows {
+                    lse[i0 + r] = softmax_causal_row(&mut pb[r * t..r * t + i1], keep, i0 + r);
+                }
+                matmul(
+                    &mut o[i0 * d..],
+                    d,
+                    (rows, d, i1),
+                    pb,
+                    (t, 1),
+                    &v,
+                    (d, 1),
+                    false,
+                );
+            }
+            (o, lse)
+        })
+        .collect();
+    let mut out = vec![0.0f32; s.b * t * s.h * d];
+    let mut lse = Vec::with_capacity(s.b * s.h * t);
+    for (task, (o, l)) in blocks.into_iter().enumerate() {
+        scatter_head(&mut out, &o, s.h, task % s.h, task / s.h, s);
+        lse.extend_from_slice(&l);
+    }
+    (out, lse)
+}
+
+/// Gradients of [`attention_forward`] with respect to q, k and v (before the rotary embedding),
+/// from the upstream gradient `dout` and the forward's output and log-sum-exp. Probabilities are
+/// recomputed per head rather than kept from the forward pass.
+pub fn attention_backward(
+    s: &AttnShape,
+    inp: &AttnInputs,
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    inp.check(s);
+    let (t, d) = (s.t, s.d);
+    assert_eq!(out.len(), s.b * t * s.h * d, "attention backward: out");
+    assert_eq!(dout.len(), out.len(), "attention backward: dout");
+    assert_eq!(lse.len(), s.b * s.h * t, "attention backward: lse");
+    let scale = 1.0 / (d as f32).sqrt();
+    let rep = s.rep();
+    // One task per (batch row, key/value head): it owns that head's dk and dv, so the sums over
+    // the query heads sharing it are taken in a fixed order.
+    let blocks: Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<f32>)> = (0..s.b * s.kv)
+        .into_par_iter()
+        .map(|task| {
+            let (bi, g) = (task / s.kv, task % s.kv);
+            let keep = &inp.keep[bi * t..][..t];
+            let k = rope_head(inp.k, s.kv, g, bi, s, inp, 1.0);
+            let v = head_block(inp.v, s.kv, g, bi, s);
+            let mut dk = vec![0.0f32; t * d];
+            let mut dv = vec![0.0f32; t * d];
+            let mut dqs = Vec::with_capacity(rep);
+            let mut p = vec![0.0f32; t * t];
+            let mut dp = vec![0.0f32; t * t];
+            for hi in g * rep..(g + 1) * rep {
+                let q = rope_head(inp.q, s.h, hi, bi, s, inp, scale);
+                let o = head_block(out, s.h, hi, bi, s);
+                let dout_h = head_block(dout, s.h, hi, bi, s);
+                let lse_h = &lse[(bi * s.h + hi) * t..][..t];
+                let mut dq = vec![0.0f32; t * d];
+                for i0 in (0..t).step_by(QUERY_BLOCK) {
+                    let i1 = (i0 + QUERY_BLOCK).min(t);
+                    let rows = i1 - i0;
+                    let pb = &mut p[i0 * t..i1 * t];
+                    matmul(
+                        pb,
+                        t,
+                        (rows, i1, d),
+                        &q[i0 * d..],
+                        (d, 1),
+                        &k,
+                        (1, d),
+                        false,
+                    );
+                    for r in 0..rows {
+                        let row = &mut pb[r * t..r * t + i1];
+                        softmax_row_from_lse(row, keep, i0 + r, lse_h[i0 + r]);
+                    }
+                    // dv[..i1] += p^T · dout
+                    let dout_b = &dout_h[i0 * d..];
+                    matmul(&mut dv, d, (i1, d, rows), pb, (1, t), dout_b, (d, 1), true);
+                    // dp = dout · v^T
+                    let dpb = &mut dp[i0 * t..i1 * t];
+                    matmul(dpb, t, (rows, i1, d), dout_b, (d, 1), &v, (1, d), false);
+                    // ds = p * (dp - rowsum(dout * o)), in place in dp
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let di: f32 = dout_h[i * d..][..d]
+                            .iter()
+                            .zip(&o[i * d..][..d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let (pr, dr) = (&pb[r * t..r * t + i1], &mut dpb[r * t..r * t + i1]);
+                        for j in 0..i1 {
+                            dr[j] = pr[j] * (dr[j] - di);
+                        }
+                    }
+                    // dq = ds · k (the scale folded into q and the rotation come after)
+                    matmul(
+                        &mut dq[i0 * d..],
+                        d,
+                        (rows, d, i1),
+                        dpb,
+                        (t, 1),
+                        &k,
+                        (d, 1),
+                        false,
+                    );
+                    // dk[..i1] += ds^T · q (q already carries the scale)
+                    matmul(
+                        &mut dk,
+                        d,
+                        (i1, d, rows),
+                        dpb,
+                        (1, t),
+                        &q[i0 * d..],
+                        (d, 1),
+                        true,
+                    );
+                }
+                rope_head_backward(&mut dq, bi, s, inp, scale);
+                dqs.push(dq);
+            }
+            rope_head_backward(&mut dk, bi, s, inp, 1.0);
+            (dqs, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0.0f32; s.b * t * s.h * d];
+    let mut dk = vec![0.0f32; s.b * t * s.kv * d];
+    let mut dv = vec![0.0f32; s.b * t * s.kv * d];
+    for (task, (dqs, dkb, dvb)) in blocks.into_iter().enumerate() {
+        let (bi, g) = (task / s.kv, task % s.kv);
+        for (r, dqb) in dqs.iter().enumerate() {
+            scatter_head(&mut dq, dqb, s.h, g * rep + r, bi, s);
+        }
+        scatter_head(&mut dk, &dkb, s.kv, g, bi, s);
+        scatter_head(&mut dv, &dvb, s.kv, g, bi, s);
+    }
+    (dq, dk, dv)
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row, accumulated in f32 as transformers does.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|x| x * x).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+/// RMSNorm over the last axis: `y = x / rms(x) * gamma`, rows of `gamma.len()`.
+pub fn rms_norm_forward(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
+    let d = gamma.len();
+    assert!(d > 0 && x.len() % d == 0, "rms_norm: width");
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(ROWS_PER_CHUNK * d)
+        .zip(x.par_chunks(ROWS_PER_CHUNK * d))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let r = inv_rms(xr, eps);
+                for ((y, x), g) in yr.iter_mut().zip(xr).zip(gamma) {
+                    *y = x * r * g;
+                }
+            }
+        });
+    y
+}
+
+/// Gradients of [`rms_norm_forward`]: `(dx, dgamma)`.
+pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    assert!(
+        d > 0 && x.len() % d == 0 && dy.len() == x.len(),
+        "rms_norm backward: shapes"
+    );
+    let mut dx = vec![0.0f32; x.len()];
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(ROWS_PER_CHUNK * d)
+        .zip(x.par_chunks(ROWS_PER_CHUNK * d))
+        .zip(dy.par_chunks(ROWS_PER_CHUNK * d))
+        .map(|((dxc, xc), dyc)| {
+            let mut dg = vec![0.0f32; d];
+            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
+                let r = inv_rms(xr, eps);
+                // dx = r * gamma * dy - x * r^3 / d * sum(gamma * dy * x)
+                let dot: f32 = xr
+                    .iter()
+                    .zip(dyr)
+                    .zip(gamma)
+                    .map(|((x, dy), g)| x * dy * g)
+                    .sum();
+                let c = dot * r * r * r / d as f32;
+                for j in 0..d {
+                    dxr[j] = r * gamma[j] * dyr[j] - xr[j] * c;
+                    dg[j] += dyr[j] * xr[j] * r;
+                }
+            }
+            dg
+        })
+        .collect();
+    let mut dgamma = vec![0.0f32; d];
+    for p in &partials {
+        for (a, b) in dgamma.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    (dx, dgamma)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SwiGLU's gate: `silu(gate) * up`, element-wise.
+pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "swiglu: shapes");
+    let mut y = vec![0.0f32; gate.len()];
+    y.par_chunks_mut(ELEMS_PER_CHUNK)
+        .zip(gate.par_chunks(ELEMS_PER_CHUNK))
+        .zip(up.par_chunks(ELEMS_PER_CHUNK))
+        .for_each(|((yc, gc), uc)| {
+            for ((y, g), u) in yc.iter_mut().zip(gc).zip(uc) {
+                *y = g * sigmoid(*g) * u;
+            }
+        });
+    y
+}
+
+/// Gradients of [`swiglu_forward`]: `(dgate, dup)`.
+pub fn swiglu_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    assert!(
+        gate.len() == up.len() && dy.len() == up.len(),
+        "swiglu backward: shapes"
+    );
+    let mut dg = vec![0.0f32; gate.len()];
+    let mut du = vec![0.0f32; gate.len()];
+    dg.par_chunks_mut(ELEMS_PER_CHUNK)
+        .zip(du.par_chunks_mut(ELEMS_PER_CHUNK))
+        .zip(gate.par_chunks(ELEMS_PER_CHUNK))
+        .zip(
+            up.par_chunks(ELEMS_PER_CHUNK)
+                .zip(dy.par_chunks(ELEMS_PER_CHUNK)),
+        )
+        .for_each(|(((dgc, duc), gc), (uc, dyc))| {
+            for i in 0..gc.len() {
+                let (g, u, dy) = (gc[i], uc[i], dyc[i]);
+                let sg = sigmoid(g);
+                duc[i] = dy * g * sg;
+                dgc[i] = dy * u * sg * (1.0 + g * (1.0 - sg));
+            }
+        });
+    (dg, du)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each kernel against a plain, obviously-correct version of the same maths (f64, no
+    //! tricks), and each backward against central finite differences of its forward.
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n).map(|_| lcg(seed)).collect()
+    }
+
+    struct Case {
+        s: AttnShape,
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        cos: Vec<f32>,
+        sin: Vec<f32>,
+        keep: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(b: usize, t: usize, h: usize, kv: usize, d: usize, pads: &[usize]) -> Self {
+            let mut seed = 7;
+            let s = AttnShape { b, t, h, kv, d };
+            let mut keep = vec![1.0f32; b * t];
+            let mut cos = vec![0.0f32; b * t * d];
+            let mut sin = vec![0.0f32; b * t * d];
+            for bi in 0..b {
+                for i in 0..pads[bi] {
+                    keep[bi * t + i] = 0.0;
+                }
+                for i in 0..t {
+                    let pos = i.saturating_sub(pads[bi]) as f32;
+                    for j in 0..d / 2 {
+                        let f = pos / 10000f32.powf(2.0 * j as f32 / d as f32);
+                        for jj in [j, j + d / 2] {
+                            cos[(bi * t + i) * d + jj] = f.cos();
+                            sin[(bi * t + i) * d + jj] = f.sin();
+                        }
+                    }
+                }
+            }
+            Self {
+                q: rand_vec(b * t * h * d, &mut seed),
+                k: rand_vec(b * t * kv * d, &mut seed),
+                v: rand_vec(b * t * kv * d, &mut seed),
+                cos,
+                sin,
+                keep,
+                s,
+            }
+        }
+
+        fn inputs(&self) -> AttnInputs<'_> {
+            AttnInputs {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                cos: &self.cos,
+                sin: &self.sin,
+                keep: &self.keep,
+            }
+        }
+
+        /// The textbook computation in f64: rotate, scores, mask, softmax, weighted sum.
+        fn reference(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
+            let AttnShape { b, t, h, kv, d } = self.s;
+            let rot = |x: &[f32], heads: usize, bi: usize, hd: usize, i: usize| -> Vec<f64> {
+                let row = &x[((bi * t + i) * heads + hd) * d..][..d];
+                let c = &self.cos[(bi * t + i) * d..][..d];
+                let sn = &self.sin[(bi * t + i) * d..][..d];
+                (0..d)
+                    .map(|j| {
+                        let r = if j < d / 2 {
+                            -row[j + d / 2]
+                        } else {
+                            row[j - d / 2]
+                        };
+                        f64::from(row[j]) * f64::from(c[j]) + f64::from(r) * f64::from(sn[j])
+                    })
+                    .collect()
+            };
+            let mut out = vec![0.0f64; b * t * h * d];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let g = hi / (h / kv);
+                    for i in 0..t {
+                        let qi = rot(q, h, bi, hi, i);
+                        let vis: Vec<usize> =
+                            (0..=i).filter(|&j| self.keep[bi * t + j] != 0.0).collect();
+                        if vis.is_empty() {
+                            continue;
+                        }
+                        let sc: Vec<f64> = vis
+                            .iter()
+                            .map(|&j| {
+                                let kj = rot(k, kv, bi, g, j);
+                                qi.iter().zip(&kj).map(|(a, b)| a * b).sum::<f64>()
+                                    / (d as f64).sqrt()
+                            })
+                            .collect();
+                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                        for (&j, sj) in vis.iter().zip(&sc) {
+                            let p = (sj - m).exp() / z;
+                            for c in 0..d {
+                                out[((bi * t + i) * h + hi) * d + c] +=
+                                    p * f64::from(v[((bi * t + j) * kv + g) * d + c]);
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        }
+    }
+
+    fn max_diff(a: &[f32], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (f64::from(*x) - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn attention_matches_the_textbook_computation() {
+        // Grouped heads (4 query heads on 2 key/value heads) and left padding of 0 and 3.
+        let c = Case::new(2, 9, 4, 2, 8, &[0, 3]);
+        let (out, _) = attention_forward(&c.s, &c.inputs());
+        let want = c.reference(&c.q, &c.k, &c.v);
+        let diff = max_diff(&out, &want);
+        assert!(diff < 1e-5, "max diff {diff}");
+        // Padding query rows come out as zeros.
+        let row = &out[(9 * 4 * 8)..][..4 * 8];
+        assert!(row.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn attention_over_several_query_blocks_matches_too() {
+        let c = Case::new(1, 2 * QUERY_BLOCK + 22, 2, 1, 8, &[5]);
+        let (out, _) = attention_forward(&c.s, &c.inputs());
+        let diff = max_diff(&out, &c.reference(&c.q, &c.k, &c.v));
+        assert!(diff < 1e-5, "max diff {diff}");
+        backward_matches_finite_differences(&Case::new(1, QUERY_BLOCK + 6, 2, 1, 4, &[3]), 37);
+    }
+
+    #[test]
+    fn attention_backward_matches_finite_differences() {
+        let c = Case::new(2, 6, 4, 2, 4, &[0, 2]);
+        backward_matches_finite_differences(&c, 7);
+        // Padding keys get no gradient.
+        let inp = c.inputs();
+        let (out, lse) = attention_forward(&c.s, &inp);
+        let (_, dk, _) = attention_backward(&c.s, &inp, &out, &lse, &out);
+        let pad_key = &dk[(6 * 2 * 4)..][..2 * 4];
+        assert!(pad_key.iter().all(|&x| x == 0.0), "{pad_key:?}");
+    }
+
+    fn backward_matches_finite_differences(c: &Case, stride: usize) {
+        let inp = c.inputs();
+        let (out, lse) = attention_forward(&c.s, &inp);
+        // Loss = sum(out * w) for a fixed random w: its gradient wrt out is w.
+        let mut seed = 99;
+        let w = rand_vec(out.len(), &mut seed);
+        let (dq, dk, dv) = attention_backward(&c.s, &inp, &out, &lse, &w);
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            c.reference(q, k, v)
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| a * f64::from(*b))
+                .sum()
+        };
+        let eps = 1e-2f32;
+        let check = |which: usize, grad: &[f32]| {
+            for idx in (0..grad.len()).step_by(stride) {
+                let at = |delta: f32| {
+                    let mut xs = [c.q.clone(), c.k.clone(), c.v.clone()];
+                    xs[which][idx] += delta;
+                    loss(&xs[0], &xs[1], &xs[2])
+                };
+                let (up, down) = (at(eps), at(-eps));
+                let fd = (up - down) / (2.0 * f64::from(eps));
+                assert!(
+                    (fd - f64::from(grad[idx])).abs() < 2e-3,
+                    "input {which} index {idx}: finite difference {fd} vs {}",
+                    grad[idx]
+                );
+            }
+        };
+        check(0, &dq);
+        check(1, &dk);
+        check(2, &dv);
+    }
+
+    #[test]
+    fn rms_norm_and_its_gradients() {
+        let mut seed = 3;
+        let (n, d) = (130, 12); // more rows than one chunk
+        let x = rand_vec(n * d, &mut seed);
+        let gamma = rand_vec(d, &mut seed);
+        let eps = 1e-5f32;
+        let reference = |x: &[f32], gamma: &[f32]| -> Vec<f64> {
+            x.chunks(d)
+                .flat_map(|r| {
+                    let ms: f64 = r.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / d as f64;
+                    let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                    r.iter()
+                        .zip(gamma)
+                        .map(move |(v, g)| f64::from(*v) * inv * f64::from(*g))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let y = rms_norm_forward(&x, &gamma, eps);
+        assert!(max_diff(&y, &reference(&x, &gamma)) < 1e-5);
+        let w = rand_vec(n * d, &mut seed);
+        let (dx, dg) = rms_norm_backward(&x, &gamma, eps, &w);
+        let loss = |x: &[f32], g: &[f32]| -> f64 {
+            reference(x, g)
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| a * f64::from(*b))
+                .sum()
+        };
+        let h = 1e-3f32;
+        for idx in (0..x.len()).step_by(17) {
+            let (mut a, mut b) = (x.clone(), x.clone());
+            a[idx] += h;
+            b[idx] -= h;
+            let fd = (loss(&a, &gamma) - loss(&b, &gamma)) / (2.0 * f64::from(h));
+            assert!(
+                (fd - f64::from(dx[idx])).abs() < 1e-3,
+                "dx[{idx}] {fd} vs {}",
+                dx[idx]
+            );
+        }
+        for j in 0..d {
+            let (mut a, mut b) = (gamma.clone(), gamma.clone());
+            a[j] += h;
+            b[j] -= h;
+            let fd = (loss(&x, &a) - loss(&x, &b)) / (2.0 * f64::from(h));
+            assert!(
+                (fd - f64::from(dg[j])).abs() < 1e-2,
+                "dgamma[{j}] {fd} vs {}",
+                dg[j]
+            );
+        }
+    }
+
+    #[test]
+    fn swiglu_and_its_gradients() {
+        let mut seed = 5;
+        let n = ELEMS_PER_CHUNK + 100; // two chunks
+        let g: Vec<f32> = rand_vec(n, &mut seed).iter().map(|x| x * 4.0).collect();
+        let u = rand_vec(n, &mut seed);
+        let y = swiglu_forward(&g, &u);
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(a, b)| silu(f64::from(*a)) * f64::from(*b))
+            .collect();
+        assert!(max_diff(&y, &want) < 1e-5);
+        let dy = rand_vec(n, &mut seed);
+        let (dg, du) = swiglu_backward(&g, &u, &dy);
+        let h = 1e-3f64;
+        for i in (0..n).step_by(997) {
+            let (a, b, w) = (f64::from(g[i]), f64::from(u[i]), f64::from(dy[i]));
+            let fd_g = (silu(a + h) - silu(a - h)) / (2.0 * h) * b * w;
+            assert!((fd_g - f64::from(dg[i])).abs() < 1e-4, "dgate[{i}]");
+            assert!((silu(a) * w - f64::from(du[i])).abs() < 1e-5, "dup[{i}]");
+        }
+    }
+}
