@@ -31,6 +31,12 @@ pub struct BenchResult {
     pub step_s_median: f64,
     /// Tokens per second at the median step.
     pub tokens_per_s: f64,
+    /// Median seconds of the forward pass (loss included).
+    pub forward_s_median: f64,
+    /// Median seconds of the backward pass.
+    pub backward_s_median: f64,
+    /// Median seconds of the optimiser step.
+    pub optimizer_s_median: f64,
 }
 
 /// Times `steps` optimiser steps (after `warmup` untimed ones) of `stage` on random tokens.
@@ -62,6 +68,7 @@ pub fn bench(
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = cfg.vocab_size as u32;
     let mut times = Vec::with_capacity(steps);
+    let (mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..warmup + steps {
         let rows: Vec<Example> = (0..batch_size)
             .map(|_| Example {
@@ -77,7 +84,10 @@ pub fn bench(
         let refs: Vec<&Example> = rows.iter().collect();
         let t0 = Instant::now();
         let (loss, _, _) = model.batch_loss(&refs, &ctx, &device);
+        let _ = loss.clone().into_scalar::<f32>();
+        let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let t2 = Instant::now();
         model = optim.step(1e-4, model, grads);
         // Wait for the step to finish: read one parameter value back.
         let _ = model
@@ -89,10 +99,16 @@ pub fn bench(
             .into_scalar::<f32>();
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            opt.push(t2.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(f64::total_cmp);
-    let med = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let med = median(times);
     Ok(BenchResult {
         params: cfg.num_parameters(),
         batch_size,
@@ -100,5 +116,8 @@ pub fn bench(
         steps,
         step_s_median: med,
         tokens_per_s: (batch_size * seq_len) as f64 / med,
+        forward_s_median: median(fwd),
+        backward_s_median: median(bwd),
+        optimizer_s_median: median(opt),
     })
 }

@@ -595,3 +595,49 @@ fn progress_enabled() -> bool {
     std::env::var_os("NO_PROGRESS").is_none()
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::LinearConfig;
+
+    #[test]
+    fn clipping_scales_the_global_norm_down_to_the_limit_and_only_above_it() {
+        let device = Device::flex().autodiff();
+        let lin = LinearConfig::new(2, 2).init(&device);
+        let bias = lin.bias.as_ref().expect("bias").val();
+        // loss = sum(W * cw) + sum(b * cb): the gradients are cw and cb, whose global norm is
+        // sqrt(3^2 + 4^2 + 12^2) = 13.
+        let cw = Tensor::<2>::from_floats([[3.0, 0.0], [0.0, 4.0]], &device);
+        let cb = Tensor::<1>::from_floats([12.0, 0.0], &device);
+        let grads_of = || {
+            let loss = (lin.weight.val() * cw.clone()).sum() + (bias.clone() * cb.clone()).sum();
+            GradientsParams::from_grads(loss.backward(), &lin)
+        };
+        let values = |g: &GradientsParams| -> Vec<f32> {
+            let w = g.get::<2>(lin.weight.id).expect("weight gradient");
+            let b = g
+                .get::<1>(lin.bias.as_ref().expect("bias").id)
+                .expect("bias gradient");
+            let mut v = w.into_data().try_to_vec::<f32>().expect("f32");
+            v.extend(b.into_data().try_to_vec::<f32>().expect("f32"));
+            v
+        };
+        let mut g = grads_of();
+        let norm = clip_global(&lin, &mut g, 6.5);
+        assert!((norm - 13.0).abs() < 1e-5, "norm before clipping {norm}");
+        let clipped = values(&g);
+        let want = [1.5f32, 0.0, 0.0, 2.0, 6.0, 0.0];
+        for (c, w) in clipped.iter().zip(want) {
+            assert!((c - w).abs() < 1e-5, "{clipped:?} vs {want:?}");
+        }
+        let after: f32 = clipped.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((after - 6.5).abs() < 1e-4, "norm after clipping {after}");
+        // Under the limit (and with clipping off) the gradients are left as they are.
+        for limit in [100.0, 0.0] {
+            let mut g = grads_of();
+            assert!((clip_global(&lin, &mut g, limit) - 13.0).abs() < 1e-5);
+            assert_eq!(values(&g), vec![3.0, 0.0, 0.0, 4.0, 12.0, 0.0]);
+        }
+    }
+}

@@ -650,3 +650,72 @@ fn our_checkpoints_load_in_hf_transformers_with_the_same_outputs() -> Result<()>
     ensure!(db <= 1e-4, "BT rewards differ from transformers' by {db:e}");
     Ok(())
 }
+
+/// The first logged step's loss and gradient norm (before clipping).
+fn first_step(run_dir: &Path) -> Result<(f64, f64)> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?;
+    let v: serde_json::Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["split"] == "train")
+        .context("no train metrics")?;
+    Ok((
+        v["loss"].as_f64().context("loss")?,
+        v["grad_norm"].as_f64().context("grad_norm")?,
+    ))
+}
+
+/// Gradient accumulation averages: on a training split of exactly 8 rows (4 pairs, both
+/// orders), one step of batch 8 and one step of 2 accumulated batches of 4 see the same rows and
+/// must log the same loss and the same gradient norm (a sum instead of a mean would double it).
+#[test]
+fn accumulated_half_batches_give_the_full_batch_gradient() -> Result<()> {
+    let t = task()?;
+    let root = t.root.join("accum");
+    std::fs::create_dir_all(&root)?;
+    let jsonl = root.join("four.jsonl");
+    synthetic_jsonl(&jsonl, 4)?;
+    let data = root.join("data");
+    run(Command::new(bin("gram-data")?)
+        .current_dir(repo_root())
+        .args([
+            "build",
+            "pipelines/chosen-rejected.toml",
+            "--quiet",
+            "--input",
+        ])
+        .arg(&jsonl)
+        .arg("--model")
+        .arg(&t.model)
+        .args(["--valid", "0", "--test", "0", "--overwrite", "--out"])
+        .arg(&data))?;
+    let mut seen = Vec::new();
+    for (batch, accum) in [("8", "1"), ("4", "2")] {
+        let out = root.join(format!("b{batch}x{accum}"));
+        run(train_cmd("finetune", &t.model, &data, &out)?.args([
+            "--max-steps",
+            "1",
+            "--batch-size",
+            batch,
+            "--grad-accum",
+            accum,
+            "--log-every",
+            "1",
+            "--lr",
+            "1e-3",
+        ]))?;
+        seen.push(first_step(&out)?);
+    }
+    let ((l1, g1), (l2, g2)) = (seen[0], seen[1]);
+    println!("batch 8: loss {l1} grad norm {g1}; 2 x batch 4: loss {l2} grad norm {g2}");
+    ensure!(g1 > 0.0, "zero gradient");
+    ensure!(
+        (l1 - l2).abs() <= 1e-5 * l1.abs(),
+        "losses differ: {l1} vs {l2}"
+    );
+    ensure!(
+        (g1 - g2).abs() <= 1e-4 * g1,
+        "gradient norms differ: {g1} vs {g2}"
+    );
+    Ok(())
+}
