@@ -255,6 +255,33 @@ fn softmax_row_from_lse(row: &mut [f32], keep: &[f32], i: usize, lse: f32) {
 /// skip the blocks above the causal diagonal (about half of the attention arithmetic).
 const QUERY_BLOCK: usize = 64;
 
+/// Scores of the query block `i0..i1` against keys `0..i1`: `q[i0..i1] · k[..i1]^T` into the
+/// first `i1` columns of `pb` (rows of stride `t`); `q` and `k` are `[t, d]` blocks.
+fn block_scores(
+    pb: &mut [f32],
+    t: usize,
+    (i0, i1): (usize, usize),
+    d: usize,
+    q: &[f32],
+    k: &[f32],
+) {
+    let rows = i1 - i0;
+    matmul(pb, t, (rows, i1, d), &q[i0 * d..], (d, 1), k, (1, d), false);
+}
+
+/// `dst[..rows] = pb · m[..i1]`: a `[rows, i1]` block (rows of stride `t`) times the first `i1`
+/// rows of a `[t, d]` matrix, into `rows` rows of `d`.
+fn block_times(
+    dst: &mut [f32],
+    pb: &[f32],
+    t: usize,
+    (rows, i1): (usize, usize),
+    d: usize,
+    m: &[f32],
+) {
+    matmul(dst, d, (rows, d, i1), pb, (t, 1), m, (d, 1), false);
+}
+
 /// Causal attention with the rotary embedding applied to q and k, grouped key/value heads and a
 /// key padding mask. Returns the output `[b, t, h * d]` and the per-row log-sum-exp `[b, h, t]`
 /// that [`attention_backward`] needs.
@@ -278,29 +305,11 @@ pub fn attention_forward(s: &AttnShape, inp: &AttnInputs) -> (Vec<f32>, Vec<f32>
                 let i1 = (i0 + QUERY_BLOCK).min(t);
                 let rows = i1 - i0;
                 let pb = &mut p[i0 * t..i1 * t];
-                matmul(
-                    pb,
-                    t,
-                    (rows, i1, d),
-                    &q[i0 * d..],
-                    (d, 1),
-                    &k,
-                    (1, d),
-                    false,
-                );
+                block_scores(pb, t, (i0, i1), d, &q, &k);
                 for r in 0..rows {
                     lse[i0 + r] = softmax_causal_row(&mut pb[r * t..r * t + i1], keep, i0 + r);
                 }
-                matmul(
-                    &mut o[i0 * d..],
-                    d,
-                    (rows, d, i1),
-                    pb,
-                    (t, 1),
-                    &v,
-                    (d, 1),
-                    false,
-                );
+                block_times(&mut o[i0 * d..], pb, t, (rows, i1), d, &v);
             }
             (o, lse)
         })
@@ -355,16 +364,7 @@ pub fn attention_backward(
                     let i1 = (i0 + QUERY_BLOCK).min(t);
                     let rows = i1 - i0;
                     let pb = &mut p[i0 * t..i1 * t];
-                    matmul(
-                        pb,
-                        t,
-                        (rows, i1, d),
-                        &q[i0 * d..],
-                        (d, 1),
-                        &k,
-                        (1, d),
-                        false,
-                    );
+                    block_scores(pb, t, (i0, i1), d, &q, &k);
                     for r in 0..rows {
                         let row = &mut pb[r * t..r * t + i1];
                         softmax_row_from_lse(row, keep, i0 + r, lse_h[i0 + r]);
@@ -389,16 +389,7 @@ pub fn attention_backward(
                         }
                     }
                     // dq = ds · k (the scale folded into q and the rotation come after)
-                    matmul(
-                        &mut dq[i0 * d..],
-                        d,
-                        (rows, d, i1),
-                        dpb,
-                        (t, 1),
-                        &k,
-                        (d, 1),
-                        false,
-                    );
+                    block_times(&mut dq[i0 * d..], dpb, t, (rows, i1), d, &k);
                     // dk[..i1] += ds^T · q (q already carries the scale)
                     matmul(
                         &mut dk,

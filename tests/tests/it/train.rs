@@ -114,28 +114,33 @@ fn make_task() -> Result<Task> {
     let jsonl = root.join("pairs.jsonl");
     synthetic_jsonl(&jsonl, 1600)?;
     let data = root.join("data");
+    build_data(
+        &jsonl,
+        &model,
+        &data,
+        &["--max-tokens", "400", "--valid", "0.1", "--test", "0.05"],
+    )?;
+    Ok(Task { root, model, data })
+}
+
+/// `gram-data build` of a {prompt, chosen, rejected} JSONL file with a model's tokenizer.
+fn build_data(jsonl: &Path, model: &Path, out: &Path, extra: &[&str]) -> Result<()> {
     run(Command::new(bin("gram-data")?)
         .current_dir(repo_root())
         .args([
             "build",
             "pipelines/chosen-rejected.toml",
             "--quiet",
+            "--overwrite",
             "--input",
         ])
-        .arg(&jsonl)
+        .arg(jsonl)
         .arg("--model")
-        .arg(&model)
-        .args([
-            "--max-tokens",
-            "400",
-            "--valid",
-            "0.1",
-            "--test",
-            "0.05",
-            "--out",
-        ])
-        .arg(&data))?;
-    Ok(Task { root, model, data })
+        .arg(model)
+        .args(extra)
+        .arg("--out")
+        .arg(out))?;
+    Ok(())
 }
 
 fn summary(run_dir: &Path) -> Result<serde_json::Value> {
@@ -676,19 +681,7 @@ fn accumulated_half_batches_give_the_full_batch_gradient() -> Result<()> {
     let jsonl = root.join("four.jsonl");
     synthetic_jsonl(&jsonl, 4)?;
     let data = root.join("data");
-    run(Command::new(bin("gram-data")?)
-        .current_dir(repo_root())
-        .args([
-            "build",
-            "pipelines/chosen-rejected.toml",
-            "--quiet",
-            "--input",
-        ])
-        .arg(&jsonl)
-        .arg("--model")
-        .arg(&t.model)
-        .args(["--valid", "0", "--test", "0", "--overwrite", "--out"])
-        .arg(&data))?;
+    build_data(&jsonl, &t.model, &data, &["--valid", "0", "--test", "0"])?;
     let mut seen = Vec::new();
     for (batch, accum) in [("8", "1"), ("4", "2")] {
         let out = root.join(format!("b{batch}x{accum}"));
