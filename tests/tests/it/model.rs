@@ -12,6 +12,12 @@ use crate::common::{fixture_tensor, fixtures, scratch, smollm2_gguf};
 
 const TINY: [&str; 4] = ["llama", "llama-tied-rope-llama3", "qwen2", "qwen3"];
 
+/// The f32 values of tensor data.
+fn floats(data: TensorData) -> Result<Vec<f32>> {
+    data.try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
 /// Max |ours - HF| over real (mask = 1) positions of one hf-tiny fixture.
 fn tiny_max_diff(name: &str, device: &Device) -> Result<f64> {
     let dir = fixtures().join("hf-tiny").join(name);
@@ -29,11 +35,7 @@ fn tiny_max_diff(name: &str, device: &Device) -> Result<f64> {
             device,
         )
     };
-    let got: Vec<f32> = model
-        .forward(to_int(&ids), to_int(&mask))
-        .into_data()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let got = floats(model.forward(to_int(&ids), to_int(&mask)).into_data())?;
     ensure!(
         got.len() == want.len(),
         "{name}: {} logits, fixture has {}",
@@ -562,25 +564,18 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
             let norms = [l0.input_layernorm.gamma.val(), model.model.norm.gamma.val()];
             let mut gs = Vec::new();
             for p in params {
-                let g = p.grad(&grads).context("parameter without gradient")?;
-                gs.push(
-                    g.into_data()
-                        .try_to_vec::<f32>()
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-                );
+                gs.push(floats(
+                    p.grad(&grads)
+                        .context("parameter without gradient")?
+                        .into_data(),
+                )?);
             }
             for p in norms {
-                let g = p.grad(&grads).context("norm without gradient")?;
-                gs.push(
-                    g.into_data()
-                        .try_to_vec::<f32>()
-                        .map_err(|e| anyhow::anyhow!("{e:?}"))?,
-                );
+                gs.push(floats(
+                    p.grad(&grads).context("norm without gradient")?.into_data(),
+                )?);
             }
-            let hidden = (h * real)
-                .into_data()
-                .try_to_vec::<f32>()
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let hidden = floats((h * real).into_data())?;
             Ok((hidden, gs))
         };
         let (h_fused, g_fused) = run(Kernels::Auto)?;
