@@ -1,7 +1,8 @@
 """PyTorch eager reference for benches/train_speed.sh: the same LLaMA config (transformers'
 LlamaForCausalLM, eager attention, f32), the same GRAM step (stage 2: label-smoothed
 cross-entropy over the A/B logits at the last position; stage 1: next-token loss on the target
-part), AdamW, random tokens of the same shape. Prints one JSON line like `gram-train bench`."""
+part), AdamW, random tokens of the same shape. --device cuda times it on a GPU (synchronised
+before each clock read), for benches/gpu_check.sh. Prints one JSON line like `gram-train bench`."""
 
 import argparse
 import json
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -29,21 +31,24 @@ def main() -> None:
     cfg = json.load(open(a.model_config))
     config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
     config._attn_implementation = "eager"
-    model = LlamaForCausalLM(config).float().train()
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model = LlamaForCausalLM(config).float().train().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.0)
-    label_ids = torch.tensor([1, 2])
+    label_ids = torch.tensor([1, 2], device=dev)
     eps = 0.1
     times = []
     b, t = a.batch_size, a.seq_len
     for i in range(a.warmup + a.steps):
-        ids = torch.randint(3, config.vocab_size, (b, t))
+        ids = torch.randint(3, config.vocab_size, (b, t), device=dev)
         mask = torch.ones_like(ids)
+        sync()
         t0 = time.perf_counter()
         if a.stage == "finetune":
             h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
             w = model.lm_head.weight[label_ids]  # only the two label rows, as gram-train does
             logits = h @ w.T
-            target = torch.randint(0, 2, (b,))
+            target = torch.randint(0, 2, (b,), device=dev)
             loss = F.cross_entropy(logits, target, label_smoothing=eps)
         else:
             p = t // 4
@@ -53,6 +58,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
