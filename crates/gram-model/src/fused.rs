@@ -1,5 +1,5 @@
 //! Fused operations for burn's CPU backend (flex), with hand-written backward passes: causal
-//! attention with the rotary embedding inside, RMSNorm and SwiGLU. They are registered through
+//! attention with the rotary embedding inside, RMSNorm, SwiGLU and the linear projections. They are registered through
 //! burn's backend-extension API (`#[backend_extension]`), so they take and return ordinary
 //! `Tensor`s and take part in autodiff like any other operation; the arithmetic is in
 //! [`crate::kernels`].
@@ -13,7 +13,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{
+    Autodiff, Backend, BackendTensor, Dispatch, DispatchAutodiffContext, DispatchDevice,
+    DispatchTensor, DispatchTensorKind, Flex, backend_extension,
+};
 use burn::prelude::*;
 use burn::tensor::Shape;
 
@@ -57,6 +60,10 @@ pub trait FusedOps: Backend {
 
     /// `silu(gate) * up`.
     fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `x · w` over the last axis of `x`: `x` is `[.., d_in]`, `w` is `[d_in, d_out]` (the layout
+    /// of burn's `Linear` weight); the output is `[.., d_out]`.
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// A contiguous copy (or the tensor itself when already contiguous).
@@ -179,6 +186,35 @@ impl FusedOps for Flex {
             shape(&gate),
         )
     }
+
+    fn fused_linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (x, w) = (contiguous(&x), contiguous(&w));
+        let (rows, d_in, d_out) = linear_dims(&x, &w);
+        let mut dims = shape(&x);
+        let last = dims.num_dims() - 1;
+        dims[last] = d_out;
+        tensor(
+            kernels::matmul_new(
+                (rows, d_out, d_in),
+                f32s(&x),
+                (d_in, 1),
+                f32s(&w),
+                (d_out, 1),
+            ),
+            dims,
+        )
+    }
+}
+
+/// Rows, input and output width of a linear map of `x` (`[.., d_in]`) by `w` (`[d_in, d_out]`).
+fn linear_dims(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
+    let (xs, ws) = (shape(x), shape(w));
+    assert!(
+        ws.num_dims() == 2 && xs.num_dims() >= 1 && xs[xs.num_dims() - 1] == ws[0],
+        "fused linear: x {xs:?} does not match the weight {ws:?}"
+    );
+    let (d_in, d_out) = (ws[0], ws[1]);
+    (xs.num_elements() / d_in.max(1), d_in, d_out)
 }
 
 #[derive(Debug)]
@@ -258,6 +294,42 @@ impl Backward<Flex, 2> for SwigluBackward {
     }
 }
 
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 2> for LinearBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (x, w) = ops.state;
+        let (rows, d_in, d_out) = linear_dims(&x, &w);
+        if let Some(node) = node_x {
+            // dx = dy · wᵀ: wᵀ read through swapped strides.
+            let dx = kernels::matmul_new(
+                (rows, d_in, d_out),
+                f32s(&dy),
+                (d_out, 1),
+                f32s(&w),
+                (1, d_out),
+            );
+            grads.register::<Flex>(node.id, tensor(dx, shape(&x)));
+        }
+        if let Some(node) = node_w {
+            // dw = xᵀ · dy, summed over every row.
+            let dw = kernels::matmul_new(
+                (d_in, d_out, rows),
+                f32s(&x),
+                (1, d_in),
+                f32s(&dy),
+                (d_out, 1),
+            );
+            grads.register::<Flex>(node.id, tensor(dw, shape(&w)));
+        }
+    }
+}
+
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     fn fused_attention(
         q: FloatTensor<Self>,
@@ -326,6 +398,19 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (xp, wp) = (contiguous(x.primitive()), contiguous(w.primitive()));
+        let out = Flex::fused_linear(xp.clone(), wp.clone());
+        match LinearBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((xp, wp), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
 }
 
 /// [`FusedOps::fused_attention`] on tensors (CPU only; see [`cpu_fused`]).
@@ -367,4 +452,70 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         gate.into_dispatch(),
         up.into_dispatch(),
     ))
+}
+
+/// [`FusedOps::fused_linear`] on tensors (CPU only; see [`cpu_fused`]).
+pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
+/// The flex tensor inside a CPU float tensor, with its autodiff context to put it back.
+fn into_flex<const D: usize>(t: Tensor<D>) -> (FlexTensor, DispatchAutodiffContext) {
+    let DispatchTensor { kind, autodiff } = t.into_dispatch();
+    match kind {
+        DispatchTensorKind::Flex(BackendTensor::Float(f)) => (f, autodiff),
+        _ => panic!("gram-model's fused CPU operations run on CPU float tensors only"),
+    }
+}
+
+fn from_flex<const D: usize>(f: FlexTensor, autodiff: DispatchAutodiffContext) -> Tensor<D> {
+    Tensor::from_dispatch(DispatchTensor {
+        kind: DispatchTensorKind::Flex(BackendTensor::Float(f)),
+        autodiff,
+    })
+}
+
+/// A tensor whose storage can be written in place as its elements in order: contiguous from
+/// offset 0 (a copy otherwise; shared storage is copied on write by `storage_mut`).
+fn dense(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// One AdamW step ([`kernels::adamw_step`]) in place on CPU tensors of the same shape: the
+/// parameter, its gradient and the two moments; returns the parameter and the moments.
+///
+/// # Panics
+/// If a tensor is not a CPU float tensor (callers check [`cpu_fused`] first).
+pub fn adamw<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+    c: &kernels::AdamWStep,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let (p, p_ctx) = into_flex(param);
+    let (g, _) = into_flex(grad);
+    let (m1, m1_ctx) = into_flex(moment_1);
+    let (m2, m2_ctx) = into_flex(moment_2);
+    let (mut p, g, mut m1, mut m2) = (dense(p), contiguous(&g), dense(m1), dense(m2));
+    let n = p.layout().num_elements();
+    kernels::adamw_step(
+        &mut p.storage_mut::<f32>()[..n],
+        f32s(&g),
+        &mut m1.storage_mut::<f32>()[..n],
+        &mut m2.storage_mut::<f32>()[..n],
+        c,
+    );
+    (
+        from_flex(p, p_ctx),
+        from_flex(m1, m1_ctx),
+        from_flex(m2, m2_ctx),
+    )
 }

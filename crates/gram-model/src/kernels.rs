@@ -2,7 +2,8 @@
 //! embedding applied inside, RMSNorm and SwiGLU, each with its backward pass, on contiguous f32
 //! slices. Work is split over (batch, head) or over fixed chunks of rows with rayon; every sum is
 //! taken in a fixed order, so results do not depend on thread timing (resumed CPU runs stay
-//! bit-identical). Matrix products go through the `gemm` crate, single-threaded inside a task.
+//! bit-identical). Matrix products go through the `gemm` crate: single-threaded inside a task, or
+//! spread over the pool for the projections ([`matmul_new`]). [`adamw_step`] is the optimiser's update.
 //!
 //! What composing burn's primitive operations costs and this saves: the attention scores
 //! `[batch, heads, seq, seq]` are never materialised as a tensor (one `seq x seq` block per task,
@@ -16,28 +17,19 @@ const ROWS_PER_CHUNK: usize = 64;
 /// Elements per parallel chunk in the element-wise kernels.
 const ELEMS_PER_CHUNK: usize = 1 << 14;
 
-/// `c = a · b` (or `c += a · b` with `accumulate`), `c` row-major with row stride `c_rs`; `a` is
-/// `m x k` and `b` is `k x n`, each given by its row and column strides, so a transposed operand
-/// is a swap of strides rather than a copy.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-fn matmul(
-    c: &mut [f32],
+/// Checks the bounds gemm will read and write for an `m x n x k` product with the given strides,
+/// so that the unsafe calls below stay inside their slices.
+#[allow(clippy::too_many_arguments)]
+fn check_product(
+    c_len: usize,
     c_rs: usize,
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
-    accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // The bounds gemm reads and writes, checked here so the unsafe call below stays in bounds.
-    assert!(
-        (m - 1) * c_rs + n <= c.len(),
-        "matmul: output out of bounds"
-    );
+    assert!((m - 1) * c_rs + n <= c_len, "matmul: output out of bounds");
     if k > 0 {
         assert!(
             (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
@@ -48,8 +40,28 @@ fn matmul(
             "matmul: rhs out of bounds"
         );
     }
+}
+
+/// `c = a · b` (or `c += a · b` with `accumulate`), `c` row-major with row stride `c_rs`; `a` is
+/// `m x k` and `b` is `k x n`, each given by its row and column strides, so a transposed operand
+/// is a swap of strides rather than a copy. Single-threaded: called inside parallel tasks.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn matmul(
+    c: &mut [f32],
+    c_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    check_product(c.len(), c_rs, (m, n, k), a, a_strides, b, b_strides);
     let s = |x: usize| x as isize;
-    // SAFETY: every index gemm touches is inside the three slices (asserted above: the largest
+    // SAFETY: every index gemm touches is inside the three slices (checked above: the largest
     // offsets of dst, lhs and rhs are in bounds for the given strides), `c` is borrowed mutably
     // and does not alias `a` or `b` (distinct borrows), and f32 is a type gemm supports.
     unsafe {
@@ -62,11 +74,11 @@ fn matmul(
             s(c_rs),
             accumulate,
             a.as_ptr(),
-            s(a_cs),
-            s(a_rs),
+            s(a_strides.1),
+            s(a_strides.0),
             b.as_ptr(),
-            s(b_cs),
-            s(b_rs),
+            s(b_strides.1),
+            s(b_strides.0),
             1.0,
             1.0,
             false,
@@ -75,6 +87,107 @@ fn matmul(
             gemm::Parallelism::None,
         );
     }
+}
+
+/// `a · b` as a new row-major `m x n` vector, the product spread over rayon's pool: the
+/// projections (one large product each) and their backward passes. Operands as in [`matmul`].
+///
+/// Why not burn's matmul: its output tensor is zero-filled and then copied once more into an
+/// aligned buffer, two passes over the output on the calling thread before gemm starts; for the
+/// 40M benchmark that was about a tenth of the step. Here the output is written once, by gemm.
+#[allow(unsafe_code)]
+pub fn matmul_new(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+) -> Vec<f32> {
+    let len = m.checked_mul(n).expect("matmul: output size overflows");
+    if len == 0 || k == 0 {
+        return vec![0.0; len];
+    }
+    check_product(len, n, (m, n, k), a, a_strides, b, b_strides);
+    let mut c: Vec<f32> = Vec::with_capacity(len);
+    let s = |x: usize| x as isize;
+    // SAFETY: bounds of `a` and `b` as in `matmul` (checked above) and `c` has capacity for the
+    // m x n outputs at row stride n. With `read_dst = false` gemm sets alpha to zero and its
+    // micro-kernels take the store-only path for the first depth block (later blocks add to what
+    // the first stored), so every one of the `len` elements is written before any is read and
+    // none of the uninitialised capacity is ever read; `set_len` then covers exactly them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            s(n),
+            false,
+            a.as_ptr(),
+            s(a_strides.1),
+            s(a_strides.0),
+            b.as_ptr(),
+            s(b_strides.1),
+            s(b_strides.0),
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+        c.set_len(len);
+    }
+    c
+}
+
+/// AdamW's hyper-parameters for one step, in the form burn's `AdamW` computes with.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    /// Learning rate (burn multiplies the update by it as an f32).
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta_1: f32,
+    /// Second-moment decay.
+    pub beta_2: f32,
+    /// Added to the root of the corrected second moment.
+    pub epsilon: f32,
+    /// `1 - lr * weight_decay` (1 when there is no decay).
+    pub decay: f32,
+    /// `1 - beta_1^t` and `1 - beta_2^t` for this step's `t` (from 1).
+    pub bias_1: f32,
+    /// See `bias_1`.
+    pub bias_2: f32,
+}
+
+/// One AdamW step in place over a parameter, its gradient and its two moments: the same
+/// arithmetic, operation by operation, as burn's `AdamW` (which runs it as eight tensor passes,
+/// each allocating its output, on one thread), in one parallel pass.
+pub fn adamw_step(p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut [f32], c: &AdamWStep) {
+    let n = p.len();
+    assert!(
+        g.len() == n && m1.len() == n && m2.len() == n,
+        "adamw: parameter, gradient and moments differ in length"
+    );
+    let f1 = 1.0 - c.beta_1;
+    let f2 = 1.0 - c.beta_2;
+    p.par_chunks_mut(ELEMS_PER_CHUNK)
+        .zip(g.par_chunks(ELEMS_PER_CHUNK))
+        .zip(m1.par_chunks_mut(ELEMS_PER_CHUNK))
+        .zip(m2.par_chunks_mut(ELEMS_PER_CHUNK))
+        .for_each(|(((p, g), m1), m2)| {
+            for i in 0..p.len() {
+                let gi = g[i];
+                let a = m1[i] * c.beta_1 + gi * f1;
+                let b = m2[i] * c.beta_2 + (gi * gi) * f2;
+                m1[i] = a;
+                m2[i] = b;
+                let delta = (a / c.bias_1) / ((b / c.bias_2).sqrt() + c.epsilon);
+                let kept = if c.decay == 1.0 { p[i] } else { p[i] * c.decay };
+                p[i] = kept - delta * c.lr;
+            }
+        });
 }
 
 /// Shapes of one attention call: `q` is `[b, t, h * d]`, `k` and `v` are `[b, t, kv * d]`,
@@ -812,5 +925,73 @@ mod tests {
             assert!((fd_g - f64::from(dg[i])).abs() < 1e-4, "dgate[{i}]");
             assert!((silu(a) * w - f64::from(du[i])).abs() < 1e-5, "dup[{i}]");
         }
+    }
+
+    #[test]
+    fn pool_products_match_the_definition_for_plain_and_transposed_operands() {
+        let mut seed = 11;
+        // Large enough for gemm to split the work over the pool, with ragged edges.
+        let (m, n, k) = (67, 129, 300);
+        let a = rand_vec(m * k, &mut seed); // m x k, row-major
+        let b = rand_vec(k * n, &mut seed); // k x n, row-major
+        let want: Vec<f64> = (0..m * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                (0..k)
+                    .map(|l| f64::from(a[i * k + l]) * f64::from(b[l * n + j]))
+                    .sum()
+            })
+            .collect();
+        assert!(max_diff(&matmul_new((m, n, k), &a, (k, 1), &b, (n, 1)), &want) < 1e-4);
+        // The same product from transposed storage: aᵀ stored k x m, bᵀ stored n x k.
+        let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+        assert!(max_diff(&matmul_new((m, n, k), &at, (1, m), &bt, (1, k)), &want) < 1e-4);
+        // Empty depth gives zeros; an empty output gives nothing.
+        assert_eq!(
+            matmul_new((2, 3, 0), &[], (0, 1), &[], (3, 1)),
+            vec![0.0; 6]
+        );
+        assert!(matmul_new((0, 3, 4), &[], (4, 1), &b, (n, 1)).is_empty());
+    }
+
+    #[test]
+    fn adamw_step_is_adamw() {
+        let mut seed = 13;
+        let n = ELEMS_PER_CHUNK + 37; // two chunks
+        let p0 = rand_vec(n, &mut seed);
+        let (mut p, mut m1, mut m2) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut rp, mut r1, mut r2): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            p0.iter().map(|&x| f64::from(x)).collect(),
+            vec![0.0; n],
+            vec![0.0; n],
+        );
+        let (lr, b1, b2, eps, wd) = (1e-2f64, 0.9f64, 0.999f64, 1e-8f64, 0.1f64);
+        for t in 1..=3 {
+            let g = rand_vec(n, &mut seed);
+            let c = AdamWStep {
+                lr: lr as f32,
+                beta_1: b1 as f32,
+                beta_2: b2 as f32,
+                epsilon: eps as f32,
+                decay: (1.0 - lr * wd) as f32,
+                bias_1: 1.0 - (b1 as f32).powi(t),
+                bias_2: 1.0 - (b2 as f32).powi(t),
+            };
+            adamw_step(&mut p, &g, &mut m1, &mut m2, &c);
+            for i in 0..n {
+                let gi = f64::from(g[i]);
+                r1[i] = b1 * r1[i] + (1.0 - b1) * gi;
+                r2[i] = b2 * r2[i] + (1.0 - b2) * gi * gi;
+                let upd =
+                    (r1[i] / (1.0 - b1.powi(t))) / ((r2[i] / (1.0 - b2.powi(t))).sqrt() + eps);
+                rp[i] = rp[i] * (1.0 - lr * wd) - lr * upd;
+            }
+        }
+        assert!(max_diff(&m1, &r1) < 1e-6);
+        assert!(max_diff(&m2, &r2) < 1e-6);
+        // The parameters moved (AdamW's steps are about lr each), and by what AdamW says.
+        assert!(max_diff(&p0, &rp) > 5e-3);
+        assert!(max_diff(&p, &rp) < 1e-5);
     }
 }

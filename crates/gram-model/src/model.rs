@@ -48,6 +48,19 @@ fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>, fused: bool) -> Tensor
     }
 }
 
+/// A linear layer, through the fused CPU product (one gemm over all rows, backward included)
+/// or burn's own.
+fn project<const D: usize>(layer: &Linear, x: Tensor<D>, fused: bool) -> Tensor<D> {
+    if !fused {
+        return layer.forward(x);
+    }
+    let y = fused::linear(x, layer.weight.val());
+    match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze(),
+        None => y,
+    }
+}
+
 /// Runtime configuration of [`CausalLm`], made from a checkpoint's [`ModelConfig`].
 #[derive(Config, Debug)]
 pub struct CausalLmConfig {
@@ -258,13 +271,13 @@ impl Attention {
             };
             y.reshape([b, t, heads * d])
         };
-        let q = per_head(self.q_proj.forward(x.clone()), h, &self.q_norm);
-        let k = per_head(self.k_proj.forward(x.clone()), kv, &self.k_norm);
-        let v = self.v_proj.forward(x).reshape([b, t, kv * d]);
+        let q = per_head(project(&self.q_proj, x.clone(), true), h, &self.q_norm);
+        let k = per_head(project(&self.k_proj, x.clone(), true), kv, &self.k_norm);
+        let v = project(&self.v_proj, x, true).reshape([b, t, kv * d]);
         let cos = ctx.cos.clone().reshape([b, t, d]);
         let sin = ctx.sin.clone().reshape([b, t, d]);
         let out = fused::attention(q, k, v, cos, sin, keep.clone(), h, kv);
-        self.o_proj.forward(out.reshape([n, h * d]))
+        project(&self.o_proj, out.reshape([n, h * d]), true)
     }
 }
 
@@ -282,13 +295,14 @@ pub struct Mlp {
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>, fused: bool) -> Tensor<D> {
-        let (gate, up) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let gate = project(&self.gate_proj, x.clone(), fused);
+        let up = project(&self.up_proj, x, fused);
         let act = if fused {
             fused::swiglu(gate, up)
         } else {
             silu(gate) * up
         };
-        self.down_proj.forward(act)
+        project(&self.down_proj, act, fused)
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use gram_core::{LabelIds, ModelConfig};
 use gram_model::CausalLmConfig;
 use rand::{Rng, SeedableRng};
@@ -54,10 +54,7 @@ pub fn bench(
     let device = gram_model::device(backend)?.autodiff();
     device.seed(0);
     let mut model = CausalLmConfig::from_model_config(&cfg).init(&device);
-    let mut optim = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.0)
-        .init();
+    let mut optim = crate::optim::adamw((0.9, 0.999), 1e-8, 0.0);
     let labels = LabelIds { a: 1, b: 2 };
     let ctx = Ctx {
         stage,

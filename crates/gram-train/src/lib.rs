@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod init;
 pub mod objective;
+pub mod optim;
 pub mod plot;
 pub mod settings;
 pub mod train;

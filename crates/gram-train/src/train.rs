@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use gram_core::{Checkpoint, GramTokenizer, LabelIds, ModelConfig, Templates, Weights};
 use gram_model::reward::reward_config_json;
@@ -377,12 +377,11 @@ fn train_loop<M: Saveable>(
     let total = s.max_steps.unwrap_or(s.epochs * steps_per_epoch);
     let warmup_steps = (s.warmup * total as f64).ceil() as usize;
 
-    let mut optim: ModuleOptimizer = AdamWConfig::new()
-        .with_beta_1(s.betas.0 as f32)
-        .with_beta_2(s.betas.1 as f32)
-        .with_epsilon(s.adam_eps as f32)
-        .with_weight_decay(s.weight_decay as f32)
-        .init();
+    let mut optim: ModuleOptimizer = crate::optim::adamw(
+        (s.betas.0 as f32, s.betas.1 as f32),
+        s.adam_eps as f32,
+        s.weight_decay as f32,
+    );
     let mut state = TrainState {
         stage: s.stage,
         step: 0,
