@@ -329,16 +329,11 @@ fn softmax_causal_row(row: &mut [f32], keep: &[f32], i: usize) -> f32 {
         row.fill(0.0);
         return f32::INFINITY;
     }
-    let mut sum = 0.0f32;
-    for j in 0..=i {
-        let e = if keep[j] != 0.0 {
-            (row[j] - max).exp()
-        } else {
-            0.0
-        };
-        row[j] = e;
-        sum += e;
+    for (x, k) in row[..=i].iter_mut().zip(&keep[..=i]) {
+        let e = exp(*x - max);
+        *x = if *k != 0.0 { e } else { 0.0 };
     }
+    let sum = sum_lanes(&row[..=i]);
     let inv = 1.0 / sum;
     for x in &mut row[..=i] {
         *x *= inv;
@@ -354,14 +349,55 @@ fn softmax_row_from_lse(row: &mut [f32], keep: &[f32], i: usize, lse: f32) {
         row.fill(0.0);
         return;
     }
-    for j in 0..=i {
-        row[j] = if keep[j] != 0.0 {
-            (row[j] - lse).exp()
-        } else {
-            0.0
-        };
+    for (x, k) in row[..=i].iter_mut().zip(&keep[..=i]) {
+        let e = exp(*x - lse);
+        *x = if *k != 0.0 { e } else { 0.0 };
     }
     row[i + 1..].fill(0.0);
+}
+
+/// Sum of a slice in 8 interleaved lanes, added up at the end: a fixed order (so the same on
+/// every run) that the compiler can keep in vector registers.
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += v;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `e^x` in f32 without a library call, so that loops over it vectorise: Cody-Waite range
+/// reduction `x = n ln 2 + r` and Cephes' degree-6 polynomial for `e^r` (relative error about
+/// 1e-7, like `f32::exp`). Arguments are clamped to [-87.3, 88]: below, the result is about
+/// 1.2e-38 instead of a subnormal or 0 (callers zero masked entries themselves); above, f32
+/// overflows anyway. NaN stays NaN.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    // 2^n from n's bits: the integer sits in t's low mantissa bits, offset by 2^22.
+    let ni = (t.to_bits() as i32) - 0x4B40_0000;
+    y * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
 /// Query rows per block: a block of queries `i0..i1` only sees keys `0..i1`, so the products
@@ -602,7 +638,7 @@ pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec
 }
 
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 /// SwiGLU's gate: `silu(gate) * up`, element-wise.
@@ -993,5 +1029,28 @@ mod tests {
         // The parameters moved (AdamW's steps are about lr each), and by what AdamW says.
         assert!(max_diff(&p0, &rp) > 5e-3);
         assert!(max_diff(&p, &rp) < 1e-5);
+    }
+
+    #[test]
+    fn vectorisable_exp_is_as_close_as_the_library_one() {
+        let mut worst = 0.0f64;
+        let mut worst_lib = 0.0f64;
+        for i in 0..=350_000 {
+            let x = -87.0 + 175.0 * i as f32 / 350_000.0;
+            let want = f64::from(x).exp();
+            worst = worst.max((f64::from(exp(x)) - want).abs() / want);
+            worst_lib = worst_lib.max((f64::from(x.exp()) - want).abs() / want);
+        }
+        assert!(
+            worst < 3e-7,
+            "relative error {worst:e} (f32::exp: {worst_lib:e})"
+        );
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 2e-38 && exp(-1000.0) >= 0.0);
+        assert!(exp(f32::NEG_INFINITY) < 2e-38);
+        assert!(exp(f32::NAN).is_nan());
+        let xs: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want: f64 = xs.iter().map(|&x| f64::from(x)).sum();
+        assert!((f64::from(sum_lanes(&xs)) - want).abs() < 1e-4);
     }
 }
