@@ -86,6 +86,7 @@ enum Cmd {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    gram_core::quiet_on_closed_pipe();
     let cli = Cli::parse();
     let Cmd::Build {
         pipelines,

@@ -85,6 +85,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    gram_core::quiet_on_closed_pipe();
     let Cmd::Onnx {
         model,
         tokenizer,

@@ -48,6 +48,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    gram_core::quiet_on_closed_pipe();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

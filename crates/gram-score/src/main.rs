@@ -229,6 +229,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The server keeps Rust's default (SIGPIPE ignored): a client that hangs up must never end
+    // it. The batch commands print tables that users pipe into `head`.
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        gram_core::quiet_on_closed_pipe();
+    }
     let res: gram_score::Result<()> = (|| match cli.cmd {
         Cmd::Pairwise { job, a_col, b_col } => {
             let mode = Mode::Pairwise {

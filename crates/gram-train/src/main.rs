@@ -239,6 +239,7 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
+    gram_core::quiet_on_closed_pipe();
     keep_freed_memory();
     let cli = Cli::parse();
     let res: Result<(), gram_train::Error> = (|| {

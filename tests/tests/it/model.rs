@@ -425,6 +425,22 @@ fn inspect_cli_describes_a_gguf_and_predicts() -> Result<()> {
         "missing checkpoint should exit 1"
     );
     ensure!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/model"));
+    // A reader that goes away (`| head`) ends it quietly, without a panic: its stdout is closed
+    // before the checkpoint is even read, so every line it prints meets a broken pipe.
+    let mut child = std::process::Command::new(crate::common::bin("gram-model")?)
+        .args(["inspect"])
+        .arg(&gguf)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(child.stdout.take());
+    let closed = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    ensure!(
+        !stderr.contains("panicked") && closed.status.code() != Some(101),
+        "inspect into a closed pipe: {:?}, stderr: {stderr}",
+        closed.status
+    );
     Ok(())
 }
 
