@@ -28,7 +28,7 @@ impl Dataset {
         match self {
             Self::RawPairs => include_str!("../../../schemas/raw_pairs.v1.json"),
             Self::Stage1 => include_str!("../../../schemas/stage1.v1.json"),
-            Self::Stage2 => include_str!("../../../schemas/stage2.v1.json"),
+            Self::Stage2 => include_str!("../../../schemas/stage2.v2.json"),
             Self::Rejects => include_str!("../../../schemas/rejects.v1.json"),
         }
     }
@@ -180,7 +180,8 @@ mod tests {
                 s.fields().iter().all(|f| f.data_type() != &DataType::Null),
                 "{d:?}: unknown type"
             );
-            assert!(d.tag().ends_with(".v1"));
+            let want = if d == Dataset::Stage2 { ".v2" } else { ".v1" };
+            assert!(d.tag().ends_with(want), "{}", d.tag());
         }
     }
 

@@ -314,6 +314,7 @@ struct StageRow {
     swapped: bool,
     tokens: Option<Tokens>,
     label_token: Option<u32>,
+    metadata: Option<String>,
 }
 
 fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
@@ -325,6 +326,7 @@ fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
     let mut ltok = UInt32Builder::new();
     let mut ntok = UInt32Builder::new();
     let mut trunc = BooleanBuilder::new();
+    let mut meta = StringBuilder::new();
     for r in rows {
         for (b, v) in c.iter_mut().zip([
             &r.id,
@@ -355,6 +357,7 @@ fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
             }
         }
         ltok.append_option(r.label_token);
+        meta.append_option(r.metadata.as_deref());
     }
     let mut cols: Vec<ArrayRef> = c
         .into_iter()
@@ -375,6 +378,9 @@ fn stage_batch(rows: &[&StageRow], dataset: Dataset) -> Result<RecordBatch> {
     }
     cols.push(Arc::new(ntok.finish()));
     cols.push(Arc::new(trunc.finish()));
+    if dataset == Dataset::Stage2 {
+        cols.push(Arc::new(meta.finish()));
+    }
     Ok(RecordBatch::try_new(dataset.schema(), cols)?)
 }
 
@@ -417,6 +423,8 @@ struct Pair {
     a: String,
     b: String,
     label: Option<&'static str>,
+    /// The raw pair's metadata (JSON), carried into stage 2.
+    metadata: Option<String>,
 }
 
 /// Runs a build. Returns the stats (also saved as `stats.json` in the output folder).
@@ -979,6 +987,7 @@ fn check_pair(
         a: a.clone(),
         b: b.clone(),
         label,
+        metadata: m.metadata.clone(),
     })
 }
 
@@ -1029,6 +1038,7 @@ fn stage_rows(
         swapped: swap,
         tokens: t1,
         label_token: None,
+        metadata: None,
     }];
     let mut s2 = Vec::new();
     if let Some(l) = p.label.filter(|l| *l != "tie") {
@@ -1067,6 +1077,7 @@ fn stage_rows(
                 swapped,
                 tokens,
                 label_token,
+                metadata: p.metadata.clone(),
             });
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::UInt32Type;
 use arrow::record_batch::RecordBatch;
 use gram_core::{GramTokenizer, PromptStyle, Templates};
@@ -181,6 +181,27 @@ fn builds_the_three_real_sets_with_the_smollm2_tokenizer() -> Result<()> {
         }
     }
     ensure!(tie_pairs == 0);
+    // The raw pair's metadata reaches stage 2: every LLMBar row names its subset (the folder
+    // under Dataset/), so evaluation can report per subset.
+    let mut subsets: BTreeMap<String, usize> = BTreeMap::new();
+    for b in &s2 {
+        let (src, md) = (col(b, "source")?, col(b, "metadata")?);
+        for i in 0..b.num_rows() {
+            if src.value(i) != "llmbar" {
+                continue;
+            }
+            ensure!(!md.is_null(i), "an LLMBar stage-2 row without metadata");
+            let v: serde_json::Value = serde_json::from_str(md.value(i))?;
+            let sub = v["subset"].as_str().context("metadata without subset")?;
+            *subsets.entry(sub.to_string()).or_default() += 1;
+        }
+    }
+    println!("LLMBar stage-2 rows per subset: {subsets:?}");
+    ensure!(
+        subsets.contains_key("LLMBar/Natural")
+            && subsets.contains_key("LLMBar/Adversarial/Neighbor"),
+        "LLMBar subsets in stage 2: {subsets:?}"
+    );
     // Decoding a tokenised stage-2 row gives back the judge prompt of METHOD.md and its label.
     let tok = GramTokenizer::from_dir(&fixtures().join("smollm2"))?;
     let t = Templates::new(&tok, PromptStyle::Chat)?;

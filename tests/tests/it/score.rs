@@ -684,6 +684,7 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
         Field::new("response_a", DataType::Utf8, false),
         Field::new("response_b", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, false),
+        Field::new("metadata", DataType::Utf8, true),
     ]));
     let ids: Vec<String> = (0..n).map(|i| format!("p{}", i / 2)).collect();
     let src: Vec<&str> = (0..n)
@@ -693,6 +694,11 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
     let a: Vec<String> = (0..n).map(|_| words(&mut seed, 6)).collect();
     let b: Vec<String> = (0..n).map(|_| words(&mut seed, 6)).collect();
     let l: Vec<&str> = (0..n).map(|i| if i % 3 == 0 { "a" } else { "b" }).collect();
+    // As gram-data's stage 2 carries it: the raw pair's metadata, here two subsets (and one
+    // pair without metadata, which only counts overall and per source).
+    let md: Vec<Option<String>> = (0..n)
+        .map(|i| (i / 2 != 14).then(|| format!(r#"{{"subset":"s{}"}}"#, (i / 2) % 2)))
+        .collect();
     let file = root.join("labeled.parquet");
     write(
         &file,
@@ -705,6 +711,7 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
                 Arc::new(StringArray::from(a.clone())),
                 Arc::new(StringArray::from(b.clone())),
                 Arc::new(StringArray::from(l.clone())),
+                Arc::new(StringArray::from(md)),
             ],
         )?,
     )?;
@@ -729,6 +736,11 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
             == 15,
         "{r}"
     );
+    let subsets: u64 = ["alpha/s0", "alpha/s1", "beta/s0", "beta/s1"]
+        .iter()
+        .map(|k| r["by_subset"][*k]["pairs"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(subsets == 14, "pairs per subset: {}", r["by_subset"]);
     // The same decisions recomputed from the library's both-order scores, one per pair id.
     let judge = gram_score::Judge::open(
         judge()?,
