@@ -9,9 +9,19 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared` beside the checkout (or `$GRAM_SHARED`).
+/// `../shared` beside the checkout (or `$GRAM_SHARED`), with its fixtures and data; a test that
+/// needs it fails with this one message when it is not there (not with a missing file deep in
+/// the test).
 pub fn shared() -> PathBuf {
-    std::env::var_os("GRAM_SHARED").map_or_else(|| repo_root().join("../shared"), PathBuf::from)
+    let p = std::env::var_os("GRAM_SHARED")
+        .map_or_else(|| repo_root().join("../shared"), PathBuf::from);
+    assert!(
+        p.join("fixtures").is_dir() && p.join("data").is_dir(),
+        "the end-to-end tests read fixtures/ and data/ from {}: not found there. Clone the \
+         repository beside the shared folder (as CI lays it out) or set GRAM_SHARED to it",
+        p.display()
+    );
+    p
 }
 
 /// The fixtures folder.
