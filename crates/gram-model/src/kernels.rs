@@ -42,6 +42,54 @@ fn check_product(
     }
 }
 
+/// gemm's call for `dst = a · b` (`read_dst` false) or `dst += a · b` (true), `dst` row-major
+/// with row stride `dst_rs`, operands as `(row stride, column stride)`.
+///
+/// # Safety
+/// `check_product` must have passed for these arguments with `dst`'s capacity, and `dst` must be
+/// valid for writes of that many elements and alias neither operand. When `read_dst` is true,
+/// those elements must be initialised.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    read_dst: bool,
+    parallelism: gemm::Parallelism,
+) {
+    let s = |x: usize| x as isize;
+    // SAFETY: the caller's contract; gemm reads `a` and `b` inside the checked bounds, and with
+    // `read_dst = false` it sets alpha to zero and its micro-kernels store without reading `dst`
+    // in the first depth block (later blocks add to what the first stored).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            s(dst_rs),
+            read_dst,
+            a.as_ptr(),
+            s(a_cs),
+            s(a_rs),
+            b.as_ptr(),
+            s(b_cs),
+            s(b_rs),
+            if read_dst { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// `c = a · b` (or `c += a · b` with `accumulate`), `c` row-major with row stride `c_rs`; `a` is
 /// `m x k` and `b` is `k x n`, each given by its row and column strides, so a transposed operand
 /// is a swap of strides rather than a copy. Single-threaded: called inside parallel tasks.
@@ -49,41 +97,29 @@ fn check_product(
 fn matmul(
     c: &mut [f32],
     c_rs: usize,
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     a: &[f32],
     a_strides: (usize, usize),
     b: &[f32],
     b_strides: (usize, usize),
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
+    if dims.0 == 0 || dims.1 == 0 {
         return;
     }
-    check_product(c.len(), c_rs, (m, n, k), a, a_strides, b, b_strides);
-    let s = |x: usize| x as isize;
-    // SAFETY: every index gemm touches is inside the three slices (checked above: the largest
-    // offsets of dst, lhs and rhs are in bounds for the given strides), `c` is borrowed mutably
-    // and does not alias `a` or `b` (distinct borrows), and f32 is a type gemm supports.
+    check_product(c.len(), c_rs, dims, a, a_strides, b, b_strides);
+    // SAFETY: bounds checked above; `c` is an initialised, mutably borrowed slice, so it is
+    // valid for the writes and reads and aliases neither shared borrow `a` nor `b`.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_into(
             c.as_mut_ptr(),
-            1,
-            s(c_rs),
+            c_rs,
+            dims,
+            a,
+            a_strides,
+            b,
+            b_strides,
             accumulate,
-            a.as_ptr(),
-            s(a_strides.1),
-            s(a_strides.0),
-            b.as_ptr(),
-            s(b_strides.1),
-            s(b_strides.0),
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
             gemm::Parallelism::None,
         );
     }
@@ -97,43 +133,31 @@ fn matmul(
 /// 40M benchmark that was about a tenth of the step. Here the output is written once, by gemm.
 #[allow(unsafe_code)]
 pub fn matmul_new(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     a: &[f32],
     a_strides: (usize, usize),
     b: &[f32],
     b_strides: (usize, usize),
 ) -> Vec<f32> {
+    let (m, n, k) = dims;
     let len = m.checked_mul(n).expect("matmul: output size overflows");
     if len == 0 || k == 0 {
         return vec![0.0; len];
     }
-    check_product(len, n, (m, n, k), a, a_strides, b, b_strides);
+    check_product(len, n, dims, a, a_strides, b, b_strides);
     let mut c: Vec<f32> = Vec::with_capacity(len);
-    let s = |x: usize| x as isize;
-    // SAFETY: bounds of `a` and `b` as in `matmul` (checked above) and `c` has capacity for the
-    // m x n outputs at row stride n. With `read_dst = false` gemm sets alpha to zero and its
-    // micro-kernels take the store-only path for the first depth block (later blocks add to what
-    // the first stored), so every one of the `len` elements is written before any is read and
-    // none of the uninitialised capacity is ever read; `set_len` then covers exactly them.
+    // SAFETY: bounds checked above against the capacity `len` at row stride n; a fresh vector
+    // aliases nothing; `read_dst = false`, so gemm writes every one of the `len` elements
+    // without reading any, and `set_len` then covers exactly the written ones.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_into(
             c.as_mut_ptr(),
-            1,
-            s(n),
-            false,
-            a.as_ptr(),
-            s(a_strides.1),
-            s(a_strides.0),
-            b.as_ptr(),
-            s(b_strides.1),
-            s(b_strides.0),
-            0.0,
-            1.0,
-            false,
-            false,
+            n,
+            dims,
+            a,
+            a_strides,
+            b,
+            b_strides,
             false,
             gemm::Parallelism::Rayon(0),
         );
