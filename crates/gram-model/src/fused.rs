@@ -7,6 +7,7 @@
 //! Only the CPU gets them: on wgpu the model composes burn's primitives as before (burn fuses
 //! element-wise work there itself). [`cpu_fused`] is the switch the model uses.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -217,6 +218,19 @@ fn linear_dims(x: &FlexTensor, w: &FlexTensor) -> (usize, usize, usize) {
     (xs.num_elements() / d_in.max(1), d_in, d_out)
 }
 
+/// Registers the gradient of a parent that takes part in autodiff; for one that does not (`None`)
+/// `grad` (values shaped like `like`) is not computed.
+fn register(
+    grads: &mut Gradients,
+    parent: Option<NodeId>,
+    like: &FlexTensor,
+    grad: impl FnOnce() -> Vec<f32>,
+) {
+    if let Some(id) = parent {
+        grads.register::<Flex>(id, tensor(grad(), shape(like)));
+    }
+}
+
 #[derive(Debug)]
 struct AttentionBackward;
 
@@ -241,15 +255,9 @@ impl Backward<Flex, 3> for AttentionBackward {
             f32s(&st.lse),
             f32s(&dout),
         );
-        if let Some(node) = node_q {
-            grads.register::<Flex>(node.id, tensor(dq, shape(&st.attn.q)));
-        }
-        if let Some(node) = node_k {
-            grads.register::<Flex>(node.id, tensor(dk, shape(&st.attn.k)));
-        }
-        if let Some(node) = node_v {
-            grads.register::<Flex>(node.id, tensor(dv, shape(&st.attn.v)));
-        }
+        register(grads, node_q.map(|n| n.id), &st.attn.q, || dq);
+        register(grads, node_k.map(|n| n.id), &st.attn.k, || dk);
+        register(grads, node_v.map(|n| n.id), &st.attn.v, || dv);
     }
 }
 
@@ -265,12 +273,8 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let (x, gamma, eps) = ops.state;
         let (dx, dgamma) =
             kernels::rms_norm_backward(f32s(&x), f32s(&gamma), eps as f32, f32s(&dy));
-        if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, tensor(dx, shape(&x)));
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<Flex>(node.id, tensor(dgamma, shape(&gamma)));
-        }
+        register(grads, node_x.map(|n| n.id), &x, || dx);
+        register(grads, node_gamma.map(|n| n.id), &gamma, || dgamma);
     }
 }
 
@@ -285,12 +289,8 @@ impl Backward<Flex, 2> for SwigluBackward {
         let dy = contiguous(&grads.consume::<Flex>(&ops.node));
         let (gate, up) = ops.state;
         let (dg, du) = kernels::swiglu_backward(f32s(&gate), f32s(&up), f32s(&dy));
-        if let Some(node) = node_gate {
-            grads.register::<Flex>(node.id, tensor(dg, shape(&gate)));
-        }
-        if let Some(node) = node_up {
-            grads.register::<Flex>(node.id, tensor(du, shape(&up)));
-        }
+        register(grads, node_gate.map(|n| n.id), &gate, || dg);
+        register(grads, node_up.map(|n| n.id), &up, || du);
     }
 }
 
@@ -305,28 +305,26 @@ impl Backward<Flex, 2> for LinearBackward {
         let dy = contiguous(&grads.consume::<Flex>(&ops.node));
         let (x, w) = ops.state;
         let (rows, d_in, d_out) = linear_dims(&x, &w);
-        if let Some(node) = node_x {
-            // dx = dy · wᵀ: wᵀ read through swapped strides.
-            let dx = kernels::matmul_new(
+        // dx = dy · wᵀ: wᵀ read through swapped strides.
+        register(grads, node_x.map(|n| n.id), &x, || {
+            kernels::matmul_new(
                 (rows, d_in, d_out),
                 f32s(&dy),
                 (d_out, 1),
                 f32s(&w),
                 (1, d_out),
-            );
-            grads.register::<Flex>(node.id, tensor(dx, shape(&x)));
-        }
-        if let Some(node) = node_w {
-            // dw = xᵀ · dy, summed over every row.
-            let dw = kernels::matmul_new(
+            )
+        });
+        // dw = xᵀ · dy, summed over every row.
+        register(grads, node_w.map(|n| n.id), &w, || {
+            kernels::matmul_new(
                 (d_in, d_out, rows),
                 f32s(&x),
                 (1, d_in),
                 f32s(&dy),
                 (d_out, 1),
-            );
-            grads.register::<Flex>(node.id, tensor(dw, shape(&w)));
-        }
+            )
+        });
     }
 }
 

@@ -871,6 +871,29 @@ mod tests {
         assert!(pad_key.iter().all(|&x| x == 0.0), "{pad_key:?}");
     }
 
+    /// Asserts that `grad[i]` is the central finite difference (step `h`) of `loss` in `v[i]`,
+    /// within `tol`, for each `i` of `at`.
+    fn assert_finite_differences(
+        what: &str,
+        v: &[f32],
+        grad: &[f32],
+        at: impl Iterator<Item = usize>,
+        (h, tol): (f32, f64),
+        loss: impl Fn(&[f32]) -> f64,
+    ) {
+        for i in at {
+            let (mut up, mut down) = (v.to_vec(), v.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(&up) - loss(&down)) / (2.0 * f64::from(h));
+            assert!(
+                (fd - f64::from(grad[i])).abs() < tol,
+                "{what}[{i}]: finite difference {fd} vs {}",
+                grad[i]
+            );
+        }
+    }
+
     fn backward_matches_finite_differences(c: &Case, stride: usize) {
         let inp = c.inputs();
         let (out, lse) = attention_forward(&c.s, &inp);
@@ -885,26 +908,17 @@ mod tests {
                 .map(|(a, b)| a * f64::from(*b))
                 .sum()
         };
-        let eps = 1e-2f32;
-        let check = |which: usize, grad: &[f32]| {
-            for idx in (0..grad.len()).step_by(stride) {
-                let at = |delta: f32| {
-                    let mut xs = [c.q.clone(), c.k.clone(), c.v.clone()];
-                    xs[which][idx] += delta;
-                    loss(&xs[0], &xs[1], &xs[2])
-                };
-                let (up, down) = (at(eps), at(-eps));
-                let fd = (up - down) / (2.0 * f64::from(eps));
-                assert!(
-                    (fd - f64::from(grad[idx])).abs() < 2e-3,
-                    "input {which} index {idx}: finite difference {fd} vs {}",
-                    grad[idx]
-                );
-            }
-        };
-        check(0, &dq);
-        check(1, &dk);
-        check(2, &dv);
+        let fd = (1e-2, 2e-3);
+        let every = |n: usize| (0..n).step_by(stride);
+        assert_finite_differences("dq", &c.q, &dq, every(dq.len()), fd, |q| {
+            loss(q, &c.k, &c.v)
+        });
+        assert_finite_differences("dk", &c.k, &dk, every(dk.len()), fd, |k| {
+            loss(&c.q, k, &c.v)
+        });
+        assert_finite_differences("dv", &c.v, &dv, every(dv.len()), fd, |v| {
+            loss(&c.q, &c.k, v)
+        });
     }
 
     #[test]
@@ -937,29 +951,9 @@ mod tests {
                 .map(|(a, b)| a * f64::from(*b))
                 .sum()
         };
-        let h = 1e-3f32;
-        for idx in (0..x.len()).step_by(17) {
-            let (mut a, mut b) = (x.clone(), x.clone());
-            a[idx] += h;
-            b[idx] -= h;
-            let fd = (loss(&a, &gamma) - loss(&b, &gamma)) / (2.0 * f64::from(h));
-            assert!(
-                (fd - f64::from(dx[idx])).abs() < 1e-3,
-                "dx[{idx}] {fd} vs {}",
-                dx[idx]
-            );
-        }
-        for j in 0..d {
-            let (mut a, mut b) = (gamma.clone(), gamma.clone());
-            a[j] += h;
-            b[j] -= h;
-            let fd = (loss(&x, &a) - loss(&x, &b)) / (2.0 * f64::from(h));
-            assert!(
-                (fd - f64::from(dg[j])).abs() < 1e-2,
-                "dgamma[{j}] {fd} vs {}",
-                dg[j]
-            );
-        }
+        let at = (0..x.len()).step_by(17);
+        assert_finite_differences("dx", &x, &dx, at, (1e-3, 1e-3), |x| loss(x, &gamma));
+        assert_finite_differences("dgamma", &gamma, &dg, 0..d, (1e-3, 1e-2), |g| loss(&x, g));
     }
 
     #[test]
