@@ -204,15 +204,23 @@ impl Attention {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`; output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, ctx: &AttnCtx) -> Tensor<3> {
+        if let AttnMask::Fused(_) = &ctx.mask {
+            let [b, t, w] = x.dims();
+            return self
+                .forward_fused(x.reshape([b * t, w]), ctx, b)
+                .reshape([b, t, w]);
+        }
+        self.o_proj.forward(self.attend(x, ctx))
+    }
+
+    /// The heads' outputs before the output projection (composed path).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; output: `[batch, seq, heads * head_dim]`
+    fn attend(&self, x: Tensor<3>, ctx: &AttnCtx) -> Tensor<3> {
         let (cos, sin) = (&ctx.cos, &ctx.sin);
-        let masked = match &ctx.mask {
-            AttnMask::Composed(m) => m,
-            AttnMask::Fused(_) => {
-                let [b, t, w] = x.dims();
-                return self
-                    .forward_fused(x.reshape([b * t, w]), ctx, b)
-                    .reshape([b, t, w]);
-            }
+        let AttnMask::Composed(masked) = &ctx.mask else {
+            unreachable!("attend is only called with the composed mask")
         };
         let [b, t, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -251,13 +259,18 @@ impl Attention {
         // softmaxes to a uniform row instead of NaN, and its output is never read.
         let scores = scores.mask_fill(masked.clone().expand([b, h, t, t]), -1.0e30);
         let attn = softmax(scores, 3);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, t, h * d]);
-        self.o_proj.forward(out)
+        attn.matmul(v).swap_dims(1, 2).reshape([b, t, h * d])
     }
 
     /// The same through the fused CPU attention (no head transposes, no score tensor), on rows
     /// flattened to `[batch * seq, hidden]` so that each projection is one matrix product.
     fn forward_fused(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
+        project(&self.o_proj, self.attend_fused(x, ctx, b), true)
+    }
+
+    /// The heads' outputs before the output projection (fused path), `[batch * seq, heads *
+    /// head_dim]`.
+    fn attend_fused(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
         let AttnMask::Fused(keep) = &ctx.mask else {
             unreachable!("forward_fused is only called with the fused mask")
         };
@@ -276,8 +289,7 @@ impl Attention {
         let v = project(&self.v_proj, x, true).reshape([b, t, kv * d]);
         let cos = ctx.cos.clone().reshape([b, t, d]);
         let sin = ctx.sin.clone().reshape([b, t, d]);
-        let out = fused::attention(q, k, v, cos, sin, keep.clone(), h, kv);
-        project(&self.o_proj, out.reshape([n, h * d]), true)
+        fused::attention(q, k, v, cos, sin, keep.clone(), h, kv).reshape([n, h * d])
     }
 }
 
@@ -355,6 +367,50 @@ impl DecoderLayer {
                 .mlp
                 .forward(rms_norm(&self.post_attention_layernorm, h, true), true)
     }
+
+    /// The layer's output at the last position only, `[batch, hidden]`: attention still reads
+    /// every position's keys and values, but the output projection, the second norm and the
+    /// MLP run on one row per sequence. What a last layer needs when only the last position is
+    /// read (the judge's label logits, a reward head), and the same values as the full layer's
+    /// last row.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch * seq, hidden]` (fused) rows of `b` sequences
+    fn forward_last_rows(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
+        let [n, w] = x.dims();
+        let t = n / b;
+        let heads =
+            self.self_attn
+                .attend_fused(rms_norm(&self.input_layernorm, x.clone(), true), ctx, b);
+        let [_, hd] = heads.dims();
+        let last = |y: Tensor<2>, width: usize| {
+            y.reshape([b, t, width])
+                .slice([0..b, t - 1..t, 0..width])
+                .reshape([b, width])
+        };
+        self.finish_last(last(x, w), last(heads, hd), true)
+    }
+
+    /// [`DecoderLayer::forward_last_rows`] on the composed path.
+    fn forward_last(&self, x: Tensor<3>, ctx: &AttnCtx) -> Tensor<2> {
+        let [b, t, w] = x.dims();
+        let heads = self
+            .self_attn
+            .attend(rms_norm(&self.input_layernorm, x.clone(), false), ctx);
+        let [_, _, hd] = heads.dims();
+        let last =
+            |y: Tensor<3>, width: usize| y.slice([0..b, t - 1..t, 0..width]).reshape([b, width]);
+        self.finish_last(last(x, w), last(heads, hd), false)
+    }
+
+    /// Output projection, residuals and MLP of the last rows.
+    fn finish_last(&self, x: Tensor<2>, heads: Tensor<2>, fused: bool) -> Tensor<2> {
+        let h = x + project(&self.self_attn.o_proj, heads, fused);
+        h.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, h, fused), fused)
+    }
 }
 
 /// Embedding, layers and final norm: HF's `model.*`.
@@ -391,6 +447,47 @@ impl Decoder {
         inv_freq: &[f32],
         kernels: Kernels,
     ) -> Tensor<3> {
+        self.decode(ids, mask, inv_freq, kernels, false)
+    }
+
+    /// The final hidden state at the last position only (left padding puts every row's last
+    /// real token there): equal to [`Decoder::forward`]'s last row, but the last layer's output
+    /// projection and MLP and the final norm run on that row alone, forward and backward.
+    ///
+    /// # Shapes
+    /// - `ids`, `mask`: `[batch, seq]`, left-padded; output: `[batch, hidden]`
+    pub fn forward_last(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        inv_freq: &[f32],
+    ) -> Tensor<2> {
+        self.forward_last_with(ids, mask, inv_freq, Kernels::Auto)
+    }
+
+    /// [`Decoder::forward_last`] with a choice of kernels.
+    pub fn forward_last_with(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        inv_freq: &[f32],
+        kernels: Kernels,
+    ) -> Tensor<2> {
+        let h = self.decode(ids, mask, inv_freq, kernels, true);
+        let [b, _, w] = h.dims();
+        h.reshape([b, w])
+    }
+
+    /// Every position (`[batch, seq, hidden]`) or, with `last_only`, the last (`[batch, 1,
+    /// hidden]`), the last layer then computing only what that row needs.
+    fn decode(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        inv_freq: &[f32],
+        kernels: Kernels,
+        last_only: bool,
+    ) -> Tensor<3> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let positions = rope::position_ids(mask.clone());
@@ -399,6 +496,11 @@ impl Decoder {
             &device,
         );
         let (cos, sin) = rope::cos_sin(positions, &inv);
+        let n_full = if last_only {
+            self.layers.len().saturating_sub(1)
+        } else {
+            self.layers.len()
+        };
         if kernels == Kernels::Auto && fused::cpu_fused(&device) {
             let ctx = AttnCtx {
                 cos,
@@ -408,10 +510,20 @@ impl Decoder {
             let x = self.embed_tokens.forward(ids);
             let [_, _, w] = x.dims();
             let mut x = x.reshape([b * t, w]);
-            for layer in &self.layers {
+            for layer in &self.layers[..n_full] {
                 x = layer.forward_rows(x, &ctx, b);
             }
-            return rms_norm(&self.norm, x, true).reshape([b, t, w]);
+            if !last_only {
+                return rms_norm(&self.norm, x, true).reshape([b, t, w]);
+            }
+            let x = match self.layers.last() {
+                Some(layer) => layer.forward_last_rows(x, &ctx, b),
+                None => x
+                    .reshape([b, t, w])
+                    .slice([0..b, t - 1..t, 0..w])
+                    .reshape([b, w]),
+            };
+            return rms_norm(&self.norm, x, true).reshape([b, 1, w]);
         }
         // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
         // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
@@ -428,10 +540,18 @@ impl Decoder {
             mask: AttnMask::Composed(future.bool_or(pad)),
         };
         let mut x = self.embed_tokens.forward(ids);
-        for layer in &self.layers {
+        for layer in &self.layers[..n_full] {
             x = layer.forward(x, &ctx);
         }
-        self.norm.forward(x)
+        if !last_only {
+            return self.norm.forward(x);
+        }
+        let [_, _, w] = x.dims();
+        let x = match self.layers.last() {
+            Some(layer) => layer.forward_last(x, &ctx),
+            None => x.slice([0..b, t - 1..t, 0..w]).reshape([b, w]),
+        };
+        self.norm.forward(x).reshape([b, 1, w])
     }
 }
 
@@ -496,9 +616,7 @@ impl CausalLm {
         mask: Tensor<2, Int>,
         token_ids: &[u32],
     ) -> Tensor<2> {
-        let h = self.forward_hidden(ids, mask);
-        let [b, t, d] = h.dims();
-        let last = h.slice([0..b, t - 1..t, 0..d]).reshape([b, d]);
+        let last = self.model.forward_last(ids, mask, &self.inv_freq);
         let device = last.device();
         let idx = Tensor::<1, Int>::from_data(
             TensorData::new(

@@ -82,9 +82,8 @@ impl RewardModel {
     /// # Shapes
     /// - `ids`, `mask`: `[batch, seq]`; output: `[batch]`
     pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<1> {
-        let h = self.model.forward(ids, mask, &self.inv_freq);
-        let [b, t, d] = h.dims();
-        let last = h.slice([0..b, t - 1..t, 0..d]).reshape([b, d]);
+        let last = self.model.forward_last(ids, mask, &self.inv_freq);
+        let [b, _] = last.dims();
         self.score.forward(last).reshape([b])
     }
 }
