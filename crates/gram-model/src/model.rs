@@ -447,7 +447,13 @@ impl Decoder {
         inv_freq: &[f32],
         kernels: Kernels,
     ) -> Tensor<3> {
-        self.decode(ids, mask, inv_freq, kernels, false)
+        self.decode(
+            self.embed_tokens.forward(ids),
+            mask,
+            inv_freq,
+            kernels,
+            false,
+        )
     }
 
     /// The final hidden state at the last position only (left padding puts every row's last
@@ -473,23 +479,60 @@ impl Decoder {
         inv_freq: &[f32],
         kernels: Kernels,
     ) -> Tensor<2> {
-        let h = self.decode(ids, mask, inv_freq, kernels, true);
+        let h = self.decode(
+            self.embed_tokens.forward(ids),
+            mask,
+            inv_freq,
+            kernels,
+            true,
+        );
         let [b, _, w] = h.dims();
         h.reshape([b, w])
+    }
+
+    /// [`Decoder::forward_last`] and the embedding rows of `tokens` (`[tokens.len(), hidden]`),
+    /// both from one embedding lookup: a head tied to the embedding then reads its rows
+    /// without a second vocabulary-sized gradient (a transposed copy of the whole matrix's
+    /// gradient, summed into the embedding's) in the backward pass.
+    pub fn forward_last_and_embeddings(
+        &self,
+        ids: Tensor<2, Int>,
+        mask: Tensor<2, Int>,
+        inv_freq: &[f32],
+        tokens: &[u32],
+    ) -> (Tensor<2>, Tensor<2>) {
+        let [b, t] = ids.dims();
+        let extra = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                tokens.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+                [tokens.len()],
+            ),
+            &ids.device(),
+        );
+        let n = b * t;
+        let all = Tensor::cat(vec![ids.reshape([n]), extra], 0).reshape([1, n + tokens.len()]);
+        let e = self.embed_tokens.forward(all);
+        let [_, _, w] = e.dims();
+        let x = e.clone().slice([0..1, 0..n, 0..w]).reshape([b, t, w]);
+        let rows = e
+            .slice([0..1, n..n + tokens.len(), 0..w])
+            .reshape([tokens.len(), w]);
+        let h = self.decode(x, mask, inv_freq, Kernels::Auto, true);
+        (h.reshape([b, w]), rows)
     }
 
     /// Every position (`[batch, seq, hidden]`) or, with `last_only`, the last (`[batch, 1,
     /// hidden]`), the last layer then computing only what that row needs.
     fn decode(
         &self,
-        ids: Tensor<2, Int>,
+        x: Tensor<3>,
         mask: Tensor<2, Int>,
         inv_freq: &[f32],
         kernels: Kernels,
         last_only: bool,
     ) -> Tensor<3> {
-        let device = ids.device();
-        let [b, t] = ids.dims();
+        let device = x.device();
+        let [b, t, w] = x.dims();
         let positions = rope::position_ids(mask.clone());
         let inv = Tensor::<1>::from_data(
             TensorData::new(inv_freq.to_vec(), [inv_freq.len()]),
@@ -507,8 +550,6 @@ impl Decoder {
                 sin,
                 mask: AttnMask::Fused(mask.float()),
             };
-            let x = self.embed_tokens.forward(ids);
-            let [_, _, w] = x.dims();
             let mut x = x.reshape([b * t, w]);
             for layer in &self.layers[..n_full] {
                 x = layer.forward_rows(x, &ctx, b);
@@ -539,14 +580,13 @@ impl Decoder {
             sin,
             mask: AttnMask::Composed(future.bool_or(pad)),
         };
-        let mut x = self.embed_tokens.forward(ids);
+        let mut x = x;
         for layer in &self.layers[..n_full] {
             x = layer.forward(x, &ctx);
         }
         if !last_only {
             return self.norm.forward(x);
         }
-        let [_, _, w] = x.dims();
         let x = match self.layers.last() {
             Some(layer) => layer.forward_last(x, &ctx),
             None => x.slice([0..b, t - 1..t, 0..w]).reshape([b, w]),
@@ -616,16 +656,24 @@ impl CausalLm {
         mask: Tensor<2, Int>,
         token_ids: &[u32],
     ) -> Tensor<2> {
-        let last = self.model.forward_last(ids, mask, &self.inv_freq);
-        let device = last.device();
-        let idx = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                token_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                [token_ids.len()],
-            ),
-            &device,
-        );
-        let w = self.head_weight().select(1, idx);
-        last.matmul(w)
+        match &self.lm_head {
+            None => {
+                let (last, rows) =
+                    self.model
+                        .forward_last_and_embeddings(ids, mask, &self.inv_freq, token_ids);
+                last.matmul(rows.transpose())
+            }
+            Some(head) => {
+                let last = self.model.forward_last(ids, mask, &self.inv_freq);
+                let idx = Tensor::<1, Int>::from_data(
+                    TensorData::new(
+                        token_ids.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+                        [token_ids.len()],
+                    ),
+                    &last.device(),
+                );
+                last.matmul(head.weight.val().select(1, idx))
+            }
+        }
     }
 }

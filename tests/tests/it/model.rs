@@ -728,3 +728,77 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
     }
     Ok(())
 }
+
+/// The judge's label logits (`CausalLm::last_logits`; a tied head reads its two rows from the
+/// same embedding lookup as the input) equal the last hidden state times the two columns of the
+/// full head matrix, with the same gradients for the embedding, the head and a layer weight.
+#[test]
+fn label_logits_and_their_gradients_equal_the_full_head_columns() -> Result<()> {
+    let device = Device::flex().autodiff();
+    let labels = [3u32, 7];
+    let mut tied_seen = false;
+    for name in TINY {
+        let dir = fixtures().join("hf-tiny").join(name);
+        let model = gram_model::load(&Checkpoint::open(&dir)?, &device)?;
+        tied_seen |= model.lm_head.is_none();
+        let int = |x: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(x, [2, 4]), &device);
+        let ids = || int(vec![0, 0, 5, 6, 7, 8, 9, 10]);
+        let mask = || int(vec![0, 0, 1, 1, 1, 1, 1, 1]);
+        let run = |reference: bool| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let logits = if reference {
+                let last = model.model.forward_last(ids(), mask(), &model.inv_freq);
+                let head = match &model.lm_head {
+                    Some(l) => l.weight.val(),
+                    None => model.model.embed_tokens.weight.val().transpose(),
+                };
+                let idx = Tensor::<1, Int>::from_data(TensorData::new(vec![3i64, 7], [2]), &device);
+                last.matmul(head.select(1, idx))
+            } else {
+                model.last_logits(ids(), mask(), &labels)
+            };
+            let w = Tensor::<2>::from_data(
+                TensorData::new(vec![0.3f32, -1.1, 0.7, 0.2], [2, 2]),
+                &device,
+            );
+            let grads = (logits.clone() * w).sum().backward();
+            let mut params = vec![
+                model.model.embed_tokens.weight.val(),
+                model.model.layers[0].self_attn.q_proj.weight.val(),
+            ];
+            if let Some(l) = &model.lm_head {
+                params.push(l.weight.val());
+            }
+            let mut gs = Vec::new();
+            for p in params {
+                gs.push(floats(p.grad(&grads).context("no gradient")?.into_data())?);
+            }
+            Ok((floats(logits.into_data())?, gs))
+        };
+        let (l_new, g_new) = run(false)?;
+        let (l_ref, g_ref) = run(true)?;
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from((x - y).abs()) / (1.0 + f64::from(y.abs())))
+                .fold(0.0, f64::max)
+        };
+        let dl = diff(&l_new, &l_ref);
+        let dg = g_new
+            .iter()
+            .zip(&g_ref)
+            .map(|(a, b)| diff(a, b))
+            .fold(0.0, f64::max);
+        println!(
+            "{name} (tied: {}): logits {dl:.2e}, gradients {dg:.2e}",
+            model.lm_head.is_none()
+        );
+        ensure!(dl < 1e-6, "{name}: label logits differ by {dl:.2e}");
+        ensure!(dg < 1e-5, "{name}: gradients differ by {dg:.2e}");
+        ensure!(
+            g_new[0].iter().any(|&x| x != 0.0),
+            "{name}: the embedding got no gradient"
+        );
+    }
+    ensure!(tied_seen, "no hf-tiny model with a tied head");
+    Ok(())
+}
