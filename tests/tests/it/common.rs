@@ -1,8 +1,8 @@
 //! Paths and readers shared by the end-to-end tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -76,8 +76,12 @@ pub fn fixture_tensor(
     Ok((v.shape().to_vec(), vals))
 }
 
-/// A scratch folder under the target dir, fresh for each call.
+/// A scratch folder under the system temp dir (`gram-tests-<pid>/<name>`), fresh for each call.
+/// The folder stays after the run (to look at when a test fails); the first call of a run
+/// removes the folders of earlier runs whose process is gone (a run leaves up to ~0.8 GB).
 pub fn scratch(name: &str) -> Result<PathBuf> {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(sweep_old_scratch);
     let base = std::env::temp_dir()
         .join(format!("gram-tests-{}", std::process::id()))
         .join(name);
@@ -86,6 +90,33 @@ pub fn scratch(name: &str) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&base)?;
     Ok(base)
+}
+
+/// Removes `gram-tests-<pid>` folders of processes that no longer run. Only where `/proc` tells
+/// which processes run (Linux); elsewhere nothing is removed.
+fn sweep_old_scratch() {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let own = std::process::id();
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("gram-tests-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != own && !proc.join(pid.to_string()).exists() {
+            // Best effort: a folder another user owns, or one being removed, is left alone.
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The path of one of the workspace's binaries, built first (once per test run) with the same
@@ -122,4 +153,30 @@ pub fn bin(name: &str) -> Result<PathBuf> {
         bail!("binary {} not found after building", p.display());
     }
     Ok(p)
+}
+
+/// The sweep removes a scratch folder of a process that is gone and keeps one of a running
+/// process (pid 1) and its own.
+#[test]
+fn scratch_sweep_removes_only_folders_of_ended_runs() -> Result<()> {
+    if !Path::new("/proc/self").exists() {
+        println!("skipped: no /proc, so the sweep does nothing here");
+        return Ok(());
+    }
+    let tmp = std::env::temp_dir();
+    let own = scratch("sweep-check")?;
+    let gone = tmp.join(format!("gram-tests-{}", u32::MAX - 1));
+    let live = tmp.join("gram-tests-1");
+    let live_existed = live.exists();
+    std::fs::create_dir_all(gone.join("x"))?;
+    std::fs::create_dir_all(&live)?;
+    sweep_old_scratch();
+    let (gone_left, live_left, own_left) = (gone.exists(), live.exists(), own.exists());
+    if !live_existed {
+        std::fs::remove_dir_all(&live)?;
+    }
+    ensure!(!gone_left, "the folder of an ended run was kept");
+    ensure!(live_left, "the folder of a running process was removed");
+    ensure!(own_left, "this run's own folder was removed");
+    Ok(())
 }
