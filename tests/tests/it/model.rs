@@ -529,6 +529,28 @@ fn f16_and_bf16_checkpoints_widen_exactly() -> Result<()> {
     Ok(())
 }
 
+/// An hf-tiny model on `device` with its fixture batch: ids, mask (left-padded) and `(b, t)`.
+fn tiny_with_batch(
+    name: &str,
+    device: &Device,
+) -> Result<(gram_model::CausalLm, Vec<f64>, Vec<f64>, (usize, usize))> {
+    let dir = fixtures().join("hf-tiny").join(name);
+    let model = gram_model::load(&Checkpoint::open(&dir)?, device)?;
+    let bytes = std::fs::read(dir.join("expected.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let (shape, ids) = fixture_tensor(&st, "input_ids")?;
+    let (_, mask) = fixture_tensor(&st, "attention_mask")?;
+    Ok((model, ids, mask, (shape[0], shape[1])))
+}
+
+/// Largest difference relative to `1 + |reference|`.
+fn rel_diff(a: &[f32], reference: &[f32]) -> f64 {
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| f64::from((x - y).abs()) / (1.0 + f64::from(y.abs())))
+        .fold(0.0, f64::max)
+}
+
 /// The fused CPU kernels (attention with RoPE inside, RMSNorm, SwiGLU; gram_model::fused) give
 /// the same hidden states and the same parameter gradients as burn's composed primitives, on
 /// every hf-tiny architecture (grouped heads, Qwen3's per-head norms, LLaMA 3 RoPE) with the
@@ -539,13 +561,7 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
     use gram_model::Kernels;
     let device = Device::flex().autodiff();
     for name in TINY {
-        let dir = fixtures().join("hf-tiny").join(name);
-        let model = gram_model::load(&Checkpoint::open(&dir)?, &device)?;
-        let bytes = std::fs::read(dir.join("expected.safetensors"))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        let (shape, ids) = fixture_tensor(&st, "input_ids")?;
-        let (_, mask) = fixture_tensor(&st, "attention_mask")?;
-        let (b, t) = (shape[0], shape[1]);
+        let (model, ids, mask, (b, t)) = tiny_with_batch(name, &device)?;
         ensure!(
             mask.iter().any(|&m| m == 0.0),
             "{name}: fixture has no padding"
@@ -596,17 +612,11 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
         };
         let (h_fused, g_fused) = run(Kernels::Auto)?;
         let (h_ref, g_ref) = run(Kernels::Composed)?;
-        let diff = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| f64::from((x - y).abs()) / (1.0 + f64::from(y.abs())))
-                .fold(0.0, f64::max)
-        };
-        let dh = diff(&h_fused, &h_ref);
+        let dh = rel_diff(&h_fused, &h_ref);
         let dg = g_fused
             .iter()
             .zip(&g_ref)
-            .map(|(a, b)| diff(a, b))
+            .map(|(a, b)| rel_diff(a, b))
             .fold(0.0, f64::max);
         println!("{name}: fused vs composed: hidden {dh:.2e}, gradients {dg:.2e} (relative)");
         ensure!(dh < 1e-5, "{name}: hidden states differ by {dh:.2e}");
@@ -628,13 +638,7 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
     use gram_model::Kernels;
     let device = Device::flex().autodiff();
     for name in TINY {
-        let dir = fixtures().join("hf-tiny").join(name);
-        let model = gram_model::load(&Checkpoint::open(&dir)?, &device)?;
-        let bytes = std::fs::read(dir.join("expected.safetensors"))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)?;
-        let (shape, ids) = fixture_tensor(&st, "input_ids")?;
-        let (_, mask) = fixture_tensor(&st, "attention_mask")?;
-        let (b, t) = (shape[0], shape[1]);
+        let (model, ids, mask, (b, t)) = tiny_with_batch(name, &device)?;
         let int = |x: &[f64]| {
             Tensor::<2, Int>::from_data(
                 TensorData::new(x.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b, t]),
@@ -701,10 +705,7 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
                     a.len(),
                     b.len()
                 );
-                Ok(a.iter()
-                    .zip(b)
-                    .map(|(x, y)| f64::from((x - y).abs()) / (1.0 + f64::from(y.abs())))
-                    .fold(0.0, f64::max))
+                Ok(rel_diff(a, b))
             };
             let dh = diff(&h_last, &h_full)?;
             let mut dg = 0.0f64;
@@ -776,17 +777,11 @@ fn label_logits_and_their_gradients_equal_the_full_head_columns() -> Result<()> 
         };
         let (l_new, g_new) = run(false)?;
         let (l_ref, g_ref) = run(true)?;
-        let diff = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| f64::from((x - y).abs()) / (1.0 + f64::from(y.abs())))
-                .fold(0.0, f64::max)
-        };
-        let dl = diff(&l_new, &l_ref);
+        let dl = rel_diff(&l_new, &l_ref);
         let dg = g_new
             .iter()
             .zip(&g_ref)
-            .map(|(a, b)| diff(a, b))
+            .map(|(a, b)| rel_diff(a, b))
             .fold(0.0, f64::max);
         println!(
             "{name} (tied: {}): logits {dl:.2e}, gradients {dg:.2e}",
