@@ -272,7 +272,7 @@ impl Attention {
     /// head_dim]`.
     fn attend_fused(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
         let AttnMask::Fused(keep) = &ctx.mask else {
-            unreachable!("forward_fused is only called with the fused mask")
+            unreachable!("attend_fused is only called with the fused mask")
         };
         let [n, _] = x.dims();
         let t = n / b;
@@ -375,42 +375,43 @@ impl DecoderLayer {
     /// last row.
     ///
     /// # Shapes
-    /// - `x`: `[batch * seq, hidden]` (fused) rows of `b` sequences
-    fn forward_last_rows(&self, x: Tensor<2>, ctx: &AttnCtx, b: usize) -> Tensor<2> {
-        let [n, w] = x.dims();
-        let t = n / b;
-        let heads =
-            self.self_attn
-                .attend_fused(rms_norm(&self.input_layernorm, x.clone(), true), ctx, b);
-        let [_, hd] = heads.dims();
-        let last = |y: Tensor<2>, width: usize| {
-            y.reshape([b, t, width])
-                .slice([0..b, t - 1..t, 0..width])
-                .reshape([b, width])
-        };
-        self.finish_last(last(x, w), last(heads, hd), true)
-    }
-
-    /// [`DecoderLayer::forward_last_rows`] on the composed path.
+    /// - `x`: `[batch, seq, hidden]`; output: `[batch, hidden]`
     fn forward_last(&self, x: Tensor<3>, ctx: &AttnCtx) -> Tensor<2> {
         let [b, t, w] = x.dims();
-        let heads = self
-            .self_attn
-            .attend(rms_norm(&self.input_layernorm, x.clone(), false), ctx);
-        let [_, _, hd] = heads.dims();
-        let last =
-            |y: Tensor<3>, width: usize| y.slice([0..b, t - 1..t, 0..width]).reshape([b, width]);
-        self.finish_last(last(x, w), last(heads, hd), false)
-    }
-
-    /// Output projection, residuals and MLP of the last rows.
-    fn finish_last(&self, x: Tensor<2>, heads: Tensor<2>, fused: bool) -> Tensor<2> {
-        let h = x + project(&self.self_attn.o_proj, heads, fused);
+        let fused = ctx.fused();
+        let normed = rms_norm(&self.input_layernorm, x.clone(), fused);
+        let heads = if fused {
+            let heads = self
+                .self_attn
+                .attend_fused(normed.reshape([b * t, w]), ctx, b);
+            let [_, hd] = heads.dims();
+            heads.reshape([b, t, hd])
+        } else {
+            self.self_attn.attend(normed, ctx)
+        };
+        let h = last_row(x) + project(&self.self_attn.o_proj, last_row(heads), fused);
         h.clone()
             + self
                 .mlp
                 .forward(rms_norm(&self.post_attention_layernorm, h, fused), fused)
     }
+}
+
+/// The last position of each sequence: `[batch, seq, width]` -> `[batch, width]`.
+fn last_row(y: Tensor<3>) -> Tensor<2> {
+    let [b, t, w] = y.dims();
+    y.slice([0..b, t - 1..t, 0..w]).reshape([b, w])
+}
+
+/// Token ids as a 1-D integer tensor.
+fn token_tensor(tokens: &[u32], device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(
+        TensorData::new(
+            tokens.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
+            [tokens.len()],
+        ),
+        device,
+    )
 }
 
 /// Embedding, layers and final norm: HF's `model.*`.
@@ -502,13 +503,7 @@ impl Decoder {
         tokens: &[u32],
     ) -> (Tensor<2>, Tensor<2>) {
         let [b, t] = ids.dims();
-        let extra = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                tokens.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
-                [tokens.len()],
-            ),
-            &ids.device(),
-        );
+        let extra = token_tensor(tokens, &ids.device());
         let n = b * t;
         let all = Tensor::cat(vec![ids.reshape([n]), extra], 0).reshape([1, n + tokens.len()]);
         let e = self.embed_tokens.forward(all);
@@ -544,7 +539,8 @@ impl Decoder {
         } else {
             self.layers.len()
         };
-        if kernels == Kernels::Auto && fused::cpu_fused(&device) {
+        let fused = kernels == Kernels::Auto && fused::cpu_fused(&device);
+        let (x, ctx) = if fused {
             let ctx = AttnCtx {
                 cos,
                 sin,
@@ -554,44 +550,36 @@ impl Decoder {
             for layer in &self.layers[..n_full] {
                 x = layer.forward_rows(x, &ctx, b);
             }
-            if !last_only {
-                return rms_norm(&self.norm, x, true).reshape([b, t, w]);
-            }
-            let x = match self.layers.last() {
-                Some(layer) => layer.forward_last_rows(x, &ctx, b),
-                None => x
-                    .reshape([b, t, w])
-                    .slice([0..b, t - 1..t, 0..w])
-                    .reshape([b, w]),
+            (x.reshape([b, t, w]), ctx)
+        } else {
+            // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
+            // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
+            let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device)
+                .reshape([1, 1, t, t])
+                .expand([b, 1, t, t]);
+            let pad = mask
+                .equal_elem(0)
+                .reshape([b, 1, 1, t])
+                .expand([b, 1, t, t]);
+            let ctx = AttnCtx {
+                cos,
+                sin,
+                mask: AttnMask::Composed(future.bool_or(pad)),
             };
-            return rms_norm(&self.norm, x, true).reshape([b, 1, w]);
-        }
-        // masked[b, 0, i, j] = key j is in the future of query i, or is padding.
-        // tril_mask is true outside the lower triangle: exactly the future keys (j > i).
-        let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &device)
-            .reshape([1, 1, t, t])
-            .expand([b, 1, t, t]);
-        let pad = mask
-            .equal_elem(0)
-            .reshape([b, 1, 1, t])
-            .expand([b, 1, t, t]);
-        let ctx = AttnCtx {
-            cos,
-            sin,
-            mask: AttnMask::Composed(future.bool_or(pad)),
+            let mut x = x;
+            for layer in &self.layers[..n_full] {
+                x = layer.forward(x, &ctx);
+            }
+            (x, ctx)
         };
-        let mut x = x;
-        for layer in &self.layers[..n_full] {
-            x = layer.forward(x, &ctx);
-        }
         if !last_only {
-            return self.norm.forward(x);
+            return rms_norm(&self.norm, x, fused);
         }
         let x = match self.layers.last() {
             Some(layer) => layer.forward_last(x, &ctx),
-            None => x.slice([0..b, t - 1..t, 0..w]).reshape([b, w]),
+            None => last_row(x),
         };
-        self.norm.forward(x).reshape([b, 1, w])
+        rms_norm(&self.norm, x, fused).reshape([b, 1, w])
     }
 }
 
@@ -665,13 +653,7 @@ impl CausalLm {
             }
             Some(head) => {
                 let last = self.model.forward_last(ids, mask, &self.inv_freq);
-                let idx = Tensor::<1, Int>::from_data(
-                    TensorData::new(
-                        token_ids.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(),
-                        [token_ids.len()],
-                    ),
-                    &last.device(),
-                );
+                let idx = token_tensor(token_ids, &last.device());
                 last.matmul(head.weight.val().select(1, idx))
             }
         }
