@@ -529,18 +529,29 @@ fn f16_and_bf16_checkpoints_widen_exactly() -> Result<()> {
     Ok(())
 }
 
-/// An hf-tiny model on `device` with its fixture batch: ids, mask (left-padded) and `(b, t)`.
-fn tiny_with_batch(
-    name: &str,
-    device: &Device,
-) -> Result<(gram_model::CausalLm, Vec<f64>, Vec<f64>, (usize, usize))> {
+/// An hf-tiny model with its fixture batch: ids and mask (left-padded), `[b, t]` each.
+struct TinyBatch {
+    model: gram_model::CausalLm,
+    ids: Vec<f64>,
+    mask: Vec<f64>,
+    b: usize,
+    t: usize,
+}
+
+fn tiny_with_batch(name: &str, device: &Device) -> Result<TinyBatch> {
     let dir = fixtures().join("hf-tiny").join(name);
     let model = gram_model::load(&Checkpoint::open(&dir)?, device)?;
     let bytes = std::fs::read(dir.join("expected.safetensors"))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let (shape, ids) = fixture_tensor(&st, "input_ids")?;
     let (_, mask) = fixture_tensor(&st, "attention_mask")?;
-    Ok((model, ids, mask, (shape[0], shape[1])))
+    Ok(TinyBatch {
+        model,
+        ids,
+        mask,
+        b: shape[0],
+        t: shape[1],
+    })
 }
 
 /// Largest difference relative to `1 + |reference|`.
@@ -561,7 +572,13 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
     use gram_model::Kernels;
     let device = Device::flex().autodiff();
     for name in TINY {
-        let (model, ids, mask, (b, t)) = tiny_with_batch(name, &device)?;
+        let TinyBatch {
+            model,
+            ids,
+            mask,
+            b,
+            t,
+        } = tiny_with_batch(name, &device)?;
         ensure!(
             mask.iter().any(|&m| m == 0.0),
             "{name}: fixture has no padding"
@@ -638,7 +655,13 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
     use gram_model::Kernels;
     let device = Device::flex().autodiff();
     for name in TINY {
-        let (model, ids, mask, (b, t)) = tiny_with_batch(name, &device)?;
+        let TinyBatch {
+            model,
+            ids,
+            mask,
+            b,
+            t,
+        } = tiny_with_batch(name, &device)?;
         let int = |x: &[f64]| {
             Tensor::<2, Int>::from_data(
                 TensorData::new(x.iter().map(|&v| v as i64).collect::<Vec<_>>(), [b, t]),
