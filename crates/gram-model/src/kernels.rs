@@ -355,17 +355,23 @@ fn softmax_causal_row(row: &mut [f32], keep: &[f32], i: usize) -> f32 {
         row.fill(0.0);
         return f32::INFINITY;
     }
-    for (x, k) in row[..=i].iter_mut().zip(&keep[..=i]) {
-        let e = exp(*x - max);
-        *x = if *k != 0.0 { e } else { 0.0 };
-    }
+    exp_kept(row, keep, i, max);
     let sum = sum_lanes(&row[..=i]);
     let inv = 1.0 / sum;
     for x in &mut row[..=i] {
         *x *= inv;
     }
-    row[i + 1..].fill(0.0);
     max + sum.ln()
+}
+
+/// `row[j] = exp(row[j] - shift)` for the visible keys `j <= i` with `keep[j] != 0`, zero for
+/// every other key (the hidden ones and the future `j > i`).
+fn exp_kept(row: &mut [f32], keep: &[f32], i: usize, shift: f32) {
+    for (x, k) in row[..=i].iter_mut().zip(&keep[..=i]) {
+        let e = exp(*x - shift);
+        *x = if *k != 0.0 { e } else { 0.0 };
+    }
+    row[i + 1..].fill(0.0);
 }
 
 /// Rebuilds the probabilities of query `i` from its recomputed scores and saved log-sum-exp
@@ -375,11 +381,7 @@ fn softmax_row_from_lse(row: &mut [f32], keep: &[f32], i: usize, lse: f32) {
         row.fill(0.0);
         return;
     }
-    for (x, k) in row[..=i].iter_mut().zip(&keep[..=i]) {
-        let e = exp(*x - lse);
-        *x = if *k != 0.0 { e } else { 0.0 };
-    }
-    row[i + 1..].fill(0.0);
+    exp_kept(row, keep, i, lse);
 }
 
 /// Sum of a slice in 8 interleaved lanes, added up at the end: a fixed order (so the same on
