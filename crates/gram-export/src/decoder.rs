@@ -3,12 +3,14 @@
 //! attention mask (left padding), grouped-query attention with a causal + padding mask, SwiGLU,
 //! and one of two heads.
 //!
-//! Choices made for onnxruntime's CPU kernels: q/k/v and gate/up are each one matrix product
-//! (concatenated weights, then Split); RMS norms use the Pow-ReduceMean-Add-Sqrt-Div-Mul pattern
-//! that onnxruntime fuses into one kernel; grouped query heads are folded into the row axis of
-//! one batched product per key/value head instead of copying keys and values; the `judge` head
-//! multiplies only the last position by only the two label rows of the output matrix, and its
-//! last layer computes only that position past the key/value projections.
+//! Choices made for onnxruntime's CPU kernels (opset 23): activations stay `[b, t, heads *
+//! head_dim]` throughout; one product per projection (no Split copies); RotaryEmbedding for the
+//! rotary positions; Attention for attention (per row and head: scores with the mask added,
+//! softmax while they are in cache, the product with the values, written straight into the
+//! output layout; grouped query heads read their shared key/value head in place); RMS norms use
+//! the Pow-ReduceMean-Add-Sqrt-Div-Mul pattern that onnxruntime fuses into one kernel; the
+//! `judge` head multiplies only the last position by only the two label rows of the output
+//! matrix, and its last layer computes only that position past the key/value projections.
 
 use std::collections::BTreeMap;
 
@@ -24,13 +26,13 @@ pub enum Head {
     Judge(Vec<u32>),
     /// `logits` `[batch, seq, vocab]`: every position, the whole vocabulary.
     Lm,
-    /// `key_{l}`, `value_{l}` `[batch, kv_heads, seq, head_dim]` of every layer (rotated): used
+    /// `key_{l}`, `value_{l}` `[batch, seq, kv_heads * head_dim]` of every layer (rotated): used
     /// once at export to precompute the judge prefix.
     KeyValues,
 }
 
 /// Keys and values of a fixed token prefix (the judge template before the question), per
-/// layer, `[1, kv_heads, len, head_dim]`: baked into a judge graph, whose inputs are then only
+/// layer, `[1, len, kv_heads * head_dim]`: baked into a judge graph, whose inputs are then only
 /// the tokens after the prefix.
 #[derive(Debug, Clone)]
 pub struct PrefixKv {
@@ -100,7 +102,7 @@ struct Builder<'a> {
     c: &'a ModelConfig,
     eps: String,
     prefix: Option<&'a PrefixKv>,
-    /// `[batch, 1, 1, 1]`, to broadcast the prefix's keys and values over the batch.
+    /// `[batch, 1, 1]`, to broadcast the prefix's keys and values over the batch.
     batch_shape: String,
     /// Each layer's rotated keys and values (for [`Head::KeyValues`]).
     kv_out: Vec<(String, String)>,
@@ -112,10 +114,11 @@ impl Builder<'_> {
         let w = self.g.weight(weight, &[dim], &w.data);
         let two = self.g.scalar(2.0);
         let sq = self.g.node("Pow", &[x, &two], vec![]);
+        let axes = self.g.vec_i64(&[-1]);
         let mean = self.g.node(
             "ReduceMean",
-            &[&sq],
-            vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))],
+            &[&sq, &axes],
+            vec![("keepdims", Attr::Int(1))],
         );
         let eps = self.eps.clone();
         let var = self.g.node("Add", &[&mean, &eps], vec![]);
@@ -152,24 +155,24 @@ impl Builder<'_> {
         Ok(self.g.node("Add", &[&y, &bname], vec![]))
     }
 
-    /// `x * cos + rotate_half(x) * sin` on `[b, heads, t, d]`.
-    fn rope(&mut self, x: &str, cos: &str, sin: &str) -> String {
+    /// Rotary positions on `[b, t, n * d]` (onnxruntime's RotaryEmbedding kernel: the
+    /// non-interleaved halves, as transformers' `rotate_half`); `cos` and `sin` are `[b, t, d/2]`.
+    fn rope(&mut self, x: &str, cos: &str, sin: &str, heads: usize) -> String {
+        self.g.node(
+            "RotaryEmbedding",
+            &[x, cos, sin],
+            vec![("num_heads", Attr::Int(heads as i64))],
+        )
+    }
+
+    /// RMS norm of each head of `[b, t, n * d]` (Qwen3's q/k norms).
+    fn head_norm(&mut self, x: &str, heads: usize, weight: &str) -> Result<String, MissingTensor> {
         let d = self.c.head_dim as i64;
-        let (s0, s1, s2, ax) = (
-            self.g.vec_i64(&[0]),
-            self.g.vec_i64(&[d / 2]),
-            self.g.vec_i64(&[d]),
-            self.g.vec_i64(&[3]),
-        );
-        let x1 = self.g.node("Slice", &[x, &s0, &s1, &ax], vec![]);
-        let x2 = self.g.node("Slice", &[x, &s1, &s2, &ax], vec![]);
-        let nx2 = self.g.node("Neg", &[&x2], vec![]);
-        let rot = self
-            .g
-            .node("Concat", &[&nx2, &x1], vec![("axis", Attr::Int(3))]);
-        let a = self.g.node("Mul", &[x, cos], vec![]);
-        let b = self.g.node("Mul", &[&rot, sin], vec![]);
-        self.g.node("Add", &[&a, &b], vec![])
+        let split = self.g.vec_i64(&[0, 0, heads as i64, d]);
+        let y = self.g.node("Reshape", &[x, &split], vec![]);
+        let y = self.rms_norm(&y, weight, d as usize)?;
+        let joined = self.g.vec_i64(&[0, 0, heads as i64 * d]);
+        Ok(self.g.node("Reshape", &[&y, &joined], vec![]))
     }
 
     /// `x[:, -1:, ...]` along `axis`.
@@ -209,77 +212,45 @@ impl Builder<'_> {
             format!("{p}.self_attn.v_proj"),
         );
         let xn = self.rms_norm(x, &format!("{p}.input_layernorm.weight"), h)?;
-        let (qx, kx, vx) = if last_only {
-            let xl = self.last(&xn, 1);
-            let qx = self.linear(&xl, &[&qp], &[[q, h]], c.qkv_bias, &qp)?;
-            let kvx = self.linear(
-                &xn,
-                &[&kp, &vp],
-                &[[kv, h], [kv, h]],
-                c.qkv_bias,
-                &format!("{p}.self_attn.kv_proj"),
-            )?;
-            let split = self.g.vec_i64(&[kv as i64, kv as i64]);
-            let parts =
-                self.g
-                    .node_multi("Split", &[&kvx, &split], 2, vec![("axis", Attr::Int(2))]);
-            (qx, parts[0].clone(), parts[1].clone())
+        // One product per projection: a fused q/k/v product would need a Split, a copy of
+        // every row, and Attention takes the three apart anyway.
+        let xq = if last_only {
+            self.last(&xn, 1)
         } else {
-            let qkv = self.linear(
-                &xn,
-                &[&qp, &kp, &vp],
-                &[[q, h], [kv, h], [kv, h]],
-                c.qkv_bias,
-                &format!("{p}.self_attn.qkv_proj"),
-            )?;
-            let split = self.g.vec_i64(&[q as i64, kv as i64, kv as i64]);
-            let parts =
-                self.g
-                    .node_multi("Split", &[&qkv, &split], 3, vec![("axis", Attr::Int(2))]);
-            (parts[0].clone(), parts[1].clone(), parts[2].clone())
+            xn.clone()
         };
-        let heads = |b: &mut Self,
-                     y: &str,
-                     n: usize,
-                     norm: Option<String>|
-         -> Result<String, MissingTensor> {
-            let shape = b.g.vec_i64(&[0, 0, n as i64, d as i64]);
-            let mut y = b.g.node("Reshape", &[y, &shape], vec![]);
-            if let Some(norm) = norm {
-                y = b.rms_norm(&y, &norm, d)?;
-            }
-            Ok(b.g.node(
-                "Transpose",
-                &[&y],
-                vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
-            ))
+        let qx = self.linear(&xq, &[&qp], &[[q, h]], c.qkv_bias, &qp)?;
+        let kx = self.linear(&xn, &[&kp], &[[kv, h]], c.qkv_bias, &kp)?;
+        let vx = self.linear(&xn, &[&vp], &[[kv, h]], c.qkv_bias, &vp)?;
+        let (qx, kx) = if c.qk_norm {
+            (
+                self.head_norm(&qx, nh, &format!("{p}.self_attn.q_norm.weight"))?,
+                self.head_norm(&kx, nkv, &format!("{p}.self_attn.k_norm.weight"))?,
+            )
+        } else {
+            (qx, kx)
         };
-        let qn = c.qk_norm.then(|| format!("{p}.self_attn.q_norm.weight"));
-        let kn = c.qk_norm.then(|| format!("{p}.self_attn.k_norm.weight"));
-        let qh = heads(self, &qx, nh, qn)?;
-        let kh = heads(self, &kx, nkv, kn)?;
-        let vh = heads(self, &vx, nkv, None)?;
         let (qcos, qsin, qbias) = if last_only {
-            (self.last(cos, 2), self.last(sin, 2), self.last(bias, 2))
+            (self.last(cos, 1), self.last(sin, 1), self.last(bias, 2))
         } else {
             (cos.to_string(), sin.to_string(), bias.to_string())
         };
-        let qh = self.rope(&qh, &qcos, &qsin);
-        let kh = self.rope(&kh, cos, sin);
-        self.kv_out.push((kh.clone(), vh.clone()));
+        let qr = self.rope(&qx, &qcos, &qsin, nh);
+        let kr = self.rope(&kx, cos, sin, nkv);
+        self.kv_out.push((kr.clone(), vx.clone()));
         // With a precomputed prefix, its keys and values come first (they are always visible:
         // the mask's prefix columns are 0).
-        let (kh, vh) = match self.prefix {
+        let (kr, vx) = match self.prefix {
             Some(p) => {
                 let n = p.ids.len();
                 let kp = self.g.weight(
                     &format!("{p_}.prefix_keys", p_ = p_name(l)),
-                    &[1, nkv, n, d],
+                    &[1, n, kv],
                     &p.keys[l],
                 );
                 let vp = self.g.weight(
                     &format!("{p_}.prefix_values", p_ = p_name(l)),
-                    &[1, nkv, n, d],
+                    &[1, n, kv],
                     &p.values[l],
                 );
                 let bs = self.batch_shape.clone();
@@ -287,54 +258,26 @@ impl Builder<'_> {
                 let vp = self.g.node("Expand", &[&vp, &bs], vec![]);
                 (
                     self.g
-                        .node("Concat", &[&kp, &kh], vec![("axis", Attr::Int(2))]),
+                        .node("Concat", &[&kp, &kr], vec![("axis", Attr::Int(1))]),
                     self.g
-                        .node("Concat", &[&vp, &vh], vec![("axis", Attr::Int(2))]),
+                        .node("Concat", &[&vp, &vx], vec![("axis", Attr::Int(1))]),
                 )
             }
-            None => (kh, vh),
+            None => (kr, vx),
         };
-        let scale = self.g.scalar(1.0 / (d as f32).sqrt());
-        let qh = self.g.node("Mul", &[&qh, &scale], vec![]);
-        // Grouped heads: q [b, nh, t, d] viewed as [b, nkv, rep*t, d] meets k [b, nkv, t, d]
-        // directly (query head i uses key head i / rep, as HF's repeat_kv arranges them).
-        let grouped = nh != nkv;
-        let qg = if grouped {
-            let s = self.g.vec_i64(&[0, nkv as i64, -1, d as i64]);
-            self.g.node("Reshape", &[&qh, &s], vec![])
-        } else {
-            qh
-        };
-        let kt = self.g.node(
-            "Transpose",
-            &[&kh],
-            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
-        );
-        let mut scores = self.g.node("MatMul", &[&qg, &kt], vec![]);
-        if grouped {
-            let s = self.g.vec_i64(&[0, nh as i64, -1, 0]);
-            scores = self.g.node("Reshape", &[&scores, &s], vec![]);
-        }
-        let scores = self.g.node("Add", &[&scores, &qbias], vec![]);
-        let mut probs = self
-            .g
-            .node("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
-        if grouped {
-            let s = self.g.vec_i64(&[0, nkv as i64, -1, 0]);
-            probs = self.g.node("Reshape", &[&probs, &s], vec![]);
-        }
-        let mut ctx = self.g.node("MatMul", &[&probs, &vh], vec![]);
-        if grouped {
-            let s = self.g.vec_i64(&[0, nh as i64, -1, d as i64]);
-            ctx = self.g.node("Reshape", &[&ctx, &s], vec![]);
-        }
+        // onnxruntime's Attention kernel: per (row, query head) one product against its key
+        // head (grouped heads read the shared key/value head in place), the mask added inside
+        // that product, softmax while the block is in cache, then the product with the values,
+        // written straight into [b, t, heads * d].
         let ctx = self.g.node(
-            "Transpose",
-            &[&ctx],
-            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            "Attention",
+            &[&qr, &kr, &vx, &qbias],
+            vec![
+                ("q_num_heads", Attr::Int(nh as i64)),
+                ("kv_num_heads", Attr::Int(nkv as i64)),
+                ("scale", Attr::Float(1.0 / (d as f32).sqrt())),
+            ],
         );
-        let s = self.g.vec_i64(&[0, 0, q as i64]);
-        let ctx = self.g.node("Reshape", &[&ctx, &s], vec![]);
         let o = self.linear(
             &ctx,
             &[&format!("{p}.self_attn.o_proj")],
@@ -351,20 +294,23 @@ impl Builder<'_> {
 
         let i = c.intermediate_size;
         let xn = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"), h)?;
-        let gu = self.linear(
+        let gate = self.linear(
             &xn,
-            &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
-            &[[i, h], [i, h]],
+            &[&format!("{p}.mlp.gate_proj")],
+            &[[i, h]],
             c.mlp_bias,
-            &format!("{p}.mlp.gate_up_proj"),
+            &format!("{p}.mlp.gate_proj"),
         )?;
-        let split = self.g.vec_i64(&[i as i64, i as i64]);
-        let gu = self
-            .g
-            .node_multi("Split", &[&gu, &split], 2, vec![("axis", Attr::Int(2))]);
-        let sig = self.g.node("Sigmoid", &[&gu[0]], vec![]);
-        let act = self.g.node("Mul", &[&gu[0], &sig], vec![]);
-        let act = self.g.node("Mul", &[&act, &gu[1]], vec![]);
+        let up = self.linear(
+            &xn,
+            &[&format!("{p}.mlp.up_proj")],
+            &[[i, h]],
+            c.mlp_bias,
+            &format!("{p}.mlp.up_proj"),
+        )?;
+        let sig = self.g.node("Sigmoid", &[&gate], vec![]);
+        let act = self.g.node("Mul", &[&gate, &sig], vec![]);
+        let act = self.g.node("Mul", &[&act, &up], vec![]);
         let down = self.linear(
             &act,
             &[&format!("{p}.mlp.down_proj")],
@@ -412,8 +358,8 @@ pub fn build(
     let (idx0, idx1) = (g.vec_i64(&[0]), g.vec_i64(&[1]));
     let bsz = g.node("Gather", &[&shape, &idx0], vec![("axis", Attr::Int(0))]);
     let t = g.node("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
-    let ones3 = g.vec_i64(&[1, 1, 1]);
-    let batch_shape = g.node("Concat", &[&bsz, &ones3], vec![("axis", Attr::Int(0))]);
+    let ones2 = g.vec_i64(&[1, 1]);
+    let batch_shape = g.node("Concat", &[&bsz, &ones2], vec![("axis", Attr::Int(0))]);
     let mut b = Builder {
         g,
         w: W { t: tensors },
@@ -442,13 +388,11 @@ pub fn build(
     let ax2 = g.vec_i64(&[2]);
     let pos = g.node("Unsqueeze", &[&pos, &ax2], vec![]);
     let inv = g.weight("rope.inv_freq", &[inv_freq.len()], inv_freq);
+    // [b, t, d/2]: RotaryEmbedding's per-position cache.
     let freqs = g.node("Mul", &[&pos, &inv], vec![]);
-    let emb = g.node("Concat", &[&freqs, &freqs], vec![("axis", Attr::Int(2))]);
     let ax1 = g.vec_i64(&[1]);
-    let cos = g.node("Cos", &[&emb], vec![]);
-    let cos = g.node("Unsqueeze", &[&cos, &ax1], vec![]);
-    let sin = g.node("Sin", &[&emb], vec![]);
-    let sin = g.node("Unsqueeze", &[&sin, &ax1], vec![]);
+    let cos = g.node("Cos", &[&freqs], vec![]);
+    let sin = g.node("Sin", &[&freqs], vec![]);
 
     // Additive mask [b, 1, t, (prefix +) t]: 0 where query i may see key j (j <= i, j real; every
     // prefix key), -1e30 elsewhere (finite, as in gram-model: a padding query's row softmaxes to
@@ -554,15 +498,8 @@ pub fn build(
             );
         }
         Head::KeyValues => {
-            let (nkv, d) = (c.num_key_value_heads as i64, c.head_dim as i64);
-            let dims = || {
-                [
-                    Dim::Named("batch"),
-                    Dim::Fixed(nkv),
-                    Dim::Named("sequence"),
-                    Dim::Fixed(d),
-                ]
-            };
+            let kv = (c.num_key_value_heads * c.head_dim) as i64;
+            let dims = || [Dim::Named("batch"), Dim::Named("sequence"), Dim::Fixed(kv)];
             for (l, (k, vv)) in std::mem::take(&mut b.kv_out).into_iter().enumerate() {
                 b.g.output(&k, &format!("key_{l}"), dtype::FLOAT, &dims());
                 b.g.output(&vv, &format!("value_{l}"), dtype::FLOAT, &dims());

@@ -12,9 +12,9 @@ use crate::proto::{
 };
 
 /// The ONNX operator set the graphs use (the default domain).
-pub const OPSET: i64 = 17;
+pub const OPSET: i64 = 23;
 /// The IR version that goes with [`OPSET`].
-pub const IR_VERSION: i64 = 8;
+pub const IR_VERSION: i64 = 11;
 /// Protobuf messages cannot exceed 2 GiB; past this many bytes of weights they go to a side file
 /// (the default of `gram-export onnx --external-data-over`).
 pub const INLINE_LIMIT: usize = 1 << 30;

@@ -1,5 +1,5 @@
 //! gram-export: compiles a checkpoint the model core loads (HF folder, GGUF, a gram-train
-//! output) into an ONNX graph (opset 17, dynamic batch and sequence axes, left padding), with
+//! output) into an ONNX graph (opset 23, dynamic batch and sequence axes, left padding), with
 //! the tokenizer files and `gram-export.json` beside it, and checks onnxruntime against burn.
 //!
 //! Burn has no ONNX export, so the graph is emitted here from the configuration and the weights

@@ -34,7 +34,7 @@ enum StyleArg {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// An ONNX graph (opset 17, dynamic batch and sequence, left padding) with the tokenizer files
+    /// An ONNX graph (opset 23, dynamic batch and sequence, left padding) with the tokenizer files
     /// and gram-export.json beside it.
     ///
     /// Writes OUT/model.onnx (OUT/model.onnx.data too past 1 GiB of weights), OUT/tokenizer.json

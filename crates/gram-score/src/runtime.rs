@@ -79,15 +79,26 @@ impl Threads {
     }
 }
 
-/// Opens one session on `model` with all graph optimisations.
+/// Opens one session on `model` with all graph optimisations. For looking inside a run:
+/// `GRAM_ORT_PROFILE=<prefix>` writes onnxruntime's per-operator profile (`<prefix>_<time>.json`,
+/// one per session, when it closes) and `GRAM_ORT_OPTIMIZED=<file.onnx>` the graph as
+/// onnxruntime optimised it.
 pub fn open_session(model: &Path, intra_threads: usize) -> Result<Session> {
     let env = environment()?;
     let err = |e: String| Error::Runtime(format!("{}: {e}", model.display()));
-    Session::builder(env)
+    let mut b = Session::builder(env)
         .map_err(|e| err(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::All)
-        .map_err(|e| err(e.to_string()))?
-        .with_intra_threads(intra_threads)
+        .map_err(|e| err(e.to_string()))?;
+    if let Ok(p) = std::env::var("GRAM_ORT_PROFILE") {
+        b = b.with_profiling(p).map_err(|e| err(e.to_string()))?;
+    }
+    if let Ok(p) = std::env::var("GRAM_ORT_OPTIMIZED") {
+        b = b
+            .with_optimized_model_path(p)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    b.with_intra_threads(intra_threads)
         .map_err(|e| err(e.to_string()))?
         // Failures come back as errors and are reported once, in one line; onnxruntime's own
         // log would print them a second time.
