@@ -14,9 +14,10 @@
 # token ids in file order, 8 pairs (16 sequences) per batch, full forward, as GRAM's evaluation
 # does (benches/score/torch_reference.py). Each side runs ROUNDS times, alternating; medians.
 #
-# GEMM efficiency: the FLOPs gram-score actually did (its report counts padded tokens and
-# attention cells; matrix products only: 2 x non-embedding weights per token, plus QK^T and PV)
-# over its time, divided by the best f32 GEMM rate PyTorch's BLAS reaches here.
+# GEMM efficiency: the FLOPs gram-score actually did (its report counts padded tokens, sequences
+# and attention cells; matrix products only: 2 x non-embedding weights per position, the last
+# layer's query/output/MLP on the last position only, plus QK^T and PV) over its time, divided
+# by the best f32 GEMM rate PyTorch's BLAS reaches here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
@@ -105,10 +106,16 @@ for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     d = c.get("head_dim", h // c["num_attention_heads"])
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    per_token = 2 * L * (h * (q + 2 * kv) + q * h + 3 * h * i)
-    flops = statistics.median(
-        (x["work"]["padded_tokens"] * per_token + x["work"]["attention_cells"] * 4 * q * L) / x["seconds"] for x in rs
-    ) / 1e9
+    # What the judge graph computes: every layer but the last on every (padded) position; the
+    # last layer's key/value projections on every position, its query, attention row, output
+    # projection and MLP on the last position only (one row per sequence).
+    layer = 2 * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    per_token = (L - 1) * layer + 2 * h * 2 * kv
+    per_sequence = 2 * (h * q + q * h + 3 * h * i)
+    def done(w):
+        return (w["padded_tokens"] * per_token + w["sequences"] * per_sequence
+                + w["attention_cells"] * 4 * q * (L - 1) + w["key_columns"] * 4 * q)
+    flops = statistics.median(done(x["work"]) / x["seconds"] for x in rs) / 1e9
     ours = pq.read_table(f"{work}/{name}.out.parquet").column("score_a").to_pylist()
     diff = max(abs(a - b) for a, b in zip(ours, ts[-1]["scores"]))
     print(f"{name:<10} {rs[0]['rows']:>6} {r:>19.2f} {t:>16.2f} {r / t:>6.2f}x {flops:>8.1f} {flops / gemm:>7.0%} {diff:>17.2e}")

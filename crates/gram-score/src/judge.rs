@@ -27,7 +27,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         Self {
             max_rows: 64,
-            max_tokens: 8192,
+            max_tokens: 1024,
         }
     }
 }
@@ -56,8 +56,12 @@ pub struct RunStats {
     pub tokens: u64,
     /// Tokens including padding (sum of rows x width).
     pub padded_tokens: u64,
-    /// Sum of rows x width x (prefix + width): the query-key pairs attention computes.
+    /// Sum of rows x width x (prefix + width): the query-key pairs attention computes in a
+    /// layer that runs every position.
     pub attention_cells: u64,
+    /// Sum of rows x (prefix + width): the keys one query row meets (the judge graph's last
+    /// layer computes only the last position's query).
+    pub key_columns: u64,
 }
 
 #[derive(Default)]
@@ -67,6 +71,7 @@ struct Counters {
     tokens: AtomicU64,
     padded_tokens: AtomicU64,
     attention_cells: AtomicU64,
+    key_columns: AtomicU64,
 }
 
 /// A loaded export folder.
@@ -144,6 +149,7 @@ impl Judge {
             tokens: c.tokens.load(Ordering::Relaxed),
             padded_tokens: c.padded_tokens.load(Ordering::Relaxed),
             attention_cells: c.attention_cells.load(Ordering::Relaxed),
+            key_columns: c.key_columns.load(Ordering::Relaxed),
         }
     }
 
@@ -218,6 +224,7 @@ impl Judge {
                             c.padded_tokens.fetch_add(n * w, Ordering::Relaxed);
                             c.attention_cells
                                 .fetch_add(n * w * (w + plen), Ordering::Relaxed);
+                            c.key_columns.fetch_add(n * (w + plen), Ordering::Relaxed);
                             let (shape, data) =
                                 self.pool.with(|sess| b.run(sess, &self.manifest.output))?;
                             if shape != [batch.len(), 2] {

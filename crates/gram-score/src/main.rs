@@ -170,7 +170,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 64)]
     batch_rows: usize,
     /// Most tokens (rows x longest row) in one batch.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 1024)]
     batch_tokens: usize,
     /// No progress bar.
     #[arg(long)]
