@@ -10,7 +10,8 @@
 # makes it with SmolLM2's tokenizer and chat template (max 1024 tokens). Models: a ~44M LLaMA
 # (benches/score/llama-40m.json, random weights, SmolLM2's vocabulary) and SmolLM2-135M-Instruct
 # (the Q4_1 GGUF, dequantised to f32 on both sides). gram-score runs `pairwise` end to end
-# (Parquet in and out, tokenisation included, model loading excluded); PyTorch scores the same
+# (Parquet in and out, tokenisation included, model loading excluded) on gram-export's default
+# judge graph (judge prefix precomputed, each pair's common tokens run once); PyTorch scores the same
 # token ids in file order, 8 pairs (16 sequences) per batch, full forward, as GRAM's evaluation
 # does (benches/score/torch_reference.py). Each side runs ROUNDS times, alternating; medians.
 #
@@ -98,6 +99,9 @@ for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     if not os.path.exists(f"{work}/{name}.torch.jsonl"):
         continue
     rs = [json.loads(l) for l in open(f"{work}/{name}.rust.jsonl")]
+    if any("key_columns" not in x["work"] for x in rs):
+        print(f"{name:<10} (results from an older gram-score; run MODELS={name} again)")
+        continue
     ts = [json.loads(l) for l in open(f"{work}/{name}.torch.jsonl")]
     r = statistics.median(x["rows"] / x["seconds"] for x in rs)
     t = statistics.median(x["pairs_per_s"] for x in ts)

@@ -24,6 +24,11 @@ use crate::proto::dtype;
 pub enum Head {
     /// `judge_logits` `[batch, n]`: the logits of the given token ids at the last position.
     Judge(Vec<u32>),
+    /// The same for pairs, each pair's shared tokens computed once: inputs `shared_ids` and
+    /// `shared_mask` `[pairs, shared]` (a pair's tokens common to both orders), `input_ids` and
+    /// `attention_mask` `[2 x pairs, sequence]` (each order's remaining tokens, rows 2k and
+    /// 2k+1 for pair k), all left-padded; `judge_logits` `[2 x pairs, n]`.
+    PairJudge(Vec<u32>),
     /// `logits` `[batch, seq, vocab]`: every position, the whole vocabulary.
     Lm,
     /// `key_{l}`, `value_{l}` `[batch, seq, kv_heads * head_dim]` of every layer (rotated): used
@@ -81,37 +86,23 @@ fn transposed(t: &F32Tensor) -> Vec<f32> {
     out
 }
 
-/// Concatenates `[out_k, in]` linear weights along `out` and transposes: `[in, sum out_k]`.
-fn fused_linear(parts: &[&F32Tensor]) -> (Vec<usize>, Vec<f32>) {
-    let inp = parts[0].shape[1];
-    let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
-    let mut cat = Vec::with_capacity(rows * inp);
-    for p in parts {
-        cat.extend_from_slice(&p.data);
-    }
-    let t = F32Tensor {
-        shape: vec![rows, inp],
-        data: cat,
-    };
-    (vec![inp, rows], transposed(&t))
-}
-
 struct Builder<'a> {
     g: Graph,
     w: W<'a>,
     c: &'a ModelConfig,
     eps: String,
     prefix: Option<&'a PrefixKv>,
-    /// `[batch, 1, 1]`, to broadcast the prefix's keys and values over the batch.
-    batch_shape: String,
     /// Each layer's rotated keys and values (for [`Head::KeyValues`]).
     kv_out: Vec<(String, String)>,
 }
 
 impl Builder<'_> {
     fn rms_norm(&mut self, x: &str, weight: &str, dim: usize) -> Result<String, MissingTensor> {
-        let w = self.w.get(weight, &[dim])?;
-        let w = self.g.weight(weight, &[dim], &w.data);
+        if !self.g.has(weight) {
+            let t = self.w.get(weight, &[dim])?;
+            self.g.weight(weight, &[dim], &t.data);
+        }
+        let w = weight.to_string();
         let two = self.g.scalar(2.0);
         let sq = self.g.node("Pow", &[x, &two], vec![]);
         let axes = self.g.vec_i64(&[-1]);
@@ -127,31 +118,29 @@ impl Builder<'_> {
         Ok(self.g.node("Mul", &[&normed, &w], vec![]))
     }
 
-    /// `x @ W` for the linear layers named `names` (concatenated), plus their biases if any.
+    /// `x @ W^T (+ bias)` for the linear layer `name` (`[out, in]` = `shape`); its transposed
+    /// weight becomes one initializer however many streams use it.
     fn linear(
         &mut self,
         x: &str,
-        names: &[&str],
-        shapes: &[[usize; 2]],
+        name: &str,
+        shape: [usize; 2],
         bias: bool,
-        fused: &str,
     ) -> Result<String, MissingTensor> {
-        let parts = names
-            .iter()
-            .zip(shapes)
-            .map(|(n, s)| self.w.get(&format!("{n}.weight"), s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (dims, data) = fused_linear(&parts);
-        let wname = self.g.weight(&format!("{fused}.weight_t"), &dims, &data);
+        let wname = format!("{name}.weight_t");
+        if !self.g.has(&wname) {
+            let w = self.w.get(&format!("{name}.weight"), &shape)?;
+            self.g.weight(&wname, &[shape[1], shape[0]], &transposed(w));
+        }
         let y = self.g.node("MatMul", &[x, &wname], vec![]);
         if !bias {
             return Ok(y);
         }
-        let mut b = Vec::new();
-        for (n, s) in names.iter().zip(shapes) {
-            b.extend_from_slice(&self.w.get(&format!("{n}.bias"), &[s[0]])?.data);
+        let bname = format!("{name}.bias");
+        if !self.g.has(&bname) {
+            let b = self.w.get(&bname, &[shape[0]])?;
+            self.g.weight(&bname, &[shape[0]], &b.data);
         }
-        let bname = self.g.weight(&format!("{fused}.bias"), &[b.len()], &b);
         Ok(self.g.node("Add", &[&y, &bname], vec![]))
     }
 
@@ -185,18 +174,42 @@ impl Builder<'_> {
         self.g.node("Slice", &[x, &st, &en, &ax], vec![])
     }
 
-    /// One decoder layer. With `last_only` (the judge head's last layer) only the last position
-    /// is computed past the key/value projections: its query, attention row, output
-    /// projection and MLP; the output is `[batch, 1, hidden]`.
+    /// The rotated keys and the values of layer `l` from its normalised input, `[b, t, kv]`.
+    fn keys_values(
+        &mut self,
+        l: usize,
+        xn: &str,
+        s: &Stream,
+    ) -> Result<(String, String), MissingTensor> {
+        let c = self.c;
+        let (h, nkv) = (c.hidden_size, c.num_key_value_heads);
+        let kv = nkv * c.head_dim;
+        let p = format!("model.layers.{l}.self_attn");
+        let (kp, vp) = (format!("{p}.k_proj"), format!("{p}.v_proj"));
+        let kx = self.linear(xn, &kp, [kv, h], c.qkv_bias)?;
+        let vx = self.linear(xn, &vp, [kv, h], c.qkv_bias)?;
+        let kx = if c.qk_norm {
+            self.head_norm(&kx, nkv, &format!("{p}.k_norm.weight"))?
+        } else {
+            kx
+        };
+        Ok((self.rope(&kx, &s.cos, &s.sin, nkv), vx))
+    }
+
+    /// One decoder layer over a stream. Keys and values are, in order: the judge prefix's
+    /// (precomputed), `past` (another stream's, row-matched), the stream's own; `s.bias` covers
+    /// them in that order. With `last_only` (the judge head's last layer) only the last position
+    /// is computed past the key/value projections: its query, attention row, output projection
+    /// and MLP; the output is then `[batch, 1, hidden]`. Returns the output and the layer's own
+    /// rotated keys and values.
     fn layer(
         &mut self,
         l: usize,
         x: &str,
-        cos: &str,
-        sin: &str,
-        bias: &str,
+        s: &Stream,
         last_only: bool,
-    ) -> Result<String, MissingTensor> {
+        past: Option<&(String, String)>,
+    ) -> Result<(String, String, String), MissingTensor> {
         let c = self.c;
         let p = format!("model.layers.{l}");
         let (h, d, nh, nkv) = (
@@ -206,85 +219,75 @@ impl Builder<'_> {
             c.num_key_value_heads,
         );
         let (q, kv) = (nh * d, nkv * d);
-        let (qp, kp, vp) = (
-            format!("{p}.self_attn.q_proj"),
-            format!("{p}.self_attn.k_proj"),
-            format!("{p}.self_attn.v_proj"),
-        );
         let xn = self.rms_norm(x, &format!("{p}.input_layernorm.weight"), h)?;
         // One product per projection: a fused q/k/v product would need a Split, a copy of
         // every row, and Attention takes the three apart anyway.
+        let (kr, vx) = self.keys_values(l, &xn, s)?;
         let xq = if last_only {
             self.last(&xn, 1)
         } else {
             xn.clone()
         };
-        let qx = self.linear(&xq, &[&qp], &[[q, h]], c.qkv_bias, &qp)?;
-        let kx = self.linear(&xn, &[&kp], &[[kv, h]], c.qkv_bias, &kp)?;
-        let vx = self.linear(&xn, &[&vp], &[[kv, h]], c.qkv_bias, &vp)?;
-        let (qx, kx) = if c.qk_norm {
-            (
-                self.head_norm(&qx, nh, &format!("{p}.self_attn.q_norm.weight"))?,
-                self.head_norm(&kx, nkv, &format!("{p}.self_attn.k_norm.weight"))?,
-            )
+        let qx = self.linear(&xq, &format!("{p}.self_attn.q_proj"), [q, h], c.qkv_bias)?;
+        let qx = if c.qk_norm {
+            self.head_norm(&qx, nh, &format!("{p}.self_attn.q_norm.weight"))?
         } else {
-            (qx, kx)
+            qx
         };
         let (qcos, qsin, qbias) = if last_only {
-            (self.last(cos, 1), self.last(sin, 1), self.last(bias, 2))
+            (
+                self.last(&s.cos, 1),
+                self.last(&s.sin, 1),
+                self.last(&s.bias, 2),
+            )
         } else {
-            (cos.to_string(), sin.to_string(), bias.to_string())
+            (s.cos.clone(), s.sin.clone(), s.bias.clone())
         };
         let qr = self.rope(&qx, &qcos, &qsin, nh);
-        let kr = self.rope(&kx, cos, sin, nkv);
-        self.kv_out.push((kr.clone(), vx.clone()));
-        // With a precomputed prefix, its keys and values come first (they are always visible:
-        // the mask's prefix columns are 0).
-        let (kr, vx) = match self.prefix {
-            Some(p) => {
-                let n = p.ids.len();
-                let kp = self.g.weight(
-                    &format!("{p_}.prefix_keys", p_ = p_name(l)),
-                    &[1, n, kv],
-                    &p.keys[l],
-                );
-                let vp = self.g.weight(
-                    &format!("{p_}.prefix_values", p_ = p_name(l)),
-                    &[1, n, kv],
-                    &p.values[l],
-                );
-                let bs = self.batch_shape.clone();
-                let kp = self.g.node("Expand", &[&kp, &bs], vec![]);
-                let vp = self.g.node("Expand", &[&vp, &bs], vec![]);
-                (
-                    self.g
-                        .node("Concat", &[&kp, &kr], vec![("axis", Attr::Int(1))]),
-                    self.g
-                        .node("Concat", &[&vp, &vx], vec![("axis", Attr::Int(1))]),
-                )
+        // Keys and values in the order the mask's columns follow.
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        if let Some(pre) = self.prefix {
+            let n = pre.ids.len();
+            let (kp, vp) = (
+                format!("{}.prefix_keys", p_name(l)),
+                format!("{}.prefix_values", p_name(l)),
+            );
+            if !self.g.has(&kp) {
+                self.g.weight(&kp, &[1, n, kv], &pre.keys[l]);
+                self.g.weight(&vp, &[1, n, kv], &pre.values[l]);
             }
-            None => (kr, vx),
+            keys.push(self.g.node("Expand", &[&kp, &s.batch_shape], vec![]));
+            values.push(self.g.node("Expand", &[&vp, &s.batch_shape], vec![]));
+        }
+        if let Some((k, v)) = past {
+            keys.push(k.clone());
+            values.push(v.clone());
+        }
+        keys.push(kr.clone());
+        values.push(vx.clone());
+        let cat = |b: &mut Self, parts: &[String]| -> String {
+            if parts.len() == 1 {
+                return parts[0].clone();
+            }
+            let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+            b.g.node("Concat", &refs, vec![("axis", Attr::Int(1))])
         };
+        let (k_all, v_all) = (cat(self, &keys), cat(self, &values));
         // onnxruntime's Attention kernel: per (row, query head) one product against its key
         // head (grouped heads read the shared key/value head in place), the mask added inside
         // that product, softmax while the block is in cache, then the product with the values,
         // written straight into [b, t, heads * d].
         let ctx = self.g.node(
             "Attention",
-            &[&qr, &kr, &vx, &qbias],
+            &[&qr, &k_all, &v_all, &qbias],
             vec![
                 ("q_num_heads", Attr::Int(nh as i64)),
                 ("kv_num_heads", Attr::Int(nkv as i64)),
                 ("scale", Attr::Float(1.0 / (d as f32).sqrt())),
             ],
         );
-        let o = self.linear(
-            &ctx,
-            &[&format!("{p}.self_attn.o_proj")],
-            &[[h, q]],
-            c.o_bias,
-            &format!("{p}.self_attn.o_proj"),
-        )?;
+        let o = self.linear(&ctx, &format!("{p}.self_attn.o_proj"), [h, q], c.o_bias)?;
         let resid = if last_only {
             self.last(x, 1)
         } else {
@@ -294,32 +297,168 @@ impl Builder<'_> {
 
         let i = c.intermediate_size;
         let xn = self.rms_norm(&x, &format!("{p}.post_attention_layernorm.weight"), h)?;
-        let gate = self.linear(
-            &xn,
-            &[&format!("{p}.mlp.gate_proj")],
-            &[[i, h]],
-            c.mlp_bias,
-            &format!("{p}.mlp.gate_proj"),
-        )?;
-        let up = self.linear(
-            &xn,
-            &[&format!("{p}.mlp.up_proj")],
-            &[[i, h]],
-            c.mlp_bias,
-            &format!("{p}.mlp.up_proj"),
-        )?;
+        let gate = self.linear(&xn, &format!("{p}.mlp.gate_proj"), [i, h], c.mlp_bias)?;
+        let up = self.linear(&xn, &format!("{p}.mlp.up_proj"), [i, h], c.mlp_bias)?;
         let sig = self.g.node("Sigmoid", &[&gate], vec![]);
         let act = self.g.node("Mul", &[&gate, &sig], vec![]);
         let act = self.g.node("Mul", &[&act, &up], vec![]);
-        let down = self.linear(
-            &act,
-            &[&format!("{p}.mlp.down_proj")],
-            &[[h, i]],
-            c.mlp_bias,
-            &format!("{p}.mlp.down_proj"),
-        )?;
-        Ok(self.g.node("Add", &[&x, &down], vec![]))
+        let down = self.linear(&act, &format!("{p}.mlp.down_proj"), [h, i], c.mlp_bias)?;
+        Ok((self.g.node("Add", &[&x, &down], vec![]), kr, vx))
     }
+
+    /// `[rows, ...]` to `[2 x rows, ...]`, each row twice in a row (a pair's shared part, once
+    /// for each order).
+    fn twice(&mut self, x: &str) -> String {
+        let ax1 = self.g.vec_i64(&[1]);
+        let u = self.g.node("Unsqueeze", &[x, &ax1], vec![]);
+        let both = self
+            .g
+            .node("Concat", &[&u, &u], vec![("axis", Attr::Int(1))]);
+        let shape = self.g.node("Shape", &[x], vec![("start", Attr::Int(1))]);
+        let minus1 = self.g.vec_i64(&[-1]);
+        let shape = self
+            .g
+            .node("Concat", &[&minus1, &shape], vec![("axis", Attr::Int(0))]);
+        self.g.node("Reshape", &[&both, &shape], vec![])
+    }
+
+    /// An f32 tensor of `value`s of the shape given by the int64 vector `shape`.
+    fn filled(&mut self, shape: &str, value: f32) -> String {
+        let attr = vec![(
+            "value",
+            Attr::Tensor(crate::proto::TensorProto {
+                dims: vec![1],
+                data_type: Some(dtype::FLOAT),
+                raw_data: Some(value.to_le_bytes().to_vec()),
+                ..Default::default()
+            }),
+        )];
+        self.g.node("ConstantOfShape", &[shape], attr)
+    }
+
+    /// `{0, 1}` int64 `[b, n]` -> additive f32 `[b, 1, 1, n]`: 0 on 1s, -1e30 on 0s.
+    fn key_bias(&mut self, mask: &str) -> String {
+        let f = self.g.node("Cast", &[mask], float_to());
+        let ax12 = self.g.vec_i64(&[1, 2]);
+        let f = self.g.node("Unsqueeze", &[&f, &ax12], vec![]);
+        let one = self.g.scalar(1.0);
+        let f = self.g.node("Sub", &[&f, &one], vec![]);
+        let big = self.g.scalar(1.0e30);
+        self.g.node("Mul", &[&f, &big], vec![])
+    }
+
+    /// Everything a stream of `ids`/`mask` (left-padded `[b, t]`) needs: its embedded tokens,
+    /// rotary tables, batch shape and the attention mask over [judge prefix, `past`, own keys].
+    /// Positions count real tokens: cumsum(mask) - 1 (padding gets 0), after the judge prefix
+    /// and `offset` (`[b, 1]` f32: real tokens of `past`) if given. `past` is the `{0, 1}`
+    /// int64 mask `[b, n]` of keys from another stream that every query may see where it is 1.
+    fn stream(
+        &mut self,
+        ids: &str,
+        mask: &str,
+        embedding: &str,
+        inv_freq: &str,
+        offset: Option<&str>,
+        past: Option<&str>,
+    ) -> (String, Stream) {
+        let plen = self.prefix.map_or(0, |p| p.ids.len());
+        let g = &mut self.g;
+        let x = g.node("Gather", &[embedding, ids], vec![("axis", Attr::Int(0))]);
+        let shape = g.node("Shape", &[ids], vec![]);
+        let (idx0, idx1) = (g.vec_i64(&[0]), g.vec_i64(&[1]));
+        let bsz = g.node("Gather", &[&shape, &idx0], vec![("axis", Attr::Int(0))]);
+        let t = g.node("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
+        let ones2 = g.vec_i64(&[1, 1]);
+        let batch_shape = g.node("Concat", &[&bsz, &ones2], vec![("axis", Attr::Int(0))]);
+
+        let one_ax = g.ints(&[], &[1]);
+        let cum = g.node("CumSum", &[mask, &one_ax], vec![]);
+        let cumf = g.node("Cast", &[&cum], float_to());
+        let one = g.scalar(1.0);
+        let pos = g.node("Sub", &[&cumf, &one], vec![]);
+        let mut pos = g.node("Relu", &[&pos], vec![]);
+        if plen > 0 {
+            let p = g.scalar(plen as f32);
+            pos = g.node("Add", &[&pos, &p], vec![]);
+        }
+        if let Some(o) = offset {
+            pos = g.node("Add", &[&pos, o], vec![]);
+        }
+        let ax2 = g.vec_i64(&[2]);
+        let pos = g.node("Unsqueeze", &[&pos, &ax2], vec![]);
+        // [b, t, d/2]: RotaryEmbedding's per-position cache.
+        let freqs = g.node("Mul", &[&pos, inv_freq], vec![]);
+        let cos = g.node("Cos", &[&freqs], vec![]);
+        let sin = g.node("Sin", &[&freqs], vec![]);
+
+        // Additive mask [b, 1, t, keys]: 0 where query i may see key j, -1e30 elsewhere
+        // (finite, as in gram-model: a row with nothing visible softmaxes to uniform, never
+        // NaN). Own keys: j <= i and j real; prefix keys: always; `past` keys: where real.
+        let tt = g.node("Concat", &[&t, &t], vec![("axis", Attr::Int(0))]);
+        let ones = self.filled(&tt, 1.0);
+        let g = &mut self.g;
+        let lower = g.node("Trilu", &[&ones], vec![("upper", Attr::Int(0))]);
+        let maskf = g.node("Cast", &[mask], float_to());
+        let ax12 = g.vec_i64(&[1, 2]);
+        let maskf = g.node("Unsqueeze", &[&maskf, &ax12], vec![]);
+        let allowed = g.node("Mul", &[&lower, &maskf], vec![]);
+        let allowed = g.node("Sub", &[&allowed, &one], vec![]);
+        let big = g.scalar(1.0e30);
+        let own = g.node("Mul", &[&allowed, &big], vec![]);
+        let mut cols = Vec::new();
+        if plen > 0 {
+            let (one1, pl) = (g.vec_i64(&[1]), g.vec_i64(&[plen as i64]));
+            let zshape = g.node(
+                "Concat",
+                &[&bsz, &one1, &t, &pl],
+                vec![("axis", Attr::Int(0))],
+            );
+            cols.push(self.filled(&zshape, 0.0));
+        }
+        if let Some(pm) = past {
+            let kb = self.key_bias(pm);
+            // [b, 1, 1, n] -> [b, 1, t, n].
+            let g = &mut self.g;
+            let (one1, one1b) = (g.vec_i64(&[1]), g.vec_i64(&[1]));
+            let rows = g.node(
+                "Concat",
+                &[&one1, &one1b, &t, &one1],
+                vec![("axis", Attr::Int(0))],
+            );
+            cols.push(g.node("Expand", &[&kb, &rows], vec![]));
+        }
+        cols.push(own);
+        let bias = if cols.len() == 1 {
+            cols.pop().unwrap_or_default()
+        } else {
+            let refs: Vec<&str> = cols.iter().map(String::as_str).collect();
+            self.g.node("Concat", &refs, vec![("axis", Attr::Int(3))])
+        };
+        (
+            x,
+            Stream {
+                cos,
+                sin,
+                bias,
+                batch_shape,
+            },
+        )
+    }
+}
+
+/// What every layer needs to know of one stream of tokens.
+struct Stream {
+    /// Rotary tables `[b, t, d/2]`.
+    cos: String,
+    sin: String,
+    /// Additive attention mask `[b, 1, t, keys]`.
+    bias: String,
+    /// `[b, 1, 1]`, to broadcast the judge prefix's keys and values over the batch.
+    batch_shape: String,
+}
+
+fn float_to() -> Vec<(&'static str, Attr)> {
+    vec![("to", Attr::Int(i64::from(dtype::FLOAT)))]
 }
 
 fn p_name(l: usize) -> String {
@@ -327,9 +466,9 @@ fn p_name(l: usize) -> String {
 }
 
 /// Builds the graph. `inv_freq` are the rotary inverse frequencies (gram-model computes them as
-/// transformers does, scaling included). With `prefix` (judge head only) the inputs are the
-/// tokens after that prefix: positions start at its length and every query also attends to its
-/// precomputed keys and values.
+/// transformers does, scaling included). With `prefix` (judge heads only) the token inputs are
+/// the tokens after that prefix: positions start at its length and every query also attends to
+/// its precomputed keys and values.
 pub fn build(
     c: &ModelConfig,
     tensors: &BTreeMap<String, F32Tensor>,
@@ -339,106 +478,89 @@ pub fn build(
 ) -> Result<Graph, MissingTensor> {
     let mut g = Graph::default();
     let dyn2 = [Dim::Named("batch"), Dim::Named("sequence")];
+    let pairs = matches!(head, Head::PairJudge(_));
+    let shared_inputs = pairs.then(|| {
+        let dims = [Dim::Named("pairs"), Dim::Named("shared")];
+        (
+            g.input("shared_ids", dtype::INT64, &dims),
+            g.input("shared_mask", dtype::INT64, &dims),
+        )
+    });
     let ids = g.input("input_ids", dtype::INT64, &dyn2);
     let mask = g.input("attention_mask", dtype::INT64, &dyn2);
     let eps = g.scalar(c.rms_norm_eps as f32);
-    let float = || vec![("to", Attr::Int(i64::from(dtype::FLOAT)))];
-    let const_f = |x: f32| {
-        vec![(
-            "value",
-            Attr::Tensor(crate::proto::TensorProto {
-                dims: vec![1],
-                data_type: Some(dtype::FLOAT),
-                raw_data: Some(x.to_le_bytes().to_vec()),
-                ..Default::default()
-            }),
-        )]
-    };
-    let shape = g.node("Shape", &[&ids], vec![]);
-    let (idx0, idx1) = (g.vec_i64(&[0]), g.vec_i64(&[1]));
-    let bsz = g.node("Gather", &[&shape, &idx0], vec![("axis", Attr::Int(0))]);
-    let t = g.node("Gather", &[&shape, &idx1], vec![("axis", Attr::Int(0))]);
-    let ones2 = g.vec_i64(&[1, 1]);
-    let batch_shape = g.node("Concat", &[&bsz, &ones2], vec![("axis", Attr::Int(0))]);
     let mut b = Builder {
         g,
         w: W { t: tensors },
         c,
         eps,
         prefix,
-        batch_shape,
         kv_out: Vec::new(),
     };
     let (h, v) = (c.hidden_size, c.vocab_size);
-    let plen = prefix.map_or(0, |p| p.ids.len());
-
-    // Positions count real tokens: cumsum(mask) - 1, clamped at 0 (padding rows get 0), after
-    // the prefix if there is one.
-    let g = &mut b.g;
-    let one_ax = g.ints(&[], &[1]);
-    let cum = g.node("CumSum", &[&mask, &one_ax], vec![]);
-    let cumf = g.node("Cast", &[&cum], float());
-    let one = g.scalar(1.0);
-    let pos = g.node("Sub", &[&cumf, &one], vec![]);
-    let mut pos = g.node("Relu", &[&pos], vec![]);
-    if plen > 0 {
-        let p = g.scalar(plen as f32);
-        pos = g.node("Add", &[&pos, &p], vec![]);
-    }
-    let ax2 = g.vec_i64(&[2]);
-    let pos = g.node("Unsqueeze", &[&pos, &ax2], vec![]);
-    let inv = g.weight("rope.inv_freq", &[inv_freq.len()], inv_freq);
-    // [b, t, d/2]: RotaryEmbedding's per-position cache.
-    let freqs = g.node("Mul", &[&pos, &inv], vec![]);
-    let ax1 = g.vec_i64(&[1]);
-    let cos = g.node("Cos", &[&freqs], vec![]);
-    let sin = g.node("Sin", &[&freqs], vec![]);
-
-    // Additive mask [b, 1, t, (prefix +) t]: 0 where query i may see key j (j <= i, j real; every
-    // prefix key), -1e30 elsewhere (finite, as in gram-model: a padding query's row softmaxes to
-    // uniform, never NaN).
-    let tt = g.node("Concat", &[&t, &t], vec![("axis", Attr::Int(0))]);
-    let ones = g.node("ConstantOfShape", &[&tt], const_f(1.0));
-    let lower = g.node("Trilu", &[&ones], vec![("upper", Attr::Int(0))]);
-    let maskf = g.node("Cast", &[&mask], float());
-    let ax12 = g.vec_i64(&[1, 2]);
-    let maskf = g.node("Unsqueeze", &[&maskf, &ax12], vec![]);
-    let allowed = g.node("Mul", &[&lower, &maskf], vec![]);
-    let allowed = g.node("Sub", &[&allowed, &one], vec![]);
-    let big = g.scalar(1.0e30);
-    let mut bias = g.node("Mul", &[&allowed, &big], vec![]);
-    if plen > 0 {
-        let (one1, pl) = (g.vec_i64(&[1]), g.vec_i64(&[plen as i64]));
-        let zshape = g.node(
-            "Concat",
-            &[&bsz, &one1, &t, &pl],
-            vec![("axis", Attr::Int(0))],
-        );
-        let zeros = g.node("ConstantOfShape", &[&zshape], const_f(0.0));
-        bias = g.node("Concat", &[&zeros, &bias], vec![("axis", Attr::Int(3))]);
-    }
-
     let emb_w = b.w.get("model.embed_tokens.weight", &[v, h])?;
     let emb_name =
         b.g.weight("model.embed_tokens.weight", &[v, h], &emb_w.data);
-    let mut x =
-        b.g.node("Gather", &[&emb_name, &ids], vec![("axis", Attr::Int(0))]);
-    for l in 0..c.num_hidden_layers {
-        let last_only = matches!(head, Head::Judge(_)) && l + 1 == c.num_hidden_layers;
-        x = b.layer(l, &x, &cos, &sin, &bias, last_only)?;
-    }
+    let inv = b.g.weight("rope.inv_freq", &[inv_freq.len()], inv_freq);
+    let layers = c.num_hidden_layers;
+    let judge = matches!(head, Head::Judge(_) | Head::PairJudge(_));
+
+    let x = match &shared_inputs {
+        None => {
+            let (mut x, s) = b.stream(&ids, &mask, &emb_name, &inv, None, None);
+            for l in 0..layers {
+                let last_only = judge && l + 1 == layers;
+                let (y, k, vv) = b.layer(l, &x, &s, last_only, None)?;
+                b.kv_out.push((k, vv));
+                x = y;
+            }
+            x
+        }
+        Some((sids, smask)) => {
+            // Pairs: the shared tokens run once per pair; each order's own tokens see the
+            // pair's shared keys and values (repeated for both rows) after the judge prefix.
+            let (mut xs, ss) = b.stream(sids, smask, &emb_name, &inv, None, None);
+            let real = b.g.node("Cast", &[smask], float_to());
+            let ax1 = b.g.vec_i64(&[1]);
+            let real = b.g.node(
+                "ReduceSum",
+                &[&real, &ax1],
+                vec![("keepdims", Attr::Int(1))],
+            );
+            let offset = b.twice(&real);
+            let smask2 = b.twice(smask);
+            let (mut x, s) = b.stream(&ids, &mask, &emb_name, &inv, Some(&offset), Some(&smask2));
+            for l in 0..layers {
+                let last = l + 1 == layers;
+                let (k, vv) = if last {
+                    // The shared stream's last layer: only its keys and values are read.
+                    let xn =
+                        b.rms_norm(&xs, &format!("model.layers.{l}.input_layernorm.weight"), h)?;
+                    b.keys_values(l, &xn, &ss)?
+                } else {
+                    let (y, k, vv) = b.layer(l, &xs, &ss, false, None)?;
+                    xs = y;
+                    (k, vv)
+                };
+                let past = (b.twice(&k), b.twice(&vv));
+                x = b.layer(l, &x, &s, last, Some(&past))?.0;
+            }
+            x
+        }
+    };
     let head_name = if c.tie_word_embeddings {
         "model.embed_tokens.weight"
     } else {
         "lm_head.weight"
     };
     match head {
-        Head::Judge(token_ids) => {
+        Head::Judge(token_ids) | Head::PairJudge(token_ids) => {
             // Only the last position reaches the head: left padding puts every row's last real
             // token there.
             let last_idx = b.g.ints(&[], &[-1]);
             let last =
                 b.g.node("Gather", &[&x, &last_idx], vec![("axis", Attr::Int(1))]);
+            let ax1 = b.g.vec_i64(&[1]);
             let last = b.g.node("Unsqueeze", &[&last, &ax1], vec![]);
             let hn = b.rms_norm(&last, "model.norm.weight", h)?;
             let w = b.w.get(head_name, &[v, h])?;

@@ -173,6 +173,11 @@ impl Graph {
         });
     }
 
+    /// Whether an initializer of that name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.inits.iter().any(|i| i.name == name)
+    }
+
     /// An f32 initializer.
     pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
         debug_assert_eq!(dims.iter().product::<usize>(), data.len());

@@ -86,6 +86,9 @@ pub struct ExportOptions {
     /// Judge head: precompute the judge template's prefix (the part before the question) into
     /// the graph, so each sequence runs only its own tokens.
     pub prefix: bool,
+    /// Judge head: a pair graph (each pair's tokens common to both orders run once; see
+    /// [`Head::PairJudge`]) instead of one sequence per row.
+    pub pairs: bool,
     /// Weights beyond this many bytes go to `model.onnx.data` instead of inside the graph
     /// (protobuf's 2 GiB limit); [`graph::INLINE_LIMIT`] by default.
     pub external_data_over: usize,
@@ -199,6 +202,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     let inv_freq =
         gram_model::rope::inv_freq(config.head_dim, config.rope_theta, &config.rope_scaling);
     let head = match opts.head {
+        HeadKind::Judge if opts.pairs => Head::PairJudge(vec![labels.a, labels.b]),
         HeadKind::Judge => Head::Judge(vec![labels.a, labels.b]),
         HeadKind::Lm => Head::Lm,
     };
@@ -254,7 +258,15 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             format_version: FORMAT_VERSION,
             model_file: "model.onnx".into(),
             head: opts.head,
-            inputs: vec!["input_ids".into(), "attention_mask".into()],
+            inputs: match head {
+                Head::PairJudge(_) => {
+                    vec!["shared_ids", "shared_mask", "input_ids", "attention_mask"]
+                }
+                _ => vec!["input_ids", "attention_mask"],
+            }
+            .into_iter()
+            .map(String::from)
+            .collect(),
             output: match opts.head {
                 HeadKind::Judge => "judge_logits".into(),
                 HeadKind::Lm => "logits".into(),

@@ -39,7 +39,9 @@ enum Cmd {
     ///
     /// Writes OUT/model.onnx (OUT/model.onnx.data too past 1 GiB of weights), OUT/tokenizer.json
     /// (+ config, chat template) and OUT/gram-export.json. Inputs: input_ids, attention_mask
-    /// (int64 [batch, sequence]); output: judge_logits [batch, 2] or logits [batch, sequence, vocab].
+    /// (int64 [batch, sequence]; the judge head's default pair graph also takes shared_ids,
+    /// shared_mask, see --no-pair-sharing); output: judge_logits [batch, 2] or logits
+    /// [batch, sequence, vocab].
     ///
     /// Examples:
     ///   gram-export onnx --model runs/s2/final --out exports/judge --verify
@@ -81,6 +83,11 @@ enum Cmd {
         /// then whole sequences).
         #[arg(long)]
         no_prefix_cache: bool,
+        /// Judge head: one sequence per row (inputs input_ids, attention_mask) instead of the
+        /// pair graph, which runs the tokens both orders of a pair share once (inputs
+        /// shared_ids, shared_mask [pairs, shared] + input_ids, attention_mask [2 x pairs, rest]).
+        #[arg(long)]
+        no_pair_sharing: bool,
     },
 }
 
@@ -98,6 +105,7 @@ fn main() -> ExitCode {
         overwrite,
         external_data_over,
         no_prefix_cache,
+        no_pair_sharing,
     } = Cli::parse().cmd;
     let opts = ExportOptions {
         model,
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
         overwrite,
         external_data_over,
         prefix: !no_prefix_cache,
+        pairs: !no_pair_sharing,
     };
     match export(&opts) {
         Ok(r) => {

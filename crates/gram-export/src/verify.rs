@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::prelude::*;
 use gram_core::export::{ExportManifest, HeadKind};
 use gram_core::{Checkpoint, GramTokenizer, Templates};
-use gram_score::runtime::{Batch, open_session};
+use gram_score::runtime::{Batch, PairBatch, open_session};
 
 use crate::{Error, Result};
 
@@ -23,7 +23,8 @@ pub struct VerifyReport {
     pub max_abs_logit: f32,
 }
 
-/// Sample judge prompts of different lengths (the batch then has padding).
+/// Sample judge prompts of different lengths (the batch then has padding), each pair in both
+/// orders (a pair graph reads them as pairs).
 /// Ids past the model's vocabulary (a larger tokenizer given with --tokenizer, as for the tiny
 /// test models) are folded into it: the check needs valid ids, not meaningful text.
 fn samples(tok: &GramTokenizer, manifest: &ExportManifest, vocab: usize) -> Result<Vec<Vec<u32>>> {
@@ -43,11 +44,13 @@ fn samples(tok: &GramTokenizer, manifest: &ExportManifest, vocab: usize) -> Resu
     ];
     let mut out = Vec::new();
     for (x, a, b) in cases {
-        let mut ids = t.encode(&t.stage2(x, a, b)?, true)?;
-        if ids.len() > manifest.max_tokens && manifest.prefix_tokens.is_none() {
-            ids.drain(..ids.len() - manifest.max_tokens);
+        for (first, second) in [(a, b), (b, a)] {
+            let mut ids = t.encode(&t.stage2(x, first, second)?, true)?;
+            if ids.len() > manifest.max_tokens && manifest.prefix_tokens.is_none() {
+                ids.drain(..ids.len() - manifest.max_tokens);
+            }
+            out.push(ids.into_iter().map(|i| i % vocab as u32).collect());
         }
-        out.push(ids.into_iter().map(|i| i % vocab as u32).collect());
     }
     Ok(out)
 }
@@ -66,22 +69,24 @@ pub fn verify(
     let full = Batch::left_padded(&rows, manifest.pad_id);
     let (b, t) = (full.rows, full.width);
     let (ids, mask) = (full.ids.clone(), full.mask.clone());
-    let input = match &manifest.prefix_tokens {
-        None => full,
-        Some(p) => {
-            let rest = rows
-                .iter()
-                .map(|r| {
-                    r.strip_prefix(p.as_slice()).ok_or_else(|| {
-                        Error::Verify("a sample does not start with the judge prefix".into())
-                    })
+    let rest = match &manifest.prefix_tokens {
+        None => rows.clone(),
+        Some(p) => rows
+            .iter()
+            .map(|r| {
+                r.strip_prefix(p.as_slice()).ok_or_else(|| {
+                    Error::Verify("a sample does not start with the judge prefix".into())
                 })
-                .collect::<Result<Vec<_>>>()?;
-            Batch::left_padded(&rest, manifest.pad_id)
-        }
+            })
+            .collect::<Result<Vec<_>>>()?,
     };
     let mut session = open_session(&dir.join(&manifest.model_file), 0)?;
-    let (shape, ort) = input.run(&mut session, &manifest.output)?;
+    let (shape, ort) = if manifest.inputs.iter().any(|i| i == "shared_ids") {
+        let pairs: Vec<(&[u32], &[u32])> = rest.chunks(2).map(|p| (p[0], p[1])).collect();
+        PairBatch::new(&pairs, manifest.pad_id).run(&mut session, &manifest.output)?
+    } else {
+        Batch::left_padded(&rest, manifest.pad_id).run(&mut session, &manifest.output)?
+    };
 
     let device = gram_model::device(gram_model::Backend::Cpu)?;
     let model = gram_model::load(ckpt, &device)?;

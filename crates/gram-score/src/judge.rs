@@ -12,7 +12,7 @@ use gram_core::template::{pair_score, prob_a};
 use gram_core::{GramTokenizer, Templates};
 
 use crate::error::{Error, Result};
-use crate::runtime::{Batch, SessionPool, Threads};
+use crate::runtime::{Batch, PairBatch, SessionPool, Threads, shared_len};
 
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +85,8 @@ pub struct Judge {
     /// Batch limits.
     pub limits: BatchLimits,
     counters: Counters,
+    /// Whether the graph reads pairs (`shared_ids` among its inputs).
+    pairs: bool,
 }
 
 /// Encoded pair: both orders.
@@ -130,6 +132,7 @@ impl Judge {
             )));
         }
         let pool = SessionPool::open(&dir.join(&manifest.model_file), threads)?;
+        let manifest_pairs = manifest.inputs.iter().any(|i| i == "shared_ids");
         Ok(Self {
             manifest,
             dir: dir.to_path_buf(),
@@ -137,6 +140,7 @@ impl Judge {
             pool,
             limits,
             counters: Counters::default(),
+            pairs: manifest_pairs,
         })
     }
 
@@ -173,28 +177,46 @@ impl Judge {
         }
     }
 
-    /// Label logits (l_A, l_B) of each sequence, in input order. Sequences are sorted by length
-    /// into batches; batches run in parallel, one per session.
-    pub fn logits(&self, seqs: &[Vec<u32>]) -> Result<Vec<[f32; 2]>> {
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+    /// Groups items, longest first, into batches under the limits. `cost(i)` is item i's
+    /// (rows, widths) — a batch of items costs rows x the widest of each part.
+    fn batches<const P: usize>(
+        &self,
+        n: usize,
+        rows_per_item: usize,
+        widths: impl Fn(usize) -> [usize; P],
+    ) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(widths(i).iter().sum::<usize>()));
         let mut batches: Vec<Vec<usize>> = Vec::new();
         let mut cur: Vec<usize> = Vec::new();
+        let mut widest = [0usize; P];
         for i in order {
-            // Sorted longest first: the batch's width is its first row's length.
-            let width = cur.first().map_or(seqs[i].len(), |&f| seqs[f].len()).max(1);
+            let w = widths(i);
+            let grown: [usize; P] = std::array::from_fn(|k| widest[k].max(w[k]).max(1));
+            let tokens = (cur.len() + 1) * rows_per_item * grown.iter().sum::<usize>();
             if !cur.is_empty()
-                && (cur.len() >= self.limits.max_rows
-                    || (cur.len() + 1) * width > self.limits.max_tokens)
+                && ((cur.len() + 1) * rows_per_item > self.limits.max_rows
+                    || tokens > self.limits.max_tokens)
             {
                 batches.push(std::mem::take(&mut cur));
+                widest = [0; P];
             }
             cur.push(i);
+            widest = std::array::from_fn(|k| widest[k].max(w[k]).max(1));
         }
         if !cur.is_empty() {
             batches.push(cur);
         }
-        let mut out = vec![[0f32; 2]; seqs.len()];
+        batches
+    }
+
+    /// Runs `run` on every batch, in parallel, one session per worker; `run` returns (item,
+    /// logits) for its batch's rows.
+    fn run_batches(
+        &self,
+        batches: &[Vec<usize>],
+        run: impl Fn(&[usize], &mut ort::session::Session) -> Result<Vec<(usize, [f32; 2])>> + Sync,
+    ) -> Result<Vec<(usize, [f32; 2])>> {
         let next = AtomicUsize::new(0);
         let workers = self.pool.size().min(batches.len()).max(1);
         let results: Vec<Result<Vec<(usize, [f32; 2])>>> = std::thread::scope(|s| {
@@ -205,40 +227,7 @@ impl Judge {
                         loop {
                             let k = next.fetch_add(1, Ordering::Relaxed);
                             let Some(batch) = batches.get(k) else { break };
-                            let rows: Vec<&[u32]> =
-                                batch.iter().map(|&i| seqs[i].as_slice()).collect();
-                            let b = Batch::left_padded(&rows, self.manifest.pad_id);
-                            let (n, w) = (b.rows as u64, b.width as u64);
-                            let plen = self
-                                .manifest
-                                .prefix_tokens
-                                .as_ref()
-                                .map_or(0, |p| p.len() as u64);
-                            let c = &self.counters;
-                            c.batches.fetch_add(1, Ordering::Relaxed);
-                            c.sequences.fetch_add(n, Ordering::Relaxed);
-                            c.tokens.fetch_add(
-                                rows.iter().map(|r| r.len() as u64).sum(),
-                                Ordering::Relaxed,
-                            );
-                            c.padded_tokens.fetch_add(n * w, Ordering::Relaxed);
-                            c.attention_cells
-                                .fetch_add(n * w * (w + plen), Ordering::Relaxed);
-                            c.key_columns.fetch_add(n * (w + plen), Ordering::Relaxed);
-                            let (shape, data) =
-                                self.pool.with(|sess| b.run(sess, &self.manifest.output))?;
-                            if shape != [batch.len(), 2] {
-                                return Err(Error::Runtime(format!(
-                                    "judge_logits has shape {shape:?}, expected [{}, 2]",
-                                    batch.len()
-                                )));
-                            }
-                            got.extend(
-                                batch
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(r, &i)| (i, [data[2 * r], data[2 * r + 1]])),
-                            );
+                            got.extend(self.pool.with(|sess| run(batch, sess))?);
                         }
                         Ok(got)
                     })
@@ -252,10 +241,110 @@ impl Judge {
                 })
                 .collect()
         });
+        let mut all = Vec::new();
         for r in results {
-            for (i, l) in r? {
-                out[i] = l;
-            }
+            all.extend(r?);
+        }
+        Ok(all)
+    }
+
+    /// The judge_logits of a batch of `rows` rows, checked for shape, as (l_A, l_B) per row.
+    fn check_logits(&self, shape: &[usize], data: &[f32], rows: usize) -> Result<Vec<[f32; 2]>> {
+        if shape != [rows, 2] {
+            return Err(Error::Runtime(format!(
+                "judge_logits has shape {shape:?}, expected [{rows}, 2]"
+            )));
+        }
+        Ok(data.chunks_exact(2).map(|c| [c[0], c[1]]).collect())
+    }
+
+    /// Counts a batch's work (rows x width per part; `keys` = the keys before a part's own).
+    fn count(&self, parts: &[(&Batch, u64)], real: u64, sequences: u64, last_keys: u64) {
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.sequences.fetch_add(sequences, Ordering::Relaxed);
+        c.tokens.fetch_add(real, Ordering::Relaxed);
+        for &(b, keys) in parts {
+            let (n, w) = (b.rows as u64, b.width as u64);
+            c.padded_tokens.fetch_add(n * w, Ordering::Relaxed);
+            c.attention_cells
+                .fetch_add(n * w * (keys + w), Ordering::Relaxed);
+        }
+        c.key_columns.fetch_add(last_keys, Ordering::Relaxed);
+    }
+
+    fn prefix_len(&self) -> u64 {
+        self.manifest
+            .prefix_tokens
+            .as_ref()
+            .map_or(0, |p| p.len() as u64)
+    }
+
+    /// Label logits (l_A, l_B) of each sequence, in input order, through a one-sequence-per-row
+    /// graph. Sequences are sorted by length into batches; batches run in parallel, one per
+    /// session.
+    pub fn logits(&self, seqs: &[Vec<u32>]) -> Result<Vec<[f32; 2]>> {
+        let batches = self.batches(seqs.len(), 1, |i| [seqs[i].len()]);
+        let plen = self.prefix_len();
+        let got = self.run_batches(&batches, |batch, sess| {
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].as_slice()).collect();
+            let b = Batch::left_padded(&rows, self.manifest.pad_id);
+            let real = rows.iter().map(|r| r.len() as u64).sum();
+            let (n, w) = (b.rows as u64, b.width as u64);
+            self.count(&[(&b, plen)], real, n, n * (plen + w));
+            let (shape, data) = b.run(sess, &self.manifest.output)?;
+            let l = self.check_logits(&shape, &data, batch.len())?;
+            Ok(batch.iter().copied().zip(l).collect())
+        })?;
+        let mut out = vec![[0f32; 2]; seqs.len()];
+        for (i, l) in got {
+            out[i] = l;
+        }
+        Ok(out)
+    }
+
+    /// Label logits of both orders of each pair `(ab, ba)`, in input order, through a pair
+    /// graph: the tokens both orders start with run once per pair.
+    pub fn pair_logits(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<[[f32; 2]; 2]>> {
+        let split: Vec<[usize; 2]> = pairs
+            .iter()
+            .map(|(ab, ba)| {
+                let n = shared_len(ab, ba);
+                [n, (ab.len() - n).max(ba.len() - n)]
+            })
+            .collect();
+        let batches = self.batches(pairs.len(), 2, |i| split[i]);
+        let plen = self.prefix_len();
+        let got = self.run_batches(&batches, |batch, sess| {
+            let rows: Vec<(&[u32], &[u32])> = batch
+                .iter()
+                .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
+                .collect();
+            let b = PairBatch::new(&rows, self.manifest.pad_id);
+            let real = batch
+                .iter()
+                .map(|&i| (pairs[i].0.len() + pairs[i].1.len() - split[i][0]) as u64)
+                .sum();
+            let ws = b.shared.width as u64;
+            let (n, w) = (b.rest.rows as u64, b.rest.width as u64);
+            self.count(
+                &[(&b.shared, plen), (&b.rest, plen + ws)],
+                real,
+                n,
+                n * (plen + ws + w),
+            );
+            let (shape, data) = b.run(sess, &self.manifest.output)?;
+            let l = self.check_logits(&shape, &data, 2 * batch.len())?;
+            // Item 2i + k: pair i's order k.
+            Ok(batch
+                .iter()
+                .flat_map(|&i| [2 * i, 2 * i + 1])
+                .zip(l)
+                .collect())
+        })?;
+        let mut out = vec![[[0f32; 2]; 2]; pairs.len()];
+        for (j, l) in got {
+            out[j / 2][j % 2] = l;
         }
         Ok(out)
     }
@@ -266,12 +355,21 @@ impl Judge {
         pairs: &[(&str, &str, &str)],
     ) -> Result<Vec<std::result::Result<PairScore, String>>> {
         let mut encoded = self.encode_all(pairs);
-        let mut seqs = Vec::new();
-        for e in encoded.iter_mut().flatten() {
-            seqs.push(std::mem::take(&mut e.ab));
-            seqs.push(std::mem::take(&mut e.ba));
-        }
-        let logits = self.logits(&seqs)?;
+        let logits: Vec<[f32; 2]> = if self.pairs {
+            let both: Vec<(Vec<u32>, Vec<u32>)> = encoded
+                .iter_mut()
+                .flatten()
+                .map(|e| (std::mem::take(&mut e.ab), std::mem::take(&mut e.ba)))
+                .collect();
+            self.pair_logits(&both)?.into_iter().flatten().collect()
+        } else {
+            let mut seqs = Vec::new();
+            for e in encoded.iter_mut().flatten() {
+                seqs.push(std::mem::take(&mut e.ab));
+                seqs.push(std::mem::take(&mut e.ba));
+            }
+            self.logits(&seqs)?
+        };
         let mut k = 0;
         Ok(encoded
             .into_iter()

@@ -151,6 +151,67 @@ impl SessionPool {
     }
 }
 
+/// Where the two orders of a pair part: the tokens both share from the start (their longest
+/// common prefix, leaving each order at least its last token).
+pub fn shared_len(ab: &[u32], ba: &[u32]) -> usize {
+    let common = ab.iter().zip(ba).take_while(|(x, y)| x == y).count();
+    common
+        .min(ab.len().saturating_sub(1))
+        .min(ba.len().saturating_sub(1))
+}
+
+/// A batch for a pair graph (`gram-export`'s default judge graph): each pair's shared tokens
+/// once (`shared_ids`/`shared_mask` `[pairs, shared width]`) and each order's remaining tokens
+/// (`input_ids`/`attention_mask` `[2 x pairs, width]`, rows 2k and 2k+1 continuing pair k), all
+/// left-padded.
+pub struct PairBatch {
+    /// The shared parts.
+    pub shared: Batch,
+    /// The two continuations of each pair, in order.
+    pub rest: Batch,
+}
+
+impl PairBatch {
+    /// Splits each pair `(ab, ba)` at [`shared_len`] and pads both parts on the left.
+    pub fn new(pairs: &[(&[u32], &[u32])], pad: u32) -> Self {
+        let mut shared = Vec::with_capacity(pairs.len());
+        let mut rest = Vec::with_capacity(2 * pairs.len());
+        for &(ab, ba) in pairs {
+            let n = shared_len(ab, ba);
+            shared.push(&ab[..n]);
+            rest.push(&ab[n..]);
+            rest.push(&ba[n..]);
+        }
+        Self {
+            shared: Batch::left_padded(&shared, pad),
+            rest: Batch::left_padded(&rest, pad),
+        }
+    }
+
+    /// Runs the batch and returns the named float output with its shape.
+    pub fn run(self, session: &mut Session, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let tensor = |shape: [usize; 2], data: Vec<i64>| {
+            Tensor::from_array((shape, data)).map_err(|e| Error::Runtime(e.to_string()))
+        };
+        let (s, r) = (self.shared, self.rest);
+        let out = session
+            .run(ort::inputs![
+                "shared_ids" => tensor([s.rows, s.width], s.ids)?,
+                "shared_mask" => tensor([s.rows, s.width], s.mask)?,
+                "input_ids" => tensor([r.rows, r.width], r.ids)?,
+                "attention_mask" => tensor([r.rows, r.width], r.mask)?
+            ])
+            .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
+        let value = out
+            .get(output)
+            .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))?;
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| Error::Runtime(e.to_string()))?;
+        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    }
+}
+
 /// A left-padded batch: `[rows, width]` ids and mask.
 pub struct Batch {
     /// Rows.
@@ -216,5 +277,32 @@ impl Batch {
         self.run_all(session)?
             .remove(output)
             .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_part_after_their_common_tokens_and_keep_a_token_each() {
+        assert_eq!(shared_len(&[1, 2, 3, 4], &[1, 2, 5, 6, 7]), 2);
+        // Identical orders (equal responses): each keeps its last token.
+        assert_eq!(shared_len(&[1, 2, 3], &[1, 2, 3]), 2);
+        assert_eq!(shared_len(&[1, 2], &[1, 2, 3]), 1);
+        assert_eq!(shared_len(&[7], &[8, 9]), 0);
+        let b = PairBatch::new(
+            &[
+                (&[1, 2, 3, 4][..], &[1, 2, 5][..]),
+                (&[9, 8][..], &[9, 7][..]),
+            ],
+            0,
+        );
+        assert_eq!((b.shared.rows, b.shared.width), (2, 2));
+        assert_eq!(b.shared.ids, vec![1, 2, 0, 9]);
+        assert_eq!(b.shared.mask, vec![1, 1, 0, 1]);
+        assert_eq!((b.rest.rows, b.rest.width), (4, 2));
+        assert_eq!(b.rest.ids, vec![3, 4, 0, 5, 0, 8, 0, 7]);
+        assert_eq!(b.rest.mask, vec![1, 1, 0, 1, 0, 1, 0, 1]);
     }
 }

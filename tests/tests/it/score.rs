@@ -769,7 +769,7 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
 }
 
 #[test]
-fn judge_prefix_in_the_graph_gives_the_whole_sequence_scores() -> Result<()> {
+fn judge_prefix_and_pair_graphs_give_the_whole_sequence_scores() -> Result<()> {
     let root = scratch("score-prefix")?;
     let j = judge()?;
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(j.join("gram-export.json"))?)?;
@@ -778,40 +778,81 @@ fn judge_prefix_in_the_graph_gives_the_whole_sequence_scores() -> Result<()> {
         plen > 100,
         "the tiny judge should hold the chat + judge prefix ({plen} tokens)"
     );
-    let whole = root.join("whole");
+    ensure!(
+        m["inputs"]
+            == serde_json::json!(["shared_ids", "shared_mask", "input_ids", "attention_mask"]),
+        "the default judge graph should read pairs: {}",
+        m["inputs"]
+    );
+    let model = j.parent().context("judge root")?.join("model");
+    // The plain graph: whole sequences, one per row; and the prefix graph without pairs.
+    let (whole, single) = (root.join("whole"), root.join("single"));
     export(
-        &j.parent().context("judge root")?.join("model"),
+        &model,
         &whole,
         "judge",
-        &["--no-prefix-cache", "--max-tokens", "512", "--verify"],
+        &[
+            "--no-prefix-cache",
+            "--no-pair-sharing",
+            "--max-tokens",
+            "512",
+            "--verify",
+        ],
     )?;
-    let m2: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(whole.join("gram-export.json"))?)?;
+    export(
+        &model,
+        &single,
+        "judge",
+        &["--no-pair-sharing", "--max-tokens", "512", "--verify"],
+    )?;
+    let manifest = |d: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            d.join("gram-export.json"),
+        )?)?)
+    };
+    let (m2, m3) = (manifest(&whole)?, manifest(&single)?);
     ensure!(
         m2["prefix_tokens"].is_null(),
         "--no-prefix-cache still baked a prefix"
     );
+    let plain = serde_json::json!(["input_ids", "attention_mask"]);
+    ensure!(
+        m2["inputs"] == plain && m3["inputs"] == plain,
+        "--no-pair-sharing still reads pairs: {} {}",
+        m2["inputs"],
+        m3["inputs"]
+    );
     let input = root.join("pairs.parquet");
     pairs_parquet(&input, 200, None, false)?;
-    let (a, b) = (root.join("a.parquet"), root.join("b.parquet"));
-    ok(&mut score_cmd("pairwise", &input, &a)?)?;
-    let mut c = Command::new(bin("gram-score")?);
-    ok(c.args(["pairwise", "--quiet", "--model"])
-        .arg(&whole)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&b))?;
-    let (sa, sb) = (f32s(&read(&a)?, "score_a")?, f32s(&read(&b)?, "score_a")?);
-    let max = sa
-        .iter()
-        .zip(&sb)
-        .map(|(x, y)| (x.unwrap_or(f32::NAN) - y.unwrap_or(f32::NAN)).abs())
-        .fold(0f32, f32::max);
+    let out = |name: &str| root.join(format!("scores-{name}.parquet"));
+    ok(&mut score_cmd("pairwise", &input, &out("pairs"))?)?;
+    for (name, dir) in [("whole", &whole), ("single", &single)] {
+        let mut c = Command::new(bin("gram-score")?);
+        ok(c.args(["pairwise", "--quiet", "--model"])
+            .arg(dir)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(out(name)))?;
+    }
+    let scores = |name: &str| f32s(&read(&out(name))?, "score_a");
+    let (sp, sw, ss) = (scores("pairs")?, scores("whole")?, scores("single")?);
+    let max_diff = |x: &[Option<f32>], y: &[Option<f32>]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a.unwrap_or(f32::NAN) - b.unwrap_or(f32::NAN)).abs())
+            .fold(0f32, f32::max)
+    };
+    let (pw, sw_) = (max_diff(&sp, &sw), max_diff(&ss, &sw));
     println!(
-        "prefix graph vs whole-sequence graph: {plen} prefix tokens, max |score diff| {max:.2e}"
+        "vs the whole-sequence graph ({plen} prefix tokens): pair graph max |score diff| {pw:.2e}, prefix graph {sw_:.2e}"
     );
-    ensure!(max <= 1e-5, "prefix graph scores differ by {max}");
+    ensure!(
+        sp.len() == 200 && sw.len() == 200 && ss.len() == 200,
+        "rows"
+    );
+    ensure!(pw <= 1e-5, "pair graph scores differ by {pw}");
+    ensure!(sw_ <= 1e-5, "prefix graph scores differ by {sw_}");
     std::fs::remove_dir_all(&root)?;
     Ok(())
 }
