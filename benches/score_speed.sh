@@ -18,7 +18,10 @@
 # GEMM efficiency: the FLOPs gram-score actually did (its report counts padded tokens, sequences
 # and attention cells; matrix products only: 2 x non-embedding weights per position, the last
 # layer's query/output/MLP on the last position only, plus QK^T and PV) over its time, divided
-# by the best f32 GEMM rate PyTorch's BLAS reaches here.
+# by the best f32 GEMM rate PyTorch's BLAS reaches here: "of peak" against the best rate of
+# every measurement in the script (at its start and end, and around each run), "of adjacent" the median over runs of each
+# run against the best rate measured right before and right after it (the machine's speed
+# drifts by tens of percent within minutes, so a rate from another minute is a poor yardstick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
@@ -71,9 +74,15 @@ run_pair() { # name onnx-dir torch-args...
     local name=$1 onnx=$2; shift 2
     for r in $(seq "$ROUNDS"); do
         rm -f "$WORK/$name.out.parquet"
+        # The GEMM rate right before and after this run too (the machine's speed drifts by
+        # tens of percent within minutes): each run's efficiency against the better of the two.
+        local before after
+        before=$("$VENV/bin/python" benches/score/gemm_peak.py --threads "$THREADS")
         "$BIN/gram-score" pairwise --model "$onnx" --input "$WORK/pairs.parquet" --output "$WORK/$name.out.parquet" \
             --quiet --restart --report "$WORK/$name.report.json" >/dev/null
-        python3 -c "import json,sys;print(json.dumps(json.load(open(sys.argv[1]))))" "$WORK/$name.report.json" >> "$WORK/$name.rust.jsonl"
+        after=$("$VENV/bin/python" benches/score/gemm_peak.py --threads "$THREADS")
+        python3 -c "import json,sys;r=json.load(open(sys.argv[1]));r['gemm_adjacent']=max(json.loads(sys.argv[2])['gemm_gflops'],json.loads(sys.argv[3])['gemm_gflops']);print(json.dumps(r))" \
+            "$WORK/$name.report.json" "$before" "$after" >> "$WORK/$name.rust.jsonl"
         "$VENV/bin/python" benches/score/torch_reference.py "$@" --data "$STAGE2" --pairs "$PAIRS" \
             --label-ids "$LABELS" --threads "$THREADS" >> "$WORK/$name.torch.jsonl"
     done
@@ -90,16 +99,20 @@ import json, statistics, sys
 import pyarrow.parquet as pq
 work = sys.argv[1]
 gemms = [json.loads(l) for l in open(f"{work}/gemm.json")]
-gemm = max(g["gemm_gflops"] for g in gemms)
+import os
+adj = [json.loads(l)["gemm_adjacent"] for n in ("llama-40m", "smollm2") if os.path.exists(f"{work}/{n}.rust.jsonl")
+       for l in open(f"{work}/{n}.rust.jsonl") if "gemm_adjacent" in json.loads(l)]
+# The best rate of every measurement in the script (start, end, and around each run).
+gemm = max([g["gemm_gflops"] for g in gemms] + adj)
 rates = ", ".join(f"{g['gemm_gflops']:.1f}" for g in gemms)
-print(f"f32 GEMM peak (PyTorch BLAS, {gemms[0]['threads']} threads): {gemm:.1f} GFLOP/s (before, after: {rates})")
-print(f"{'model':<10} {'pairs':>6} {'gram-score pairs/s':>19} {'pytorch pairs/s':>16} {'ratio':>7} {'GFLOP/s':>8} {'of peak':>8} {'max |score diff|':>17}")
+print(f"f32 GEMM peak (PyTorch BLAS, {gemms[0]['threads']} threads): {gemm:.1f} GFLOP/s (start, end: {rates}; around runs: {min(adj, default=0):.1f}-{max(adj, default=0):.1f})")
+print(f"{'model':<10} {'pairs':>6} {'gram-score pairs/s':>19} {'pytorch pairs/s':>16} {'ratio':>7} {'GFLOP/s':>8} {'of peak':>8} {'of adjacent':>12} {'max |score diff|':>17}")
 import os
 for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     if not os.path.exists(f"{work}/{name}.torch.jsonl"):
         continue
     rs = [json.loads(l) for l in open(f"{work}/{name}.rust.jsonl")]
-    if any("key_columns" not in x["work"] for x in rs):
+    if any("key_columns" not in x["work"] or "gemm_adjacent" not in x for x in rs):
         print(f"{name:<10} (results from an older gram-score; run MODELS={name} again)")
         continue
     ts = [json.loads(l) for l in open(f"{work}/{name}.torch.jsonl")]
@@ -120,7 +133,9 @@ for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
         return (w["padded_tokens"] * per_token + w["sequences"] * per_sequence
                 + w["attention_cells"] * 4 * q * (L - 1) + w["key_columns"] * 4 * q)
     flops = statistics.median(done(x["work"]) / x["seconds"] for x in rs) / 1e9
+    # Each run against the GEMM rate measured right before and after it; median over runs.
+    adjacent = statistics.median(done(x["work"]) / x["seconds"] / 1e9 / x["gemm_adjacent"] for x in rs)
     ours = pq.read_table(f"{work}/{name}.out.parquet").column("score_a").to_pylist()
     diff = max(abs(a - b) for a, b in zip(ours, ts[-1]["scores"]))
-    print(f"{name:<10} {rs[0]['rows']:>6} {r:>19.2f} {t:>16.2f} {r / t:>6.2f}x {flops:>8.1f} {flops / gemm:>7.0%} {diff:>17.2e}")
+    print(f"{name:<10} {rs[0]['rows']:>6} {r:>19.2f} {t:>16.2f} {r / t:>6.2f}x {flops:>8.1f} {flops / gemm:>7.0%} {adjacent:>11.0%} {diff:>17.2e}")
 PY
