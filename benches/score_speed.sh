@@ -19,9 +19,10 @@
 # and attention cells; matrix products only: 2 x non-embedding weights per position, the last
 # layer's query/output/MLP on the last position only, plus QK^T and PV) over its time, divided
 # by the best f32 GEMM rate PyTorch's BLAS reaches here: "of peak" against the best rate of
-# every measurement in the script (at its start and end, and around each run), "of adjacent" the median over runs of each
-# run against the best rate measured right before and right after it (the machine's speed
-# drifts by tens of percent within minutes, so a rate from another minute is a poor yardstick).
+# every measurement in the script (at its start and end, and around each run), "of adjacent"
+# the median over runs of each run against the better rate measured right before and right
+# after it (the machine's speed drifts by tens of percent within minutes, so a rate from
+# another minute is a poor yardstick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
