@@ -89,6 +89,9 @@ pub struct Judge {
     pairs: bool,
 }
 
+/// (item, label logits) pairs a batch produced.
+type Scored = Vec<(usize, [f32; 2])>;
+
 /// Encoded pair: both orders.
 struct Encoded {
     ab: Vec<u32>,
@@ -215,14 +218,14 @@ impl Judge {
     fn run_batches(
         &self,
         batches: &[Vec<usize>],
-        run: impl Fn(&[usize], &mut ort::session::Session) -> Result<Vec<(usize, [f32; 2])>> + Sync,
-    ) -> Result<Vec<(usize, [f32; 2])>> {
+        run: impl Fn(&[usize], &mut ort::session::Session) -> Result<Scored> + Sync,
+    ) -> Result<Scored> {
         let next = AtomicUsize::new(0);
         let workers = self.pool.size().min(batches.len()).max(1);
-        let results: Vec<Result<Vec<(usize, [f32; 2])>>> = std::thread::scope(|s| {
+        let results: Vec<Result<Scored>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
-                    s.spawn(|| -> Result<Vec<(usize, [f32; 2])>> {
+                    s.spawn(|| -> Result<Scored> {
                         let mut got = Vec::new();
                         loop {
                             let k = next.fetch_add(1, Ordering::Relaxed);
