@@ -419,10 +419,10 @@ impl Builder<'_> {
             let kb = self.key_bias(pm);
             // [b, 1, 1, n] -> [b, 1, t, n].
             let g = &mut self.g;
-            let (one1, one1b) = (g.vec_i64(&[1]), g.vec_i64(&[1]));
+            let one1 = g.vec_i64(&[1]);
             let rows = g.node(
                 "Concat",
-                &[&one1, &one1b, &t, &one1],
+                &[&one1, &one1, &t, &one1],
                 vec![("axis", Attr::Int(0))],
             );
             cols.push(g.node("Expand", &[&kb, &rows], vec![]));

@@ -68,7 +68,7 @@ pub fn verify(
     // burn reads whole sequences; a graph holding the judge prefix reads what follows it.
     let full = Batch::left_padded(&rows, manifest.pad_id);
     let (b, t) = (full.rows, full.width);
-    let (ids, mask) = (full.ids.clone(), full.mask.clone());
+    let (ids, mask) = (full.ids, full.mask);
     let rest = match &manifest.prefix_tokens {
         None => rows.clone(),
         Some(p) => rows

@@ -180,8 +180,9 @@ impl Judge {
         }
     }
 
-    /// Groups items, longest first, into batches under the limits. `cost(i)` is item i's
-    /// (rows, widths) — a batch of items costs rows x the widest of each part.
+    /// Groups items, longest first, into batches under the limits. Each item is
+    /// `rows_per_item` rows of `widths(i)` tokens per part; a batch costs its rows x the sum
+    /// of each part's widest.
     fn batches<const P: usize>(
         &self,
         n: usize,

@@ -190,26 +190,71 @@ impl PairBatch {
 
     /// Runs the batch and returns the named float output with its shape.
     pub fn run(self, session: &mut Session, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let tensor = |shape: [usize; 2], data: Vec<i64>| {
-            Tensor::from_array((shape, data)).map_err(|e| Error::Runtime(e.to_string()))
-        };
-        let (s, r) = (self.shared, self.rest);
-        let out = session
-            .run(ort::inputs![
-                "shared_ids" => tensor([s.rows, s.width], s.ids)?,
-                "shared_mask" => tensor([s.rows, s.width], s.mask)?,
-                "input_ids" => tensor([r.rows, r.width], r.ids)?,
-                "attention_mask" => tensor([r.rows, r.width], r.mask)?
-            ])
-            .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
-        let value = out
-            .get(output)
-            .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))?;
+        let mut out = run_named(
+            session,
+            vec![
+                (
+                    "shared_ids",
+                    self.shared.rows,
+                    self.shared.width,
+                    self.shared.ids,
+                ),
+                (
+                    "shared_mask",
+                    self.shared.rows,
+                    self.shared.width,
+                    self.shared.mask,
+                ),
+                ("input_ids", self.rest.rows, self.rest.width, self.rest.ids),
+                (
+                    "attention_mask",
+                    self.rest.rows,
+                    self.rest.width,
+                    self.rest.mask,
+                ),
+            ],
+        )?;
+        take(&mut out, output)
+    }
+}
+
+/// Every float output of a run, by name, with its shape.
+pub type Outputs = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Runs `session` on int64 `[rows, width]` inputs given by name and returns its float outputs.
+fn run_named(
+    session: &mut Session,
+    inputs: Vec<(&'static str, usize, usize, Vec<i64>)>,
+) -> Result<Outputs> {
+    let inputs = inputs
+        .into_iter()
+        .map(|(name, rows, width, data)| {
+            Tensor::from_array(([rows, width], data))
+                .map(|t| (name, t))
+                .map_err(|e| Error::Runtime(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = session
+        .run(inputs)
+        .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
+    let mut all = Outputs::new();
+    for (name, value) in out.iter() {
         let (shape, data) = value
             .try_extract_tensor::<f32>()
             .map_err(|e| Error::Runtime(e.to_string()))?;
-        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        all.insert(
+            name.to_string(),
+            (shape.iter().map(|&d| d as usize).collect(), data.to_vec()),
+        );
     }
+    Ok(all)
+}
+
+/// The named output of a run.
+fn take(outputs: &mut Outputs, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    outputs
+        .remove(output)
+        .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))
 }
 
 /// A left-padded batch: `[rows, width]` ids and mask.
@@ -247,36 +292,19 @@ impl Batch {
     }
 
     /// Runs the batch and returns every float output by name, with its shape.
-    pub fn run_all(
-        self,
-        session: &mut Session,
-    ) -> Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
-        let shape = [self.rows, self.width];
-        let ids =
-            Tensor::from_array((shape, self.ids)).map_err(|e| Error::Runtime(e.to_string()))?;
-        let mask =
-            Tensor::from_array((shape, self.mask)).map_err(|e| Error::Runtime(e.to_string()))?;
-        let out = session
-            .run(ort::inputs!["input_ids" => ids, "attention_mask" => mask])
-            .map_err(|e| Error::Runtime(format!("onnxruntime: {e}")))?;
-        let mut all = std::collections::HashMap::new();
-        for (name, value) in out.iter() {
-            let (shape, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| Error::Runtime(e.to_string()))?;
-            all.insert(
-                name.to_string(),
-                (shape.iter().map(|&d| d as usize).collect(), data.to_vec()),
-            );
-        }
-        Ok(all)
+    pub fn run_all(self, session: &mut Session) -> Result<Outputs> {
+        run_named(
+            session,
+            vec![
+                ("input_ids", self.rows, self.width, self.ids),
+                ("attention_mask", self.rows, self.width, self.mask),
+            ],
+        )
     }
 
     /// Runs the batch and returns the named float output with its shape.
     pub fn run(self, session: &mut Session, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        self.run_all(session)?
-            .remove(output)
-            .ok_or_else(|| Error::Runtime(format!("the graph has no output `{output}`")))
+        take(&mut self.run_all(session)?, output)
     }
 }
 

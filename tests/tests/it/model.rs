@@ -562,6 +562,14 @@ fn rel_diff(a: &[f32], reference: &[f32]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The largest [`rel_diff`] over matched lists of tensors (per-parameter gradients).
+fn max_rel_diff(a: &[Vec<f32>], reference: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| rel_diff(x, y))
+        .fold(0.0, f64::max)
+}
+
 /// The fused CPU kernels (attention with RoPE inside, RMSNorm, SwiGLU; gram_model::fused) give
 /// the same hidden states and the same parameter gradients as burn's composed primitives, on
 /// every hf-tiny architecture (grouped heads, Qwen3's per-head norms, LLaMA 3 RoPE) with the
@@ -630,11 +638,7 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
         let (h_fused, g_fused) = run(Kernels::Auto)?;
         let (h_ref, g_ref) = run(Kernels::Composed)?;
         let dh = rel_diff(&h_fused, &h_ref);
-        let dg = g_fused
-            .iter()
-            .zip(&g_ref)
-            .map(|(a, b)| rel_diff(a, b))
-            .fold(0.0, f64::max);
+        let dg = max_rel_diff(&g_fused, &g_ref);
         println!("{name}: fused vs composed: hidden {dh:.2e}, gradients {dg:.2e} (relative)");
         ensure!(dh < 1e-5, "{name}: hidden states differ by {dh:.2e}");
         ensure!(dg < 1e-4, "{name}: gradients differ by {dg:.2e}");
@@ -801,11 +805,7 @@ fn label_logits_and_their_gradients_equal_the_full_head_columns() -> Result<()> 
         let (l_new, g_new) = run(false)?;
         let (l_ref, g_ref) = run(true)?;
         let dl = rel_diff(&l_new, &l_ref);
-        let dg = g_new
-            .iter()
-            .zip(&g_ref)
-            .map(|(a, b)| rel_diff(a, b))
-            .fold(0.0, f64::max);
+        let dg = max_rel_diff(&g_new, &g_ref);
         println!(
             "{name} (tied: {}): logits {dl:.2e}, gradients {dg:.2e}",
             model.lm_head.is_none()
