@@ -22,7 +22,9 @@
 # every measurement in the script (at its start and end, and around each run), "of adjacent"
 # the median over runs of each run against the better rate measured right before and right
 # after it (the machine's speed drifts by tens of percent within minutes, so a rate from
-# another minute is a poor yardstick).
+# another minute is a poor yardstick). PyTorch's own rate is printed beside it, by the same
+# accounting over the work it does (the full head at every position, padding to the batch's
+# longest sequence, the whole score matrix): what this machine gives eager PyTorch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
@@ -107,7 +109,7 @@ adj = [json.loads(l)["gemm_adjacent"] for n in ("llama-40m", "smollm2") if os.pa
 gemm = max([g["gemm_gflops"] for g in gemms] + adj)
 rates = ", ".join(f"{g['gemm_gflops']:.1f}" for g in gemms)
 print(f"f32 GEMM peak (PyTorch BLAS, {gemms[0]['threads']} threads): {gemm:.1f} GFLOP/s (start, end: {rates}; around runs: {min(adj, default=0):.1f}-{max(adj, default=0):.1f})")
-print(f"{'model':<10} {'pairs':>6} {'gram-score pairs/s':>19} {'pytorch pairs/s':>16} {'ratio':>7} {'GFLOP/s':>8} {'of peak':>8} {'of adjacent':>12} {'max |score diff|':>17}")
+print(f"{'model':<10} {'pairs':>6} {'gram-score pairs/s':>19} {'pytorch pairs/s':>16} {'ratio':>7} {'GFLOP/s':>8} {'of peak':>8} {'of adjacent':>12} {'pytorch GFLOP/s':>16} {'of peak':>8} {'max |score diff|':>17}")
 import os
 for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     if not os.path.exists(f"{work}/{name}.torch.jsonl"):
@@ -120,7 +122,7 @@ for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     r = statistics.median(x["rows"] / x["seconds"] for x in rs)
     t = statistics.median(x["pairs_per_s"] for x in ts)
     m = json.load(open(f"{work}/{name}.onnx/gram-export.json"))
-    c = json.load(open(f"{work}/{cfg}")) if cfg else {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+    c = json.load(open(f"{work}/{cfg}")) if cfg else {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
     h, i, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     d = c.get("head_dim", h // c["num_attention_heads"])
     q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
@@ -136,7 +138,17 @@ for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     flops = statistics.median(done(x["work"]) / x["seconds"] for x in rs) / 1e9
     # Each run against the GEMM rate measured right before and after it; median over runs.
     adjacent = statistics.median(done(x["work"]) / x["seconds"] / 1e9 / x["gemm_adjacent"] for x in rs)
+    # PyTorch's rate by the same accounting, over what it computes: every layer and the
+    # vocabulary-wide head at every padded position, the whole width x width score matrix.
+    def torch_done(w):
+        return (w["padded_tokens"] * (L * layer + 2 * h * c["vocab_size"])
+                + w["attention_cells"] * 4 * q * L)
+    if all("work" in x for x in ts):
+        tf = statistics.median(torch_done(x["work"]) / x["seconds"] for x in ts) / 1e9
+        torch_rate = f"{tf:>16.1f} {tf / gemm:>7.0%}"
+    else:
+        torch_rate = f"{'(older run)':>16} {'':>8}"
     ours = pq.read_table(f"{work}/{name}.out.parquet").column("score_a").to_pylist()
     diff = max(abs(a - b) for a, b in zip(ours, ts[-1]["scores"]))
-    print(f"{name:<10} {rs[0]['rows']:>6} {r:>19.2f} {t:>16.2f} {r / t:>6.2f}x {flops:>8.1f} {flops / gemm:>7.0%} {adjacent:>11.0%} {diff:>17.2e}")
+    print(f"{name:<10} {rs[0]['rows']:>6} {r:>19.2f} {t:>16.2f} {r / t:>6.2f}x {flops:>8.1f} {flops / gemm:>7.0%} {adjacent:>11.0%} {torch_rate} {diff:>17.2e}")
 PY

@@ -6,7 +6,8 @@ last position; score(a) = (P_A(ab) + P_B(ba)) / 2. The token ids are the ones `g
 wrote (stage-2 rows, both orders), so both sides see the same sequences.
 
 Prints one JSON line: pairs, seconds (scoring only, model loading excluded), pairs_per_s,
-scores (to compare with gram-score's)."""
+scores (to compare with gram-score's), and the work done (padded positions, attention cells: rows
+x width x width, the whole score matrix eager attention computes) for the benchmark's FLOP rate."""
 
 import argparse
 import json
@@ -42,6 +43,7 @@ def main() -> None:
         pairs[r["pair_id"]]["ba" if r["swapped"] else "ab"] = r["input_ids"]
     order = [p for p in order if len(pairs[p]) == 2][: a.pairs]
     scores = []
+    padded = cells = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(order), a.batch_pairs):
@@ -54,13 +56,16 @@ def main() -> None:
             for k, s in enumerate(seqs):
                 ids[k, w - len(s) :] = torch.tensor(s)
                 mask[k, w - len(s) :] = 1
+            padded += len(seqs) * w
+            cells += len(seqs) * w * w
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, :]
             p_a = torch.softmax(logits[:, [la, lb]], dim=-1)[:, 0]
             for k in range(0, len(seqs), 2):
                 scores.append(0.5 * (p_a[k].item() + (1.0 - p_a[k + 1].item())))
     secs = time.perf_counter() - t0
-    print(json.dumps({"pairs": len(order), "seconds": secs, "pairs_per_s": len(order) / secs, "scores": scores}))
+    print(json.dumps({"pairs": len(order), "seconds": secs, "pairs_per_s": len(order) / secs,
+                      "work": {"padded_tokens": padded, "attention_cells": cells}, "scores": scores}))
 
 
 if __name__ == "__main__":
