@@ -116,7 +116,10 @@ mod tests {
     #[test]
     fn raise_exception_is_an_error() -> Result<()> {
         let t = ChatTemplate::new("{{ raise_exception('only user turns') }}", "", "")?;
-        let e = t.render(&[], false).unwrap_err().to_string();
+        let e = t
+            .render(&[], false)
+            .expect_err("raise_exception fails the render")
+            .to_string();
         assert!(e.contains("only user turns"), "{e}");
         assert!(ChatTemplate::new("{% if %}", "", "").is_err());
         Ok(())

@@ -144,13 +144,16 @@ impl ModelConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("num_attention_heads and num_key_value_heads must be > 0".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim must be even and > 0, got {}",
                 self.head_dim
@@ -467,18 +470,28 @@ mod tests {
     fn unsupported_things_are_named() {
         let mut v = base();
         v["model_type"] = "gpt2".into();
-        let e = parse(v).unwrap_err().to_string();
+        let e = parse(v).expect_err("gpt2 is refused").to_string();
         assert!(e.contains("model_type") && e.contains("gpt2"), "{e}");
         let mut v = base();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
-        let e = parse(v).unwrap_err().to_string();
+        let e = parse(v).expect_err("yarn is refused").to_string();
         assert!(e.contains("yarn"), "{e}");
         let mut v = base();
         v["hidden_act"] = "gelu".into();
-        assert!(parse(v).unwrap_err().to_string().contains("hidden_act"));
+        assert!(
+            parse(v)
+                .expect_err("gelu is refused")
+                .to_string()
+                .contains("hidden_act")
+        );
         let mut v = base();
         v["num_key_value_heads"] = 3.into();
-        assert!(parse(v).unwrap_err().to_string().contains("multiple"));
+        assert!(
+            parse(v)
+                .expect_err("8 heads over 3 kv heads is refused")
+                .to_string()
+                .contains("multiple")
+        );
     }
 
     #[test]

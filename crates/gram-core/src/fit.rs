@@ -318,9 +318,8 @@ impl<'t> Tokenizer<'t> {
 
     /// Stage-2 ids by tokenising the whole judge prompt (the reference for the cached path).
     pub fn stage2_uncached(&self, x: &str, a: &str, b: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .templates
-            .encode(&self.templates.stage2(x, a, b)?, true)?)
+        self.templates
+            .encode(&self.templates.stage2(x, a, b)?, true)
     }
 }
 

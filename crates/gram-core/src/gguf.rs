@@ -389,7 +389,7 @@ impl GgufFile {
             )
         })?;
         let numel = t.numel();
-        if t.dims[0] % bs as u64 != 0 {
+        if !t.dims[0].is_multiple_of(bs as u64) {
             return Err(Error::format(
                 &self.path,
                 format!(
@@ -465,7 +465,7 @@ impl GgufFile {
         let head_dim = self
             .get(&k("attention.key_length"))
             .and_then(Value::as_u64)
-            .map_or(if heads > 0 { hidden / heads } else { 0 }, |x| x as usize);
+            .map_or(hidden.checked_div(heads).unwrap_or(0), |x| x as usize);
         let rope_scaling = match self.get(&k("rope.scaling.type")).and_then(Value::as_str) {
             None | Some("none") => RopeScaling::Default,
             Some("linear") => RopeScaling::Linear {
@@ -732,7 +732,8 @@ mod tests {
     fn q4_0_and_q8_0_blocks() {
         let mut b = Vec::new();
         b.extend(half::f16::from_f32(2.0).to_le_bytes());
-        b.extend(std::iter::repeat_n(0x0Fu8 | (0x00 << 4), 16));
+        // Each byte: low nibble 15 (values 0..16: (15 - 8) x 2), high 0 (16..32: (0 - 8) x 2).
+        b.extend(std::iter::repeat_n(0x0Fu8, 16));
         let v = dequantize(GgmlType::Q4_0, &b, 32).expect("known type");
         assert_eq!(v[0], 14.0);
         assert_eq!(v[16], -16.0);

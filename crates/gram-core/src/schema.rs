@@ -189,14 +189,14 @@ mod tests {
     fn check_names_the_column() {
         let s = Schema::new(vec![Field::new("id", DataType::Int64, false)]);
         let e = check(&s, Dataset::RawPairs, Path::new("x.parquet"))
-            .unwrap_err()
+            .expect_err("a raw pairs file needs more than `id`")
             .to_string();
         assert!(
             e.contains("x.parquet") && e.contains("`id`") && e.contains("Int64"),
             "{e}"
         );
         let e = check(&Schema::empty(), Dataset::Stage2, Path::new("y"))
-            .unwrap_err()
+            .expect_err("an empty schema is refused")
             .to_string();
         assert!(e.contains("missing"), "{e}");
         check(&Dataset::Stage1.schema(), Dataset::Stage1, Path::new("z"))

@@ -326,7 +326,9 @@ mod tests {
         let ok = tiny_tokenizer(r#"{"A":0,"B":1,"c":2}"#, None);
         assert_eq!(LabelIds::resolve(&ok).ok(), Some(LabelIds { a: 0, b: 1 }));
         let no_a = tiny_tokenizer(r#"{"B":1,"c":2}"#, None);
-        let e = LabelIds::resolve(&no_a).unwrap_err().to_string();
+        let e = LabelIds::resolve(&no_a)
+            .expect_err("no `A` token")
+            .to_string();
         assert!(
             e.contains("label `A` is 0 tokens") && e.contains("single tokens"),
             "{e}"

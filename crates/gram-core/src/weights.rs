@@ -217,7 +217,9 @@ mod tests {
         std::fs::create_dir_all(&dir).ok();
         let p = dir.join("model.safetensors");
         std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......").ok();
-        let e = Weights::from_hf_dir(&dir).unwrap_err().to_string();
+        let e = Weights::from_hf_dir(&dir)
+            .expect_err("a broken header is refused")
+            .to_string();
         assert!(
             e.contains("model.safetensors") && e.contains("not a valid safetensors"),
             "{e}"

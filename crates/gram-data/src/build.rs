@@ -818,6 +818,9 @@ fn run(
     Ok(stats)
 }
 
+/// One shard of [`Seen`]: (hash of prompt and responses) -> (file index, row).
+type SeenShard = HashMap<(u64, u64), (u32, u32), BuildKeyHasher>;
+
 /// Pairs seen so far, by a 128-bit hash of the normalised prompt and responses, with where each
 /// was first seen. What grows with the input is this table, so it is kept small: 24 bytes per
 /// pair (the hash as two u64, a file index and a row) plus one control byte per slot, in 64
@@ -825,7 +828,7 @@ fn run(
 /// together (at 7.3M pairs of 32-byte entries that transient was ~830 MB); shards double one at a
 /// time, so the transient is 1/64 of that. File names are stored once.
 struct Seen {
-    shards: Vec<HashMap<(u64, u64), (u32, u32), BuildKeyHasher>>,
+    shards: Vec<SeenShard>,
     files: Vec<String>,
     file_ids: HashMap<String, u32>,
 }
@@ -1087,8 +1090,8 @@ fn stage_rows(
 /// Prints the stats as a table on stderr.
 pub fn print_stats(s: &Stats, out: &Path) {
     eprintln!(
-        "\n{:<28} {:>9} {:>9} {:>9} {:>9}  {}",
-        "source", "rows", "pairs", "written", "rejected", "splits (train/valid/test)"
+        "\n{:<28} {:>9} {:>9} {:>9} {:>9}  splits (train/valid/test)",
+        "source", "rows", "pairs", "written", "rejected"
     );
     for (name, x) in &s.sources {
         let sp = |k: &str| x.splits.get(k).copied().unwrap_or(0);

@@ -169,7 +169,7 @@ impl RowBuilder {
                         .then(|| format!("column `{name}`: `{s}` is not a number"))
                 }
                 (Some(Value::String(s)), ColumnKind::Bool) if self.from_text => {
-                    (!matches!(s.trim(), "true" | "false") && !(t.optional && s.is_empty()))
+                    (!(matches!(s.trim(), "true" | "false") || (t.optional && s.is_empty())))
                         .then(|| format!("column `{name}`: `{s}` is not true/false"))
                 }
                 (Some(Value::Number(n)), ColumnKind::Int64) => n
@@ -496,7 +496,7 @@ fn read_csv(
         }
         rows += 1;
         let line = rec.position().map_or(0, |p| p.line());
-        let raw = String::from_utf8_lossy(&rec.as_slice().to_vec()).into_owned();
+        let raw = String::from_utf8_lossy(rec.as_slice()).into_owned();
         if rec.len() != headers.len() {
             b.reject(
                 line,

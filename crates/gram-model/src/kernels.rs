@@ -256,7 +256,7 @@ pub struct AttnInputs<'a> {
 impl AttnInputs<'_> {
     fn check(&self, s: &AttnShape) {
         assert!(
-            s.kv > 0 && s.h % s.kv == 0 && s.d % 2 == 0,
+            s.kv > 0 && s.h.is_multiple_of(s.kv) && s.d.is_multiple_of(2),
             "attention: bad heads {s:?}"
         );
         assert_eq!(self.q.len(), s.b * s.t * s.h * s.d, "attention: q");
@@ -421,7 +421,7 @@ fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5.0e-1;
     let y = p * r * r + r + 1.0;
     // 2^n from n's bits: the integer sits in t's low mantissa bits, offset by 2^22.
     let ni = (t.to_bits() as i32) - 0x4B40_0000;
@@ -504,6 +504,10 @@ pub fn attention_forward(s: &AttnShape, inp: &AttnInputs) -> (Vec<f32>, Vec<f32>
     (out, lse)
 }
 
+/// One (batch row, key/value head) task's gradients: dq of each query head sharing the key/value
+/// head, then dk and dv.
+type HeadGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 /// Gradients of [`attention_forward`] with respect to q, k and v (before the rotary embedding),
 /// from the upstream gradient `dout` and the forward's output and log-sum-exp. Probabilities are
 /// recomputed per head rather than kept from the forward pass.
@@ -523,7 +527,7 @@ pub fn attention_backward(
     let rep = s.rep();
     // One task per (batch row, key/value head): it owns that head's dk and dv, so the sums over
     // the query heads sharing it are taken in a fixed order.
-    let blocks: Vec<(Vec<Vec<f32>>, Vec<f32>, Vec<f32>)> = (0..s.b * s.kv)
+    let blocks: Vec<HeadGrads> = (0..s.b * s.kv)
         .into_par_iter()
         .map(|task| {
             let (bi, g) = (task / s.kv, task % s.kv);
@@ -619,7 +623,7 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
 /// RMSNorm over the last axis: `y = x / rms(x) * gamma`, rows of `gamma.len()`.
 pub fn rms_norm_forward(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
     let d = gamma.len();
-    assert!(d > 0 && x.len() % d == 0, "rms_norm: width");
+    assert!(d > 0 && x.len().is_multiple_of(d), "rms_norm: width");
     let mut y = zeros(x.len());
     y.par_chunks_mut(ROWS_PER_CHUNK * d)
         .zip(x.par_chunks(ROWS_PER_CHUNK * d))
@@ -638,7 +642,7 @@ pub fn rms_norm_forward(x: &[f32], gamma: &[f32], eps: f32) -> Vec<f32> {
 pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     assert!(
-        d > 0 && x.len() % d == 0 && dy.len() == x.len(),
+        d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len(),
         "rms_norm backward: shapes"
     );
     let mut dx = zeros(x.len());

@@ -31,7 +31,7 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> 
                     let smooth = ((old as f32) / wavelen - low_freq_factor)
                         / (high_freq_factor - low_freq_factor);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                    let medium = !(w < high_wavelen) && !(w > low_wavelen);
+                    let medium = w >= high_wavelen && w <= low_wavelen;
                     if medium { smoothed } else { scaled }
                 })
                 .collect()

@@ -486,14 +486,14 @@ fn score_chunk(
             };
             let mut pairs = Vec::new();
             let mut which = Vec::new();
-            for i in 0..n {
+            for (i, error) in errors.iter_mut().enumerate() {
                 match texts(&cols, i, &names, first_row) {
                     Ok(t) => {
                         let b = fixed.unwrap_or_else(|| t.get(2).copied().unwrap_or(""));
                         pairs.push((t[0], t[1], b));
                         which.push(i);
                     }
-                    Err(e) => errors[i] = Some(e),
+                    Err(e) => *error = Some(e),
                 }
             }
             let scores = judge.score_pairs(&pairs)?;
@@ -544,17 +544,17 @@ fn score_chunk(
                 .downcast_ref::<ListArray>()
                 .ok_or_else(|| Error::file(file, format!("column `{responses}` is not a list")))?;
             let mut rows: Vec<Option<(&str, Vec<String>)>> = Vec::with_capacity(n);
-            for i in 0..n {
+            for (i, error) in errors.iter_mut().enumerate() {
                 let t = match texts(&cols, i, &names, first_row) {
                     Ok(t) => t,
                     Err(e) => {
-                        errors[i] = Some(e);
+                        *error = Some(e);
                         rows.push(None);
                         continue;
                     }
                 };
                 if list.is_null(i) {
-                    errors[i] = Some(format!("row {}: `{responses}` is null", first_row + i));
+                    *error = Some(format!("row {}: `{responses}` is null", first_row + i));
                     rows.push(None);
                     continue;
                 }
@@ -574,12 +574,12 @@ fn score_chunk(
                 };
                 match cands {
                     Ok(c) if c.is_empty() => {
-                        errors[i] = Some(format!("row {}: no responses", first_row + i));
+                        *error = Some(format!("row {}: no responses", first_row + i));
                         rows.push(None);
                     }
                     Ok(c) => rows.push(Some((t[0], c))),
                     Err(e) => {
-                        errors[i] = Some(e);
+                        *error = Some(e);
                         rows.push(None);
                     }
                 }

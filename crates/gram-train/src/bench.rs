@@ -92,7 +92,7 @@ pub fn bench(
             .norm
             .gamma
             .val()
-            .slice([0..1])
+            .slice(0..1)
             .into_scalar::<f32>();
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());

@@ -286,7 +286,7 @@ fn bt_rewards(
     let tokens = seqs.iter().map(|s| s.len()).sum();
     let (ids, mask) = pad_left(&seqs, ctx.pad, device);
     let r = model.forward(ids, mask);
-    (r.clone().slice([0..b]), r.slice([b..2 * b]), tokens)
+    (r.clone().slice(0..b), r.slice(b..2 * b), tokens)
 }
 
 impl Objective for RewardModel {

@@ -225,7 +225,7 @@ mod tests {
         let back: Settings = toml::from_str(&text).expect("parse");
         assert_eq!(back, s);
         let e = toml::from_str::<Settings>("lr = 1e-3\nlearning_rate = 2")
-            .unwrap_err()
+            .expect_err("a key given twice is refused")
             .to_string();
         assert!(e.contains("learning_rate"), "{e}");
     }

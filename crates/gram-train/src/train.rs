@@ -525,7 +525,7 @@ fn train_loop<M: Saveable>(
         state.step += 1;
         state.elapsed_s = elapsed0 + started.elapsed().as_secs_f64();
 
-        let log_now = state.step % s.log_every.max(1) == 0 || state.step == total;
+        let log_now = state.step.is_multiple_of(s.log_every.max(1)) || state.step == total;
         if log_now && win_n > 0 {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let loss_mean = win_loss / win_n as f64;
@@ -553,7 +553,8 @@ fn train_loop<M: Saveable>(
         bar.set_position(state.step as u64);
 
         let eval_now = !p.valid.is_empty()
-            && ((s.eval_every > 0 && state.step % s.eval_every == 0) || state.step == total);
+            && ((s.eval_every > 0 && state.step.is_multiple_of(s.eval_every))
+                || state.step == total);
         if eval_now {
             let e = model
                 .valid()
@@ -562,7 +563,8 @@ fn train_loop<M: Saveable>(
             bar.println(format!("step {}: {}", state.step, describe(&e)));
             last_eval = Some(e);
         }
-        let save_now = (s.save_every > 0 && state.step % s.save_every == 0) || state.step == total;
+        let save_now =
+            (s.save_every > 0 && state.step.is_multiple_of(s.save_every)) || state.step == total;
         if save_now {
             let m = save_model(&model, state.step)?;
             checkpoint::save_checkpoint(&run, m, &optim, state.clone(), s.keep)?;

@@ -365,8 +365,9 @@ fn reference_and_best_of_n_modes() -> Result<()> {
             .as_any()
             .downcast_ref::<ListArray>()
             .context("list")?;
-        for i in 0..n {
-            let k = cands[i].len();
+        ensure!(b.num_rows() == n, "{method}: {} rows for {n}", b.num_rows());
+        for (i, cand) in cands.iter().enumerate() {
+            let k = cand.len();
             ensure!(
                 (best.value(i) as usize) < k,
                 "{method} row {i}: best {} of {k}",
