@@ -98,19 +98,18 @@ case " $MODELS " in *" smollm2 "*) run_pair smollm2 "$WORK/smollm2.onnx" --model
 "$VENV/bin/python" benches/score/gemm_peak.py --threads "$THREADS" >> "$WORK/gemm.json"
 
 "$VENV/bin/python" - "$WORK" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 import pyarrow.parquet as pq
 work = sys.argv[1]
 gemms = [json.loads(l) for l in open(f"{work}/gemm.json")]
-import os
-adj = [json.loads(l)["gemm_adjacent"] for n in ("llama-40m", "smollm2") if os.path.exists(f"{work}/{n}.rust.jsonl")
-       for l in open(f"{work}/{n}.rust.jsonl") if "gemm_adjacent" in json.loads(l)]
+runs = [json.loads(l) for n in ("llama-40m", "smollm2") if os.path.exists(f"{work}/{n}.rust.jsonl")
+        for l in open(f"{work}/{n}.rust.jsonl")]
+adj = [r["gemm_adjacent"] for r in runs if "gemm_adjacent" in r]
 # The best rate of every measurement in the script (start, end, and around each run).
 gemm = max([g["gemm_gflops"] for g in gemms] + adj)
 rates = ", ".join(f"{g['gemm_gflops']:.1f}" for g in gemms)
 print(f"f32 GEMM peak (PyTorch BLAS, {gemms[0]['threads']} threads): {gemm:.1f} GFLOP/s (start, end: {rates}; around runs: {min(adj, default=0):.1f}-{max(adj, default=0):.1f})")
 print(f"{'model':<10} {'pairs':>6} {'gram-score pairs/s':>19} {'pytorch pairs/s':>16} {'ratio':>7} {'GFLOP/s':>8} {'of peak':>8} {'of adjacent':>12} {'pytorch GFLOP/s':>16} {'of peak':>8} {'max |score diff|':>17}")
-import os
 for name, cfg in [("llama-40m", "llama-40m/config.json"), ("smollm2", None)]:
     if not os.path.exists(f"{work}/{name}.torch.jsonl"):
         continue

@@ -34,7 +34,8 @@ pub struct ExportManifest {
     pub model_file: String,
     /// The head.
     pub head: HeadKind,
-    /// Graph input names (`input_ids`, `attention_mask`: int64 `[batch, sequence]`, left padding).
+    /// Graph input names (`input_ids`, `attention_mask`: int64 `[batch, sequence]`, left padding;
+    /// a pair graph reads `shared_ids`, `shared_mask` first, see [`Self::reads_pairs`]).
     pub inputs: Vec<String>,
     /// Graph output name.
     pub output: String,
@@ -88,5 +89,12 @@ impl ExportManifest {
             ));
         }
         Ok(m)
+    }
+
+    /// Whether the graph reads pairs (gram-export's default judge graph): each pair's tokens
+    /// common to both orders as `shared_ids`/`shared_mask` `[pairs, shared]`, each order's
+    /// remaining tokens as `input_ids`/`attention_mask` `[2 x pairs, sequence]`.
+    pub fn reads_pairs(&self) -> bool {
+        self.inputs.iter().any(|i| i == "shared_ids")
     }
 }

@@ -184,7 +184,7 @@ impl Builder<'_> {
         let c = self.c;
         let (h, nkv) = (c.hidden_size, c.num_key_value_heads);
         let kv = nkv * c.head_dim;
-        let p = format!("model.layers.{l}.self_attn");
+        let p = p_name(l);
         let (kp, vp) = (format!("{p}.k_proj"), format!("{p}.v_proj"));
         let kx = self.linear(xn, &kp, [kv, h], c.qkv_bias)?;
         let vx = self.linear(xn, &vp, [kv, h], c.qkv_bias)?;

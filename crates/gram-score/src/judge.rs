@@ -85,8 +85,6 @@ pub struct Judge {
     /// Batch limits.
     pub limits: BatchLimits,
     counters: Counters,
-    /// Whether the graph reads pairs (`shared_ids` among its inputs).
-    pairs: bool,
 }
 
 /// (item, label logits) pairs a batch produced.
@@ -135,7 +133,6 @@ impl Judge {
             )));
         }
         let pool = SessionPool::open(&dir.join(&manifest.model_file), threads)?;
-        let manifest_pairs = manifest.inputs.iter().any(|i| i == "shared_ids");
         Ok(Self {
             manifest,
             dir: dir.to_path_buf(),
@@ -143,7 +140,6 @@ impl Judge {
             pool,
             limits,
             counters: Counters::default(),
-            pairs: manifest_pairs,
         })
     }
 
@@ -359,7 +355,7 @@ impl Judge {
         pairs: &[(&str, &str, &str)],
     ) -> Result<Vec<std::result::Result<PairScore, String>>> {
         let mut encoded = self.encode_all(pairs);
-        let logits: Vec<[f32; 2]> = if self.pairs {
+        let logits: Vec<[f32; 2]> = if self.manifest.reads_pairs() {
             let both: Vec<(Vec<u32>, Vec<u32>)> = encoded
                 .iter_mut()
                 .flatten()

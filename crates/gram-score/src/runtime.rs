@@ -190,42 +190,20 @@ impl PairBatch {
 
     /// Runs the batch and returns the named float output with its shape.
     pub fn run(self, session: &mut Session, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let mut out = run_named(
-            session,
-            vec![
-                (
-                    "shared_ids",
-                    self.shared.rows,
-                    self.shared.width,
-                    self.shared.ids,
-                ),
-                (
-                    "shared_mask",
-                    self.shared.rows,
-                    self.shared.width,
-                    self.shared.mask,
-                ),
-                ("input_ids", self.rest.rows, self.rest.width, self.rest.ids),
-                (
-                    "attention_mask",
-                    self.rest.rows,
-                    self.rest.width,
-                    self.rest.mask,
-                ),
-            ],
-        )?;
-        take(&mut out, output)
+        let mut inputs = self.shared.named("shared_ids", "shared_mask");
+        inputs.extend(self.rest.named("input_ids", "attention_mask"));
+        take(&mut run_named(session, inputs)?, output)
     }
 }
 
 /// Every float output of a run, by name, with its shape.
 pub type Outputs = std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Runs `session` on int64 `[rows, width]` inputs given by name and returns its float outputs.
-fn run_named(
-    session: &mut Session,
-    inputs: Vec<(&'static str, usize, usize, Vec<i64>)>,
-) -> Result<Outputs> {
+/// An int64 `[rows, width]` graph input: name, rows, width, data.
+type NamedInput = (&'static str, usize, usize, Vec<i64>);
+
+/// Runs `session` on the inputs given by name and returns its float outputs.
+fn run_named(session: &mut Session, inputs: Vec<NamedInput>) -> Result<Outputs> {
     let inputs = inputs
         .into_iter()
         .map(|(name, rows, width, data)| {
@@ -293,13 +271,15 @@ impl Batch {
 
     /// Runs the batch and returns every float output by name, with its shape.
     pub fn run_all(self, session: &mut Session) -> Result<Outputs> {
-        run_named(
-            session,
-            vec![
-                ("input_ids", self.rows, self.width, self.ids),
-                ("attention_mask", self.rows, self.width, self.mask),
-            ],
-        )
+        run_named(session, self.named("input_ids", "attention_mask"))
+    }
+
+    /// The ids and the mask as graph inputs of the given names.
+    fn named(self, ids: &'static str, mask: &'static str) -> Vec<NamedInput> {
+        vec![
+            (ids, self.rows, self.width, self.ids),
+            (mask, self.rows, self.width, self.mask),
+        ]
     }
 
     /// Runs the batch and returns the named float output with its shape.
