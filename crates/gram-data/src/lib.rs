@@ -2,6 +2,14 @@
 //! datasets (tokenised, split, Parquet), with rejects and stats. No burn.
 
 pub mod build;
+mod dedup;
+pub mod error;
 pub mod map;
+mod pairs;
 pub mod read;
+mod shards;
 pub mod spec;
+mod stage;
+pub mod stats;
+
+pub use error::{Error, Result};

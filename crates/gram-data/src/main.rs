@@ -134,10 +134,6 @@ fn main() -> ExitCode {
             print_stats(&stats, &out);
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            let msg = format!("{e:#}");
-            let user = !msg.starts_with("internal error");
-            gram_core::exit_with(&msg, user)
-        }
+        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
     }
 }

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+
 use arrow::array::{Array, ArrayRef, AsArray, StringArray, UInt64Array};
 use arrow::compute::cast;
 use arrow::datatypes::DataType;
@@ -12,6 +13,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
 use datafusion::prelude::SessionContext;
 
+use crate::error::{Error, OrInternal, Result};
 use crate::spec::Spec;
 
 /// One mapped pair, before validation.
@@ -79,6 +81,8 @@ pub struct Mapper {
     ctx: SessionContext,
     rt: tokio::runtime::Runtime,
     sql: String,
+    /// The spec file (named in errors).
+    path: PathBuf,
 }
 
 const REQUIRED: [&str; 5] = ["_file", "_row", "prompt", "response_a", "response_b"];
@@ -114,37 +118,41 @@ impl Mapper {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .context("starting tokio")?;
+            .or_internal("starting tokio")?;
         let m = Self {
             ctx,
             rt,
             sql: spec.sql.clone(),
+            path: spec.path.clone(),
         };
         let empty = RecordBatch::new_empty(crate::read::source_schema(spec));
         let out_schema = m.plan_schema(empty).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: [map] sql: {}",
-                spec.path.display(),
-                first_line(&e.to_string())
+            Error::spec(
+                &spec.path,
+                format!("[map] sql: {}", first_line(&e.to_string())),
             )
         })?;
         for c in REQUIRED {
             if !out_schema.iter().any(|n| n == c) {
-                bail!(
-                    "{}: [map] sql must select a column `{c}` (required: {})",
-                    spec.path.display(),
-                    REQUIRED.join(", ")
-                );
+                return Err(Error::spec(
+                    &spec.path,
+                    format!(
+                        "[map] sql must select a column `{c}` (required: {})",
+                        REQUIRED.join(", ")
+                    ),
+                ));
             }
         }
         for n in &out_schema {
             if !REQUIRED.contains(&n.as_str()) && !OPTIONAL.contains(&n.as_str()) {
-                bail!(
-                    "{}: [map] sql selects `{n}`, which is not a raw-pairs column ({}, {})",
-                    spec.path.display(),
-                    REQUIRED.join(", "),
-                    OPTIONAL.join(", ")
-                );
+                return Err(Error::spec(
+                    &spec.path,
+                    format!(
+                        "[map] sql selects `{n}`, which is not a raw-pairs column ({}, {})",
+                        REQUIRED.join(", "),
+                        OPTIONAL.join(", ")
+                    ),
+                ));
             }
         }
         Ok(m)
@@ -166,28 +174,45 @@ impl Mapper {
         })
     }
 
-    /// Maps one chunk.
-    pub fn map(&self, batch: RecordBatch) -> Result<Vec<MappedPair>> {
-        let batches = self.rt.block_on(async {
-            self.ctx.deregister_table("source")?;
-            self.ctx.register_batch("source", batch)?;
-            self.ctx.sql(&self.sql).await?.collect().await
-        })?;
+    /// Maps one chunk of `file`.
+    pub fn map(&self, batch: RecordBatch, file: &Path) -> Result<Vec<MappedPair>> {
+        let batches = self
+            .rt
+            .block_on(async {
+                self.ctx.deregister_table("source")?;
+                self.ctx.register_batch("source", batch)?;
+                self.ctx.sql(&self.sql).await?.collect().await
+            })
+            .map_err(|e| {
+                let e = first_line(&e.to_string()).to_string();
+                Error::spec(&self.path, format!("mapping {}: {e}", file.display()))
+            })?;
         let mut out = Vec::new();
         for b in batches {
             let text = |name: &str| -> Result<Option<StringArray>> {
                 match b.column_by_name(name) {
                     None => Ok(None),
                     Some(c) => {
-                        let c = cast(c, &DataType::Utf8)
-                            .with_context(|| format!("column `{name}` is not text"))?;
+                        let c = cast(c, &DataType::Utf8).map_err(|e| {
+                            Error::spec(
+                                &self.path,
+                                format!("[map] sql: column `{name}` is not text: {e}"),
+                            )
+                        })?;
                         Ok(Some(c.as_string::<i32>().clone()))
                     }
                 }
             };
-            let files = text("_file")?.context("_file")?;
-            let rows = cast(b.column_by_name("_row").context("_row")?, &DataType::UInt64)
-                .context("column `_row`")?;
+            let files = text("_file")?.or_internal("a mapped chunk without `_file`")?;
+            let rows = b
+                .column_by_name("_row")
+                .or_internal("a mapped chunk without `_row`")?;
+            let rows = cast(rows, &DataType::UInt64).map_err(|e| {
+                Error::spec(
+                    &self.path,
+                    format!("[map] sql: column `_row` is not an integer: {e}"),
+                )
+            })?;
             let rows: &UInt64Array = rows.as_primitive();
             let (id, prompt, ra, rb, label, md, rej) = (
                 text("id")?,

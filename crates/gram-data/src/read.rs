@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Error, OrInternal, Result};
 use arrow::array::{
     Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder,
     StringBuilder, UInt64Builder,
@@ -283,8 +283,8 @@ impl RowBuilder {
         arrays.push(Arc::new(files.finish()));
         arrays.push(Arc::new(self.rows.finish()));
         self.len = 0;
-        let batch =
-            RecordBatch::try_new(self.schema.clone(), arrays).context("building a source batch")?;
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays)
+            .or_internal("building a source batch")?;
         Ok(Chunk {
             batch,
             rejects: std::mem::take(&mut self.rejects),
@@ -293,17 +293,15 @@ impl RowBuilder {
 }
 
 fn is_gzip(path: &Path) -> Result<bool> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = File::open(path).map_err(|e| Error::input(path, e))?;
     let mut magic = [0u8; 2];
-    let n = f
-        .read(&mut magic)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let n = f.read(&mut magic).map_err(|e| Error::input(path, e))?;
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
 /// Opens a file, decompressing gzip; `counter` counts the (compressed) bytes read.
 fn open(path: &Path, counter: Arc<AtomicU64>) -> Result<Box<dyn Read + Send>> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let f = File::open(path).map_err(|e| Error::input(path, e))?;
     let counted = Counting {
         inner: f,
         n: counter,
@@ -326,9 +324,9 @@ pub fn read_file(
     counter: Arc<AtomicU64>,
     sink: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::input(path, e))?;
     if meta.len() == 0 {
-        bail!("{}: empty file (no rows)", path.display());
+        return Err(Error::input(path, "empty file (no rows)"));
     }
     let file = path.display().to_string();
     match spec.format {
@@ -355,9 +353,9 @@ fn read_jsonl(
     loop {
         line.clear();
         let n = r.read_until(b'\n', &mut line).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: unreadable after line {lineno} (truncated or corrupt gzip?): {e}",
-                path.display()
+            Error::input(
+                path,
+                format!("unreadable after line {lineno} (truncated or corrupt gzip?): {e}"),
             )
         })?;
         if n == 0 {
@@ -397,7 +395,7 @@ fn read_jsonl(
         b.flush_if_full(chunk_rows, sink)?;
     }
     if rows == 0 {
-        bail!("{}: no rows (only blank lines)", path.display());
+        return Err(Error::input(path, "no rows (only blank lines)"));
     }
     b.flush_rest(sink)
 }
@@ -412,32 +410,28 @@ fn read_json_array(
 ) -> Result<()> {
     // A JSON array is one document: it is parsed whole (use JSONL for inputs that do not fit).
     let mut bytes = Vec::new();
-    open(path, counter)?
-        .read_to_end(&mut bytes)
-        .with_context(|| {
-            format!(
-                "{}: unreadable (truncated or corrupt gzip?)",
-                path.display()
-            )
-        })?;
+    open(path, counter)?.read_to_end(&mut bytes).map_err(|e| {
+        Error::input(
+            path,
+            format!("unreadable (truncated or corrupt gzip?): {e}"),
+        )
+    })?;
     let text = std::str::from_utf8(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not UTF-8 (invalid byte at offset {})",
-            path.display(),
-            e.valid_up_to()
+        Error::input(
+            path,
+            format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
         )
     })?;
     let v: Value = serde_json::from_str(text)
-        .map_err(|e| anyhow::anyhow!("{}: malformed JSON: {e}", path.display()))?;
+        .map_err(|e| Error::input(path, format!("malformed JSON: {e}")))?;
     let Value::Array(items) = v else {
-        bail!(
-            "{}: expected a JSON array of objects, found {}",
-            path.display(),
-            kind_name(&v)
-        );
+        return Err(Error::input(
+            path,
+            format!("expected a JSON array of objects, found {}", kind_name(&v)),
+        ));
     };
     if items.is_empty() {
-        bail!("{}: empty array (no rows)", path.display());
+        return Err(Error::input(path, "empty array (no rows)"));
     }
     let mut b = RowBuilder::new(spec, file, false);
     for (i, item) in items.iter().enumerate() {
@@ -468,7 +462,7 @@ fn read_csv(
         .from_reader(open(path, counter)?);
     let headers: Vec<String> = r
         .byte_headers()
-        .with_context(|| format!("{}: unreadable header row", path.display()))?
+        .map_err(|e| Error::input(path, format!("unreadable header row: {e}")))?
         .iter()
         .map(|h| String::from_utf8_lossy(h).trim().to_string())
         .collect();
@@ -481,10 +475,10 @@ fn read_csv(
             Err(e) => {
                 let line = e.position().map_or(0, |p| p.line());
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
-                    bail!(
-                        "{}: unreadable at line {line} (truncated or corrupt gzip?): {e}",
-                        path.display()
-                    );
+                    return Err(Error::input(
+                        path,
+                        format!("unreadable at line {line} (truncated or corrupt gzip?): {e}"),
+                    ));
                 }
                 rows += 1;
                 b.reject(line, format!("malformed CSV: {e}"), None);
@@ -527,7 +521,7 @@ fn read_csv(
         b.flush_if_full(chunk_rows, sink)?;
     }
     if rows == 0 {
-        bail!("{}: no rows below the header", path.display());
+        return Err(Error::input(path, "no rows below the header"));
     }
     b.flush_rest(sink)
 }
@@ -541,37 +535,38 @@ fn read_parquet(
     sink: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<()> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let f = File::open(path).map_err(|e| Error::input(path, e))?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
     let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not a readable Parquet file (truncated?): {e}",
-            path.display()
+        Error::input(
+            path,
+            format!("not a readable Parquet file (truncated?): {e}"),
         )
     })?;
     let file_schema = builder.schema().clone();
     let total = builder.metadata().file_metadata().num_rows().max(1) as u64;
     for (name, _) in &spec.columns {
         if file_schema.field_with_name(name).is_err() {
-            bail!(
-                "{}: column `{name}` declared by {} is not in the file",
-                path.display(),
-                spec.path.display()
-            );
+            return Err(Error::input(
+                path,
+                format!(
+                    "column `{name}` declared by {} is not in the file",
+                    spec.path.display()
+                ),
+            ));
         }
     }
     let reader = builder
         .with_batch_size(chunk_rows)
         .build()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .map_err(|e| Error::input(path, e))?;
     let target = source_schema(spec);
     let mut next_row = 1u64;
     for batch in reader {
         let batch = batch.map_err(|e| {
-            anyhow::anyhow!(
-                "{}: unreadable after row {} (truncated?): {e}",
-                path.display(),
-                next_row - 1
+            Error::input(
+                path,
+                format!("unreadable after row {} (truncated?): {e}", next_row - 1),
             )
         })?;
         let n = batch.num_rows();
@@ -579,20 +574,24 @@ fn read_parquet(
         let mut rejects = Vec::new();
         let mut arrays: Vec<ArrayRef> = Vec::new();
         for (i, (name, t)) in spec.columns.iter().enumerate() {
-            let col = batch.column_by_name(name).context("column checked above")?;
+            let col = batch
+                .column_by_name(name)
+                .or_internal("a Parquet column checked above is gone")?;
             let want = target.field(i).data_type();
             let arr = if t.kind == ColumnKind::Json && col.data_type() != &DataType::Utf8 {
-                bail!(
-                    "{}: column `{name}`: only string columns can be declared json in Parquet",
-                    path.display()
-                );
+                return Err(Error::input(
+                    path,
+                    format!("column `{name}`: only string columns can be declared json in Parquet"),
+                ));
             } else {
                 cast(col, want).map_err(|e| {
-                    anyhow::anyhow!(
-                        "{}: column `{name}` is {}, declared {:?}: {e}",
-                        path.display(),
-                        col.data_type(),
-                        t.kind
+                    Error::input(
+                        path,
+                        format!(
+                            "column `{name}` is {}, declared {:?}: {e}",
+                            col.data_type(),
+                            t.kind
+                        ),
                     )
                 })?
             };
@@ -620,9 +619,9 @@ fn read_parquet(
         arrays.push(Arc::new(fb.finish()));
         arrays.push(Arc::new(rb.finish()));
         let out =
-            RecordBatch::try_new(target.clone(), arrays).context("building a source batch")?;
-        let out =
-            filter_record_batch(&out, &BooleanArray::from(keep)).context("filtering null rows")?;
+            RecordBatch::try_new(target.clone(), arrays).or_internal("building a source batch")?;
+        let out = filter_record_batch(&out, &BooleanArray::from(keep))
+            .or_internal("filtering null rows")?;
         next_row += n as u64;
         counter.store(size * (next_row - 1) / total, Ordering::Relaxed);
         sink(Chunk {

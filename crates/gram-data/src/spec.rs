@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Error, Result};
 use serde::Deserialize;
 
 /// Source file formats.
@@ -123,30 +123,29 @@ impl Spec {
     /// Reads a spec file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading pipeline spec {}", path.display()))?;
-        let f: SpecFile = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim()))?;
+            .map_err(|e| Error::spec(path, format!("cannot read the pipeline spec: {e}")))?;
+        let f: SpecFile =
+            toml::from_str(&text).map_err(|e| Error::spec(path, e.to_string().trim()))?;
         let mut columns = Vec::new();
         for (name, ty) in &f.source.columns {
-            let t = ColumnType::parse(ty).with_context(|| {
-                format!(
-                    "{}: column `{name}` has unknown type `{ty}` (use utf8, int64, float64, bool, list<utf8> or json, with ? if optional)",
-                    path.display()
-                )
+            let t = ColumnType::parse(ty).ok_or_else(|| {
+                Error::spec(path, format!(
+                    "column `{name}` has unknown type `{ty}` (use utf8, int64, float64, bool, list<utf8> or json, with ? if optional)"
+                ))
             })?;
             if name.starts_with('_') {
-                bail!(
-                    "{}: column `{name}`: names starting with `_` are reserved",
-                    path.display()
-                );
+                return Err(Error::spec(
+                    path,
+                    format!("column `{name}`: names starting with `_` are reserved"),
+                ));
             }
             columns.push((name.clone(), t));
         }
         if columns.is_empty() {
-            bail!("{}: [source] columns is empty", path.display());
+            return Err(Error::spec(path, "[source] columns is empty"));
         }
         if f.source.files.is_empty() {
-            bail!("{}: [source] files is empty", path.display());
+            return Err(Error::spec(path, "[source] files is empty"));
         }
         Ok(Self {
             name: f.name,
@@ -181,17 +180,17 @@ impl Spec {
         for p in &patterns {
             let s = p.to_string_lossy();
             let mut found = false;
-            for m in glob::glob(&s)
-                .with_context(|| format!("{}: bad file pattern `{s}`", self.path.display()))?
-            {
-                let m = m.with_context(|| format!("reading `{s}`"))?;
+            let matches = glob::glob(&s)
+                .map_err(|e| Error::spec(&self.path, format!("bad file pattern `{s}`: {e}")))?;
+            for m in matches {
+                let m = m.map_err(|e| Error::input(e.path(), e.error().to_string()))?;
                 if m.is_file() {
                     out.push(m);
                     found = true;
                 }
             }
             if !found {
-                bail!("{}: no file matches `{s}`", self.path.display());
+                return Err(Error::spec(&self.path, format!("no file matches `{s}`")));
             }
         }
         out.sort();

@@ -305,6 +305,7 @@ fn list_specs_make_cross_and_all_pairs() -> Result<()> {
 }
 
 /// Runs a one-file build of `spec_body` over `input` bytes; returns (status ok, stderr, out dir).
+/// A failed build must have exited with status 1 (the input's fault).
 fn run_bad(
     name: &str,
     format: &str,
@@ -328,11 +329,14 @@ fn run_bad(
         &out.display().to_string(),
         "--quiet",
     ])?;
-    Ok((
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-        out,
-    ))
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    // Every failure here is the input's fault: exit status 1, never 2 (ours) or a panic (101).
+    ensure!(
+        o.status.success() || o.status.code() == Some(1),
+        "{name}: exit {:?} for bad input: {stderr}",
+        o.status.code()
+    );
+    Ok((o.status.success(), stderr, out))
 }
 
 const COLS: &str = "{ prompt = \"utf8\", chosen = \"utf8\", rejected = \"utf8\" }";

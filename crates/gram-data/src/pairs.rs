@@ -1,0 +1,155 @@
+//! From a mapped raw pair to a checked one: required fields, the label's domain, empty or
+//! identical responses, duplicates ([`crate::dedup`]), a stable id, and the split by a hash of
+//! the prompt.
+
+use std::path::Path;
+
+use crate::build::BuildOptions;
+use crate::dedup::Seen;
+use crate::map::MappedPair;
+use crate::read::Reject;
+use crate::spec::Spec;
+
+/// Whitespace-normalised text (what dedup and the split compare).
+pub(crate) fn norm(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The first 64 bits of a blake3 hash of length-prefixed parts.
+pub(crate) fn hash64(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let b = h.finalize();
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b.as_bytes()[..8]);
+    u64::from_le_bytes(x)
+}
+
+/// The split of a prompt: a hash of its normalised text, so a prompt never crosses splits and the
+/// split does not depend on the seed or the order of the input.
+pub fn split_of(prompt: &str, valid: f64, test: f64) -> &'static str {
+    let u = (hash64(&[norm(prompt).as_bytes()]) >> 11) as f64 / (1u64 << 53) as f64;
+    if u < test {
+        "test"
+    } else if u < test + valid {
+        "valid"
+    } else {
+        "train"
+    }
+}
+
+/// A checked pair, ready for the stages.
+pub(crate) struct Pair {
+    /// Input file and row it came from (for rejects).
+    pub(crate) file: String,
+    pub(crate) row: u64,
+    pub(crate) id: String,
+    pub(crate) source: String,
+    pub(crate) split: &'static str,
+    pub(crate) prompt: String,
+    pub(crate) a: String,
+    pub(crate) b: String,
+    pub(crate) label: Option<&'static str>,
+    /// The raw pair's metadata (JSON), carried into stage 2.
+    pub(crate) metadata: Option<String>,
+}
+
+/// A mapped pair checked: its fields present, its label in the domain, its responses non-empty
+/// and distinct, not seen before; with its id and split. Otherwise the reject, with its reason.
+pub(crate) fn check_pair(
+    m: MappedPair,
+    idx: u32,
+    spec: &Spec,
+    opts: &BuildOptions,
+    seen: &mut Seen,
+) -> std::result::Result<Pair, Reject> {
+    let rej = |reason: String, m: &MappedPair| {
+        Reject {
+        file: m.file.clone(),
+        row: m.row,
+        reason,
+        raw: Some(serde_json::json!({"prompt": m.prompt, "response_a": m.response_a, "response_b": m.response_b, "label": m.label}).to_string()),
+    }
+    };
+    if let Some(r) = &m.reject {
+        return Err(rej(r.clone(), &m));
+    }
+    let (Some(prompt), Some(a), Some(b)) = (&m.prompt, &m.response_a, &m.response_b) else {
+        let which = if m.prompt.is_none() {
+            "prompt"
+        } else if m.response_a.is_none() {
+            "response_a"
+        } else {
+            "response_b"
+        };
+        return Err(rej(format!("{which} is missing"), &m));
+    };
+    let label = match m.label.as_deref().map(str::trim) {
+        None => None,
+        Some("a" | "A") => Some("a"),
+        Some("b" | "B") => Some("b"),
+        Some("tie" | "TIE" | "Tie") => Some("tie"),
+        Some(other) => return Err(rej(format!("label `{other}` is not one of a, b, tie"), &m)),
+    };
+    let (na, nb) = (norm(a), norm(b));
+    if norm(prompt).is_empty() {
+        return Err(rej("prompt is empty".into(), &m));
+    }
+    if na.is_empty() || nb.is_empty() {
+        return Err(rej(
+            format!(
+                "{} is empty",
+                if na.is_empty() {
+                    "response_a"
+                } else {
+                    "response_b"
+                }
+            ),
+            &m,
+        ));
+    }
+    if na == nb {
+        return Err(rej("responses are identical".into(), &m));
+    }
+    let id = m.id.clone().unwrap_or_else(|| {
+        // The file as seen from the spec's folder: stable across machines, distinct for files of
+        // the same name in different folders (LLMBar's subsets are all `dataset.json`).
+        let base = spec.path.parent().unwrap_or(Path::new("."));
+        let file = Path::new(&m.file)
+            .strip_prefix(base)
+            .unwrap_or(Path::new(&m.file))
+            .to_string_lossy()
+            .into_owned();
+        format!(
+            "{:016x}",
+            hash64(&[
+                spec.name.as_bytes(),
+                file.as_bytes(),
+                &m.row.to_le_bytes(),
+                &idx.to_le_bytes()
+            ])
+        )
+    });
+    let (lo, hi) = if na <= nb { (&na, &nb) } else { (&nb, &na) };
+    let key = blake3::hash([norm(prompt).as_str(), lo, hi].join("\u{0}").as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&key.as_bytes()[..16]);
+    if let Some(first) = seen.first_seen(u128::from_le_bytes(k), &m.file, m.row) {
+        return Err(rej(format!("duplicate of pair {first}"), &m));
+    }
+    Ok(Pair {
+        file: m.file.clone(),
+        row: m.row,
+        id,
+        source: spec.name.clone(),
+        split: split_of(prompt, opts.valid_frac, opts.test_frac),
+        prompt: prompt.clone(),
+        a: a.clone(),
+        b: b.clone(),
+        label,
+        metadata: m.metadata.clone(),
+    })
+}
