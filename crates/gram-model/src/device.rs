@@ -1,5 +1,6 @@
 //! Backend selection: the CPU (burn's flex backend) or any GPU wgpu reaches.
 
+use burn::backend::DispatchDevice;
 use burn::prelude::*;
 
 /// Where tensors live.
@@ -29,6 +30,15 @@ pub fn device(backend: Backend) -> crate::Result<Device> {
             .clone()
             .map_err(|e| crate::Error::Device(format!("no usable wgpu device ({e}); install a Vulkan driver (e.g. Mesa's mesa-vulkan-drivers) or use --backend cpu"))),
     }
+}
+
+/// Whether `device` is burn's CPU backend (flex, with or without autodiff): where the fused CPU
+/// kernels and the in-place optimiser step run.
+pub fn is_cpu(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
 }
 
 /// Sets flush-to-zero and denormals-are-zero on the calling thread and on every thread of

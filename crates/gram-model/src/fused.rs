@@ -4,8 +4,8 @@
 //! `Tensor`s and take part in autodiff like any other operation; the arithmetic is in
 //! [`crate::kernels`].
 //!
-//! Only the CPU gets them: on wgpu the model composes burn's primitives as before (burn fuses
-//! element-wise work there itself). [`cpu_fused`] is the switch the model uses.
+//! Only the CPU gets them: [`crate::ops`] calls them on burn's CPU backend and composes burn's
+//! primitives elsewhere (burn fuses element-wise work on wgpu itself).
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -14,22 +14,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, Backend, BackendTensor, Dispatch, DispatchAutodiffContext, DispatchDevice,
-    DispatchTensor, DispatchTensorKind, Flex, backend_extension,
-};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::prelude::*;
 use burn::tensor::Shape;
 
 use crate::kernels::{self, AttnInputs, AttnShape};
-
-/// Whether `device` runs the fused CPU operations (burn's flex backend, with or without autodiff).
-pub fn cpu_fused(device: &Device) -> bool {
-    matches!(
-        device.clone().inner().as_dispatch(),
-        DispatchDevice::Flex(_)
-    )
-}
 
 /// The fused operations, per backend.
 #[backend_extension(Flex, Autodiff)]
@@ -411,7 +400,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 }
 
-/// [`FusedOps::fused_attention`] on tensors (CPU only; see [`cpu_fused`]).
+/// [`FusedOps::fused_attention`] on tensors (CPU only; see [`crate::device::is_cpu`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: Tensor<3>,
@@ -435,7 +424,7 @@ pub fn attention(
     ))
 }
 
-/// [`FusedOps::fused_rms_norm`] on tensors (CPU only; see [`cpu_fused`]).
+/// [`FusedOps::fused_rms_norm`] on tensors (CPU only; see [`crate::device::is_cpu`]).
 pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rms_norm(
         x.into_dispatch(),
@@ -444,7 +433,7 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Ten
     ))
 }
 
-/// [`FusedOps::fused_swiglu`] on tensors (CPU only; see [`cpu_fused`]).
+/// [`FusedOps::fused_swiglu`] on tensors (CPU only; see [`crate::device::is_cpu`]).
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_swiglu(
         gate.into_dispatch(),
@@ -452,68 +441,10 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     ))
 }
 
-/// [`FusedOps::fused_linear`] on tensors (CPU only; see [`cpu_fused`]).
+/// [`FusedOps::fused_linear`] on tensors (CPU only; see [`crate::device::is_cpu`]).
 pub fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
         x.into_dispatch(),
         w.into_dispatch(),
     ))
-}
-
-/// The flex tensor inside a CPU float tensor, with its autodiff context to put it back.
-fn into_flex<const D: usize>(t: Tensor<D>) -> (FlexTensor, DispatchAutodiffContext) {
-    let DispatchTensor { kind, autodiff } = t.into_dispatch();
-    match kind {
-        DispatchTensorKind::Flex(BackendTensor::Float(f)) => (f, autodiff),
-        _ => panic!("gram-model's fused CPU operations run on CPU float tensors only"),
-    }
-}
-
-fn from_flex<const D: usize>(f: FlexTensor, autodiff: DispatchAutodiffContext) -> Tensor<D> {
-    Tensor::from_dispatch(DispatchTensor {
-        kind: DispatchTensorKind::Flex(BackendTensor::Float(f)),
-        autodiff,
-    })
-}
-
-/// A tensor whose storage can be written in place as its elements in order: contiguous from
-/// offset 0 (a copy otherwise; shared storage is copied on write by `storage_mut`).
-fn dense(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-/// One AdamW step ([`kernels::adamw_step`]) in place on CPU tensors of the same shape: the
-/// parameter, its gradient and the two moments; returns the parameter and the moments.
-///
-/// # Panics
-/// If a tensor is not a CPU float tensor (callers check [`cpu_fused`] first).
-pub fn adamw<const D: usize>(
-    param: Tensor<D>,
-    grad: Tensor<D>,
-    moment_1: Tensor<D>,
-    moment_2: Tensor<D>,
-    c: &kernels::AdamWStep,
-) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
-    let (p, p_ctx) = into_flex(param);
-    let (g, _) = into_flex(grad);
-    let (m1, m1_ctx) = into_flex(moment_1);
-    let (m2, m2_ctx) = into_flex(moment_2);
-    let (mut p, g, mut m1, mut m2) = (dense(p), contiguous(&g), dense(m1), dense(m2));
-    let n = p.layout().num_elements();
-    kernels::adamw_step(
-        &mut p.storage_mut::<f32>()[..n],
-        f32s(&g),
-        &mut m1.storage_mut::<f32>()[..n],
-        &mut m2.storage_mut::<f32>()[..n],
-        c,
-    );
-    (
-        from_flex(p, p_ctx),
-        from_flex(m1, m1_ctx),
-        from_flex(m2, m2_ctx),
-    )
 }

@@ -3,7 +3,7 @@
 //! slices. Work is split over (batch, head) or over fixed chunks of rows with rayon; every sum is
 //! taken in a fixed order, so results do not depend on thread timing (resumed CPU runs stay
 //! bit-identical). Matrix products go through the `gemm` crate: single-threaded inside a task, or
-//! spread over the pool for the projections ([`matmul_new`]). [`adamw_step`] is the optimiser's update.
+//! spread over the pool for the projections ([`matmul_new`]).
 //!
 //! What composing burn's primitive operations costs and this saves: the attention scores
 //! `[batch, heads, seq, seq]` are never materialised as a tensor (one `seq x seq` block per task,
@@ -164,54 +164,6 @@ pub fn matmul_new(
         c.set_len(len);
     }
     c
-}
-
-/// AdamW's hyper-parameters for one step, in the form burn's `AdamW` computes with.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    /// Learning rate (burn multiplies the update by it as an f32).
-    pub lr: f32,
-    /// First-moment decay.
-    pub beta_1: f32,
-    /// Second-moment decay.
-    pub beta_2: f32,
-    /// Added to the root of the corrected second moment.
-    pub epsilon: f32,
-    /// `1 - lr * weight_decay` (1 when there is no decay).
-    pub decay: f32,
-    /// `1 - beta_1^t` and `1 - beta_2^t` for this step's `t` (from 1).
-    pub bias_1: f32,
-    /// See `bias_1`.
-    pub bias_2: f32,
-}
-
-/// One AdamW step in place over a parameter, its gradient and its two moments: the same
-/// arithmetic, operation by operation, as burn's `AdamW` (which runs it as eight tensor passes,
-/// each allocating its output, on one thread), in one parallel pass.
-pub fn adamw_step(p: &mut [f32], g: &[f32], m1: &mut [f32], m2: &mut [f32], c: &AdamWStep) {
-    let n = p.len();
-    assert!(
-        g.len() == n && m1.len() == n && m2.len() == n,
-        "adamw: parameter, gradient and moments differ in length"
-    );
-    let f1 = 1.0 - c.beta_1;
-    let f2 = 1.0 - c.beta_2;
-    p.par_chunks_mut(ELEMS_PER_CHUNK)
-        .zip(g.par_chunks(ELEMS_PER_CHUNK))
-        .zip(m1.par_chunks_mut(ELEMS_PER_CHUNK))
-        .zip(m2.par_chunks_mut(ELEMS_PER_CHUNK))
-        .for_each(|(((p, g), m1), m2)| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                let a = m1[i] * c.beta_1 + gi * f1;
-                let b = m2[i] * c.beta_2 + (gi * gi) * f2;
-                m1[i] = a;
-                m2[i] = b;
-                let delta = (a / c.bias_1) / ((b / c.bias_2).sqrt() + c.epsilon);
-                let kept = if c.decay == 1.0 { p[i] } else { p[i] * c.decay };
-                p[i] = kept - delta * c.lr;
-            }
-        });
 }
 
 /// Shapes of one attention call: `q` is `[b, t, h * d]`, `k` and `v` are `[b, t, kv * d]`,
@@ -1025,46 +977,6 @@ mod tests {
             vec![0.0; 6]
         );
         assert!(matmul_new((0, 3, 4), &[], (4, 1), &b, (n, 1)).is_empty());
-    }
-
-    #[test]
-    fn adamw_step_is_adamw() {
-        let mut seed = 13;
-        let n = ELEMS_PER_CHUNK + 37; // two chunks
-        let p0 = rand_vec(n, &mut seed);
-        let (mut p, mut m1, mut m2) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
-        let (mut rp, mut r1, mut r2): (Vec<f64>, Vec<f64>, Vec<f64>) = (
-            p0.iter().map(|&x| f64::from(x)).collect(),
-            vec![0.0; n],
-            vec![0.0; n],
-        );
-        let (lr, b1, b2, eps, wd) = (1e-2f64, 0.9f64, 0.999f64, 1e-8f64, 0.1f64);
-        for t in 1..=3 {
-            let g = rand_vec(n, &mut seed);
-            let c = AdamWStep {
-                lr: lr as f32,
-                beta_1: b1 as f32,
-                beta_2: b2 as f32,
-                epsilon: eps as f32,
-                decay: (1.0 - lr * wd) as f32,
-                bias_1: 1.0 - (b1 as f32).powi(t),
-                bias_2: 1.0 - (b2 as f32).powi(t),
-            };
-            adamw_step(&mut p, &g, &mut m1, &mut m2, &c);
-            for i in 0..n {
-                let gi = f64::from(g[i]);
-                r1[i] = b1 * r1[i] + (1.0 - b1) * gi;
-                r2[i] = b2 * r2[i] + (1.0 - b2) * gi * gi;
-                let upd =
-                    (r1[i] / (1.0 - b1.powi(t))) / ((r2[i] / (1.0 - b2.powi(t))).sqrt() + eps);
-                rp[i] = rp[i] * (1.0 - lr * wd) - lr * upd;
-            }
-        }
-        assert!(max_diff(&m1, &r1) < 1e-6);
-        assert!(max_diff(&m2, &r2) < 1e-6);
-        // The parameters moved (AdamW's steps are about lr each), and by what AdamW says.
-        assert!(max_diff(&p0, &rp) > 5e-3);
-        assert!(max_diff(&p, &rp) < 1e-5);
     }
 
     #[test]

@@ -3,16 +3,17 @@
 
 pub mod device;
 pub mod error;
-pub mod fused;
-pub mod kernels;
+mod fused;
+mod kernels;
 pub mod load;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod reward;
 pub mod rope;
 
 pub use device::{Backend, device};
 pub use error::{Error, Result};
 pub use load::{ParamIds, from_weights, from_weights_with_ids, hf_tensors, load};
-pub use model::{CausalLm, CausalLmConfig, Kernels};
+pub use model::CausalLm;
 pub use reward::RewardModel;

@@ -12,7 +12,7 @@ use burn::tensor::{Bytes, DType};
 use gram_core::{Checkpoint, F32Tensor, ModelConfig, Weights};
 
 use crate::error::{Error, Result};
-use crate::model::{CausalLm, CausalLmConfig};
+use crate::model::CausalLm;
 
 /// HF tensor name -> module path. Module fields carry HF's names, so only the RMS norms differ
 /// (burn calls their scale `gamma`).
@@ -158,7 +158,7 @@ pub fn from_weights_with_ids(
         .map_err(|e| Error::Internal(e.to_string()))?;
     let (tensors, _) = remapper.remap(tensors);
 
-    let mut model = CausalLmConfig::from_model_config(config).init(device);
+    let mut model = CausalLm::init(config, device);
     let result = model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), false);
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(werr(format!(

@@ -82,7 +82,9 @@ impl RewardModel {
     /// # Shapes
     /// - `ids`, `mask`: `[batch, seq]`; output: `[batch]`
     pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<1> {
-        let last = self.model.forward_last(ids, mask, &self.inv_freq);
+        let last = self
+            .model
+            .forward_last(self.model.embed(ids), mask, &self.inv_freq);
         let [b, _] = last.dims();
         self.score.forward(last).reshape([b])
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use gram_core::{LabelIds, ModelConfig};
-use gram_model::CausalLmConfig;
+use gram_model::CausalLm;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -53,7 +53,7 @@ pub fn bench(
     cfg.validate(config)?;
     let device = gram_model::device(backend)?.autodiff();
     device.seed(0);
-    let mut model = CausalLmConfig::from_model_config(&cfg).init(&device);
+    let mut model = CausalLm::init(&cfg, &device);
     let mut optim = crate::optim::adamw((0.9, 0.999), 1e-8, 0.0);
     let labels = LabelIds { a: 1, b: 2 };
     let ctx = Ctx {

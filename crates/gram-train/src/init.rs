@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use gram_core::{GramTokenizer, ModelConfig};
-use gram_model::{CausalLmConfig, hf_tensors};
+use gram_model::{CausalLm, hf_tensors};
 
 use crate::checkpoint::{SaveModel, write_model};
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ pub fn init_model(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Res
     }
     let device = Device::flex();
     device.seed(seed);
-    let model = CausalLmConfig::from_model_config(&cfg).init(&device);
+    let model = CausalLm::init(&cfg, &device);
     let tmp = out.with_file_name(format!(
         ".{}.tmp-{}",
         out.file_name().and_then(|n| n.to_str()).unwrap_or("model"),

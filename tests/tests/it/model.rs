@@ -570,14 +570,15 @@ fn max_rel_diff(a: &[Vec<f32>], reference: &[Vec<f32>]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The fused CPU kernels (attention with RoPE inside, RMSNorm, SwiGLU; gram_model::fused) give
-/// the same hidden states and the same parameter gradients as burn's composed primitives, on
+/// The ops' fused CPU kernels (attention with RoPE inside, RMSNorm, SwiGLU, linear; gram_model::ops)
+/// give the same hidden states and the same parameter gradients as burn's composed primitives
+/// (`ops::composed`), on
 /// every hf-tiny architecture (grouped heads, Qwen3's per-head norms, LLaMA 3 RoPE) with the
 /// fixtures' left padding. Padding positions are left out: the two paths fill them differently
 /// and nothing reads them.
 #[test]
 fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
-    use gram_model::Kernels;
+    use gram_model::ops;
     let device = Device::flex().autodiff();
     for name in TINY {
         let TinyBatch {
@@ -594,10 +595,13 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
                 &device,
             )
         };
-        let run = |kernels: Kernels| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-            let h = model
-                .model
-                .forward_with(int(&ids), int(&mask), &model.inv_freq, kernels);
+        let run = |composed: bool| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+            let forward = || model.forward_hidden(int(&ids), int(&mask));
+            let h = if composed {
+                ops::composed(forward)
+            } else {
+                forward()
+            };
             let [_, _, d] = h.dims();
             // A fixed, position-dependent weighting so every gradient path is exercised.
             let w: Vec<f32> = (0..b * t * d).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -632,11 +636,15 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
             let hidden = floats((h * real).into_data())?;
             Ok((hidden, gs))
         };
-        let (h_fused, g_fused) = run(Kernels::Auto)?;
-        let (h_ref, g_ref) = run(Kernels::Composed)?;
+        let (h_fused, g_fused) = run(false)?;
+        let (h_ref, g_ref) = run(true)?;
         let dh = rel_diff(&h_fused, &h_ref);
         let dg = max_rel_diff(&g_fused, &g_ref);
         println!("{name}: fused vs composed: hidden {dh:.2e}, gradients {dg:.2e} (relative)");
+        ensure!(
+            dh > 0.0 || dg > 0.0,
+            "{name}: the composed run equals the fused one bit for bit: ops::composed did not switch"
+        );
         ensure!(dh < 1e-5, "{name}: hidden states differ by {dh:.2e}");
         ensure!(dg < 1e-4, "{name}: gradients differ by {dg:.2e}");
         ensure!(
@@ -649,11 +657,11 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
 
 /// `Decoder::forward_last` (what the judge and the reward head read: the last layer's output
 /// projection, MLP and the final norm run on the last row only) gives the full forward's last
-/// row and the same gradients for every parameter, on both kernel paths and every hf-tiny
-/// architecture.
+/// row and the same gradients for every parameter, through the fused and the composed ops, on
+/// every hf-tiny architecture.
 #[test]
 fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<()> {
-    use gram_model::Kernels;
+    use gram_model::ops;
     let device = Device::flex().autodiff();
     for name in TINY {
         let TinyBatch {
@@ -691,17 +699,22 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
             }
             (m, v)
         };
-        for kernels in [Kernels::Auto, Kernels::Composed] {
+        for kernels in ["fused", "composed"] {
             let run = |last_only: bool| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
                 let (i, m) = (int(&ids), int(&mask));
-                let h = if last_only {
-                    model
-                        .model
-                        .forward_last_with(i, m, &model.inv_freq, kernels)
+                let forward = || {
+                    if last_only {
+                        model.last_hidden(i, m)
+                    } else {
+                        let h = model.forward_hidden(i, m);
+                        let [_, _, d] = h.dims();
+                        h.slice([0..b, t - 1..t, 0..d]).reshape([b, d])
+                    }
+                };
+                let h = if kernels == "composed" {
+                    ops::composed(forward)
                 } else {
-                    let h = model.model.forward_with(i, m, &model.inv_freq, kernels);
-                    let [_, _, d] = h.dims();
-                    h.slice([0..b, t - 1..t, 0..d]).reshape([b, d])
+                    forward()
                 };
                 let [_, d] = h.dims();
                 let w: Vec<f32> = (0..b * d).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -736,18 +749,15 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
             for (a, b) in g_last.iter().zip(&g_full) {
                 dg = dg.max(diff(a, b)?);
             }
-            println!("{name} {kernels:?}: last-only vs full: hidden {dh:.2e}, gradients {dg:.2e}");
+            println!("{name} {kernels}: last-only vs full: hidden {dh:.2e}, gradients {dg:.2e}");
             ensure!(
                 dh < 1e-5,
-                "{name} {kernels:?}: last hidden state differs by {dh:.2e}"
+                "{name} {kernels}: last hidden state differs by {dh:.2e}"
             );
-            ensure!(
-                dg < 1e-4,
-                "{name} {kernels:?}: gradients differ by {dg:.2e}"
-            );
+            ensure!(dg < 1e-4, "{name} {kernels}: gradients differ by {dg:.2e}");
             ensure!(
                 g_last.iter().all(|g| g.iter().any(|&x| x != 0.0)),
-                "{name} {kernels:?}: a parameter got an all-zero gradient"
+                "{name} {kernels}: a parameter got an all-zero gradient"
             );
         }
     }
@@ -771,7 +781,7 @@ fn label_logits_and_their_gradients_equal_the_full_head_columns() -> Result<()> 
         let mask = || int(vec![0, 0, 1, 1, 1, 1, 1, 1]);
         let run = |reference: bool| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
             let logits = if reference {
-                let last = model.model.forward_last(ids(), mask(), &model.inv_freq);
+                let last = model.last_hidden(ids(), mask());
                 let head = match &model.lm_head {
                     Some(l) => l.weight.val(),
                     None => model.model.embed_tokens.weight.val().transpose(),
