@@ -53,7 +53,9 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         match self {
             Self::Core(e) => e.is_user_error(),
-            Self::Model(_) | Self::Verify(_) => false,
+            Self::Model(e) => e.is_user_error(),
+            Self::Score(e) => e.is_user_error(),
+            Self::Verify(_) => false,
             _ => true,
         }
     }

@@ -24,3 +24,15 @@ pub enum Error {
     #[error("internal error (please report): {0}")]
     Internal(String),
 }
+
+impl Error {
+    /// True when the user can fix it (a checkpoint that cannot be read or does not fit its
+    /// config, a device that cannot be opened), false for a bug of ours.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Self::Core(e) => e.is_user_error(),
+            Self::Weights { .. } | Self::Device(_) => true,
+            Self::Internal(_) => false,
+        }
+    }
+}

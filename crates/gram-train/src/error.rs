@@ -57,9 +57,11 @@ impl Error {
 
     /// Whether the user can fix it (exit status 1) rather than a bug (2).
     pub fn is_user_error(&self) -> bool {
-        !matches!(
-            self,
-            Self::Internal(_) | Self::Model(gram_model::Error::Internal(_))
-        )
+        match self {
+            Self::Model(e) => e.is_user_error(),
+            Self::Core(e) => e.is_user_error(),
+            Self::Internal(_) => false,
+            Self::Io { .. } | Self::Data { .. } | Self::Input(_) => true,
+        }
     }
 }

@@ -275,6 +275,19 @@ fn bad_exports_are_refused_in_one_line() -> Result<()> {
             ],
             "context",
         ),
+        // Weights burn refuses (a NaN) found by --verify: the checkpoint is the user's to fix.
+        (
+            vec![
+                "--model".into(),
+                nan_checkpoint(&tiny, &root.join("nan"))?
+                    .display()
+                    .to_string(),
+                "--tokenizer".into(),
+                fixtures().join("smollm2").display().to_string(),
+                "--verify".into(),
+            ],
+            "non-finite",
+        ),
     ];
     for (args, want) in cases {
         let out = Command::new(bin("gram-export")?)
@@ -299,4 +312,30 @@ fn bad_exports_are_refused_in_one_line() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A copy of the hf-tiny checkpoint `src` in `dst` whose first f32 weight starts with a NaN.
+fn nan_checkpoint(src: &Path, dst: &Path) -> Result<PathBuf> {
+    use safetensors::tensor::{Dtype, TensorView};
+    std::fs::create_dir_all(dst)?;
+    std::fs::copy(src.join("config.json"), dst.join("config.json"))?;
+    let bytes = std::fs::read(src.join("model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let first = tensors
+        .iter_mut()
+        .find(|t| t.1 == Dtype::F32 && t.3.len() >= 4)
+        .context("no f32 tensor in the fixture")?;
+    first.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views = tensors
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors"))?;
+    Ok(dst.to_path_buf())
 }
