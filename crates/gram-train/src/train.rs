@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::checkpoint::{self, ModelCard, SaveModel, TrainState};
 use crate::data::{self, Example, Split};
 use crate::error::{Error, Result};
-use crate::objective::{Ctx, Eval, Objective};
+use crate::objective::{BatchStats, Ctx, Eval, Objective};
 use crate::settings::{Settings, Stage, lr_at};
 
 /// How a run is started.
@@ -356,75 +356,372 @@ fn describe(e: &Eval) -> String {
     }
 }
 
-#[allow(clippy::too_many_lines)]
-fn train_loop<M: Saveable>(
-    mut model: M,
-    p: Prepared,
-    device: &Device,
-    eval_device: &Device,
-) -> Result<Summary> {
-    let s = &p.settings;
-    let run = s.out.clone();
-    let ctx = Ctx {
-        stage: s.stage,
-        pad: p.tokenizer.pad_id(),
-        labels: p.labels,
-        eps: s.label_smoothing,
-    };
-    let lengths: Vec<usize> = p.train.iter().map(Example::len).collect();
-    let batches_per_epoch = p.train.len().div_ceil(s.batch_size);
-    let steps_per_epoch = batches_per_epoch.div_ceil(s.grad_accum);
-    let total = s.max_steps.unwrap_or(s.epochs * steps_per_epoch);
-    let warmup_steps = (s.warmup * total as f64).ceil() as usize;
+/// The statistics a run keeps while it trains: the window of batches since the last log line,
+/// the first and last logged mean losses, and the tokens this process trained on.
+#[derive(Debug)]
+struct Running {
+    loss: f64,
+    correct: usize,
+    rows: usize,
+    batches: usize,
+    tokens: usize,
+    since: Instant,
+    first_loss: f64,
+    last_loss: f64,
+    process_tokens: u64,
+}
 
-    let mut optim: ModuleOptimizer = crate::optim::adamw(
-        (s.betas.0 as f32, s.betas.1 as f32),
-        s.adam_eps as f32,
-        s.weight_decay as f32,
-    );
-    let mut state = TrainState {
-        stage: s.stage,
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        total_steps: total,
-        tokens: 0,
-        elapsed_s: 0.0,
-        param_ids: ParamIds::new(),
-    };
-    if let Some((dir, saved)) = &p.resume {
-        let opt_path = dir.join("optimizer.bpk");
-        optim = optim
-            .load(&opt_path)
-            .map_err(|e| Error::data(&opt_path, format!("optimizer state: {e}")))?;
-        state = saved.clone();
-        if state.total_steps != total {
-            return Err(Error::Input(format!(
-                "{}: the run was planned for {} steps, the data and settings now give {total}; did the dataset change?",
-                dir.display(),
-                state.total_steps
-            )));
+/// What one log line reports: the window's means.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Logged {
+    loss: f64,
+    acc: Option<f64>,
+    tokens_per_s: f64,
+}
+
+impl Running {
+    fn new() -> Self {
+        Self {
+            loss: 0.0,
+            correct: 0,
+            rows: 0,
+            batches: 0,
+            tokens: 0,
+            since: Instant::now(),
+            first_loss: f64::NAN,
+            last_loss: f64::NAN,
+            process_tokens: 0,
         }
     }
-    let mut metrics = Metrics::open(&run, p.resume.as_ref().map(|(_, st)| st.step))?;
 
-    let card = |step: usize| ModelCard {
-        trainer: format!("gram-train {}", env!("CARGO_PKG_VERSION")),
-        stage: s.stage,
-        base_model: s.model.clone(),
-        data: s.data.clone(),
-        label_ids: p.labels,
-        step,
-    };
-    let save_model = |m: &M, step: usize| -> Result<SaveModel<'_>> {
-        Ok(SaveModel {
-            config_json: M::config_json(&p.config, &p.tokenizer),
-            tensors: hf_tensors(m)?,
-            tokenizer: &p.tokenizer,
-            card: Some(card(step)),
+    /// One batch: its loss, rows judged correctly, and sizes.
+    fn add(&mut self, loss: f64, correct: usize, stats: &BatchStats) {
+        self.loss += loss;
+        self.correct += correct;
+        self.rows += stats.rows;
+        self.batches += 1;
+        self.tokens += stats.tokens;
+        self.process_tokens += stats.tokens as u64;
+    }
+
+    /// The window's means (`acc` when the objective has one), or none for an empty window; the
+    /// window then starts anew, and the mean loss becomes the last (and maybe first) loss.
+    fn take(&mut self, with_acc: bool) -> Option<Logged> {
+        if self.batches == 0 {
+            return None;
+        }
+        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
+        let logged = Logged {
+            loss: self.loss / self.batches as f64,
+            acc: with_acc.then(|| self.correct as f64 / self.rows.max(1) as f64),
+            tokens_per_s: self.tokens as f64 / secs,
+        };
+        if self.first_loss.is_nan() {
+            self.first_loss = logged.loss;
+        }
+        self.last_loss = logged.loss;
+        (
+            self.loss,
+            self.correct,
+            self.rows,
+            self.batches,
+            self.tokens,
+        ) = (0.0, 0, 0, 0, 0);
+        self.since = Instant::now();
+        Some(logged)
+    }
+}
+
+/// The batches of the current epoch in their seeded order; a new epoch's order is drawn when
+/// one runs out.
+struct Batches {
+    lengths: Vec<usize>,
+    batch_size: usize,
+    window: usize,
+    seed: u64,
+    order: Vec<Vec<usize>>,
+}
+
+impl Batches {
+    fn new(train: &[Example], s: &Settings, epoch: usize) -> Self {
+        let lengths: Vec<usize> = train.iter().map(Example::len).collect();
+        let order = data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, epoch);
+        Self {
+            lengths,
+            batch_size: s.batch_size,
+            window: s.bucket_window,
+            seed: s.seed,
+            order,
+        }
+    }
+
+    /// The rows of the next batch, moving `state` past it.
+    fn next<'e>(&mut self, state: &mut TrainState, train: &'e [Example]) -> Vec<&'e Example> {
+        if state.batch_in_epoch >= self.order.len() {
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            self.order = data::epoch_batches(
+                &self.lengths,
+                self.batch_size,
+                self.window,
+                self.seed,
+                state.epoch,
+            );
+        }
+        let rows = self.order[state.batch_in_epoch]
+            .iter()
+            .map(|&i| &train[i])
+            .collect();
+        state.batch_in_epoch += 1;
+        rows
+    }
+}
+
+/// A run between its first and last step: the optimiser, where the run stands, and what it
+/// writes as it goes.
+struct Trainer<'a> {
+    p: &'a Prepared,
+    ctx: Ctx,
+    device: &'a Device,
+    eval_device: &'a Device,
+    total: usize,
+    warmup_steps: usize,
+    optim: ModuleOptimizer,
+    state: TrainState,
+    batches: Batches,
+    running: Running,
+    metrics: Metrics,
+    bar: ProgressBar,
+    last_eval: Option<Eval>,
+    started: Instant,
+    elapsed0: f64,
+}
+
+impl<'a> Trainer<'a> {
+    /// The optimiser and the state of a new run, or those of the checkpoint it resumes.
+    fn new(p: &'a Prepared, device: &'a Device, eval_device: &'a Device) -> Result<Self> {
+        let s = &p.settings;
+        let steps_per_epoch = p.train.len().div_ceil(s.batch_size).div_ceil(s.grad_accum);
+        let total = s.max_steps.unwrap_or(s.epochs * steps_per_epoch);
+        let mut optim: ModuleOptimizer = crate::optim::adamw(
+            (s.betas.0 as f32, s.betas.1 as f32),
+            s.adam_eps as f32,
+            s.weight_decay as f32,
+        );
+        let mut state = TrainState {
+            stage: s.stage,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            total_steps: total,
+            tokens: 0,
+            elapsed_s: 0.0,
+            param_ids: ParamIds::new(),
+        };
+        if let Some((dir, saved)) = &p.resume {
+            let opt_path = dir.join("optimizer.bpk");
+            optim = optim
+                .load(&opt_path)
+                .map_err(|e| Error::data(&opt_path, format!("optimizer state: {e}")))?;
+            state = saved.clone();
+            if state.total_steps != total {
+                return Err(Error::Input(format!(
+                    "{}: the run was planned for {} steps, the data and settings now give {total}; did the dataset change?",
+                    dir.display(),
+                    state.total_steps
+                )));
+            }
+        }
+        let metrics = Metrics::open(&s.out, p.resume.as_ref().map(|(_, st)| st.step))?;
+        Ok(Self {
+            ctx: Ctx {
+                stage: s.stage,
+                pad: p.tokenizer.pad_id(),
+                labels: p.labels,
+                eps: s.label_smoothing,
+            },
+            device,
+            eval_device,
+            total,
+            warmup_steps: (s.warmup * total as f64).ceil() as usize,
+            optim,
+            batches: Batches::new(&p.train, s, state.epoch),
+            elapsed0: state.elapsed_s,
+            state,
+            running: Running::new(),
+            metrics,
+            bar: progress_bar(p, total)?,
+            last_eval: None,
+            started: Instant::now(),
+            p,
         })
-    };
+    }
 
+    /// One line on what the run will do (or where it resumes).
+    fn announce(&self) {
+        let (s, p, total) = (&self.p.settings, self.p, self.total);
+        self.bar.set_position(self.state.step as u64);
+        if self.state.step > 0 {
+            eprintln!(
+                "gram-train {}: resuming {} at step {}/{total}",
+                s.stage.name(),
+                s.out.display(),
+                self.state.step,
+            );
+            return;
+        }
+        let unit = if s.stage == Stage::Bt {
+            "pairs"
+        } else {
+            "rows"
+        };
+        eprintln!(
+            "gram-train {}: {} train {} / valid {} ({unit}), {total} steps of {} x {} rows, lr {} on {:?}",
+            s.stage.name(),
+            p.origin,
+            p.train.len(),
+            p.valid.len(),
+            s.grad_accum,
+            s.batch_size,
+            s.lr,
+            s.backend
+        );
+    }
+
+    /// One optimiser step over `grad_accum` batches; returns the updated model, the learning
+    /// rate and the gradient norm before clipping.
+    fn step<M: Saveable>(&mut self, model: M) -> Result<(M, f64, f64)> {
+        let p = self.p;
+        let s = &p.settings;
+        let lr = lr_at(self.state.step, self.total, self.warmup_steps, s.lr);
+        let mut acc = GradientsAccumulator::<M>::new();
+        for _ in 0..s.grad_accum {
+            let rows = self.batches.next(&mut self.state, &p.train);
+            let (loss, correct, stats) = model.batch_loss(&rows, &self.ctx, self.device);
+            let loss_v = f64::from(loss.clone().into_scalar::<f32>());
+            if !loss_v.is_finite() {
+                self.bar.abandon();
+                return Err(Error::Input(format!(
+                    "loss is {loss_v} at step {} (lr {lr:e}); lower --lr or check the data",
+                    self.state.step
+                )));
+            }
+            let correct = if s.stage == Stage::Pretrain {
+                0
+            } else {
+                correct.into_scalar::<f32>() as usize
+            };
+            let grads = loss.div_scalar(s.grad_accum as f64).backward();
+            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            self.running.add(loss_v, correct, &stats);
+            self.state.tokens += stats.tokens as u64;
+        }
+        let mut grads = acc.grads();
+        let gnorm = clip_global(&model, &mut grads, s.clip);
+        let model = self.optim.step(lr, model, grads);
+        self.state.step += 1;
+        self.state.elapsed_s = self.elapsed0 + self.started.elapsed().as_secs_f64();
+        Ok((model, lr, gnorm))
+    }
+
+    /// A metrics line (and a log line or the bar's message) every `log_every` steps.
+    fn log(&mut self, lr: f64, gnorm: f64) -> Result<()> {
+        let step = self.state.step;
+        let due = step.is_multiple_of(self.p.settings.log_every.max(1)) || step == self.total;
+        let with_acc = self.p.settings.stage != Stage::Pretrain;
+        if let Some(w) = due.then(|| self.running.take(with_acc)).flatten() {
+            self.metrics.write(&json!({
+                "step": step, "epoch": self.state.epoch, "split": "train", "loss": w.loss, "acc": w.acc,
+                "lr": lr, "grad_norm": gnorm, "tokens_per_s": w.tokens_per_s, "elapsed_s": self.state.elapsed_s,
+            }))?;
+            let acc_txt = w
+                .acc
+                .map(|a| format!(" acc {:.1}%", 100.0 * a))
+                .unwrap_or_default();
+            let msg = format!("loss {:.4}{acc_txt} {:.0} tok/s", w.loss, w.tokens_per_s);
+            if self.bar.is_hidden() {
+                eprintln!("step {step}/{} {msg} lr {lr:.2e}", self.total);
+            }
+            self.bar.set_message(msg);
+        }
+        self.bar.set_position(step as u64);
+        Ok(())
+    }
+
+    /// Validation every `eval_every` steps and at the end; a checkpoint every `save_every`
+    /// steps and at the end.
+    fn evaluate_and_save<M: Saveable>(&mut self, model: &M) -> Result<()> {
+        let p = self.p;
+        let (s, step) = (&p.settings, self.state.step);
+        let last = step == self.total;
+        if !self.p.valid.is_empty()
+            && ((s.eval_every > 0 && step.is_multiple_of(s.eval_every)) || last)
+        {
+            let e = model.valid().evaluate(
+                &self.p.valid,
+                &self.ctx,
+                s.batch_size * 2,
+                self.eval_device,
+            );
+            self.metrics.write(&eval_json(step, &e))?;
+            self.bar.println(format!("step {step}: {}", describe(&e)));
+            self.last_eval = Some(e);
+        }
+        if (s.save_every > 0 && step.is_multiple_of(s.save_every)) || last {
+            let m = save_model(self.p, model, step)?;
+            checkpoint::save_checkpoint(&s.out, m, &self.optim, self.state.clone(), s.keep)?;
+        }
+        Ok(())
+    }
+
+    /// Saves the final model, plots the curves and writes `summary.json`.
+    fn finish<M: Saveable>(self, model: &M) -> Result<Summary> {
+        self.bar.finish();
+        let run = &self.p.settings.out;
+        let final_model = checkpoint::save_final(run, save_model(self.p, model, self.state.step)?)?;
+        let plot = run.join("curves.png");
+        if let Err(e) =
+            crate::plot::plot_metrics(&run.join("metrics.jsonl"), &plot, self.p.settings.stage)
+        {
+            eprintln!("warning: no plot: {e}");
+        }
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let summary = Summary {
+            out: run.clone(),
+            final_model,
+            steps: self.state.step,
+            train_loss: self.running.last_loss,
+            first_train_loss: self.running.first_loss,
+            valid: self.last_eval,
+            tokens_per_s: self.running.process_tokens as f64 / secs,
+        };
+        let text =
+            serde_json::to_string_pretty(&summary).map_err(|e| Error::Internal(e.to_string()))?;
+        gram_core::atomic_write(&run.join("summary.json"), text.as_bytes())?;
+        Ok(summary)
+    }
+}
+
+/// What a checkpoint or the final folder holds of `model` at `step`.
+fn save_model<'p, M: Saveable>(p: &'p Prepared, model: &M, step: usize) -> Result<SaveModel<'p>> {
+    let s = &p.settings;
+    Ok(SaveModel {
+        config_json: M::config_json(&p.config, &p.tokenizer),
+        tensors: hf_tensors(model)?,
+        tokenizer: &p.tokenizer,
+        card: Some(ModelCard {
+            trainer: format!("gram-train {}", env!("CARGO_PKG_VERSION")),
+            stage: s.stage,
+            base_model: s.model.clone(),
+            data: s.data.clone(),
+            label_ids: p.labels,
+            step,
+        }),
+    })
+}
+
+/// The run's progress bar (hidden when not on a terminal: log lines then).
+fn progress_bar(p: &Prepared, total: usize) -> Result<ProgressBar> {
     let bar = if !p.progress || !progress_enabled() {
         ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::hidden())
     } else {
@@ -435,161 +732,26 @@ fn train_loop<M: Saveable>(
             .map_err(|e| Error::Internal(e.to_string()))?
             .progress_chars("=> "),
     );
-    bar.set_prefix(s.stage.name());
-    bar.set_position(state.step as u64);
-    let quiet_log = bar.is_hidden();
-    if state.step == 0 {
-        eprintln!(
-            "gram-train {}: {} train {} / valid {} ({}), {} steps of {} x {} rows, lr {} on {:?}",
-            s.stage.name(),
-            p.origin,
-            p.train.len(),
-            p.valid.len(),
-            if s.stage == Stage::Bt {
-                "pairs"
-            } else {
-                "rows"
-            },
-            total,
-            s.grad_accum,
-            s.batch_size,
-            s.lr,
-            s.backend
-        );
-    } else {
-        eprintln!(
-            "gram-train {}: resuming {} at step {}/{}",
-            s.stage.name(),
-            run.display(),
-            state.step,
-            total
-        );
+    bar.set_prefix(p.settings.stage.name());
+    Ok(bar)
+}
+
+/// Trains `model` to the run's last step.
+fn train_loop<M: Saveable>(
+    mut model: M,
+    p: Prepared,
+    device: &Device,
+    eval_device: &Device,
+) -> Result<Summary> {
+    let mut t = Trainer::new(&p, device, eval_device)?;
+    t.announce();
+    while t.state.step < t.total {
+        let (next, lr, gnorm) = t.step(model)?;
+        model = next;
+        t.log(lr, gnorm)?;
+        t.evaluate_and_save(&model)?;
     }
-
-    let mut batches =
-        data::epoch_batches(&lengths, s.batch_size, s.bucket_window, s.seed, state.epoch);
-    let started = Instant::now();
-    let elapsed0 = state.elapsed_s;
-    let mut tokens_this_process = 0u64;
-    let (mut win_loss, mut win_correct, mut win_rows, mut win_n, mut win_tokens) =
-        (0.0f64, 0usize, 0usize, 0usize, 0usize);
-    let mut win_start = Instant::now();
-    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    let mut last_eval: Option<Eval> = None;
-    let is_pretrain = s.stage == Stage::Pretrain;
-
-    while state.step < total {
-        let lr = lr_at(state.step, total, warmup_steps, s.lr);
-        let mut acc = GradientsAccumulator::<M>::new();
-        for _ in 0..s.grad_accum {
-            if state.batch_in_epoch >= batches.len() {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-                batches = data::epoch_batches(
-                    &lengths,
-                    s.batch_size,
-                    s.bucket_window,
-                    s.seed,
-                    state.epoch,
-                );
-            }
-            let rows: Vec<&Example> = batches[state.batch_in_epoch]
-                .iter()
-                .map(|&i| &p.train[i])
-                .collect();
-            state.batch_in_epoch += 1;
-            let (loss, correct, stats) = model.batch_loss(&rows, &ctx, device);
-            let loss_v = f64::from(loss.clone().into_scalar::<f32>());
-            if !loss_v.is_finite() {
-                bar.abandon();
-                return Err(Error::Input(format!(
-                    "loss is {loss_v} at step {} (lr {lr:e}); lower --lr or check the data",
-                    state.step
-                )));
-            }
-            if !is_pretrain {
-                win_correct += correct.into_scalar::<f32>() as usize;
-            }
-            let grads = loss.div_scalar(s.grad_accum as f64).backward();
-            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
-            win_loss += loss_v;
-            win_n += 1;
-            win_rows += stats.rows;
-            win_tokens += stats.tokens;
-            state.tokens += stats.tokens as u64;
-            tokens_this_process += stats.tokens as u64;
-        }
-        let mut grads = acc.grads();
-        let gnorm = clip_global(&model, &mut grads, s.clip);
-        model = optim.step(lr, model, grads);
-        state.step += 1;
-        state.elapsed_s = elapsed0 + started.elapsed().as_secs_f64();
-
-        let log_now = state.step.is_multiple_of(s.log_every.max(1)) || state.step == total;
-        if log_now && win_n > 0 {
-            let secs = win_start.elapsed().as_secs_f64().max(1e-9);
-            let loss_mean = win_loss / win_n as f64;
-            let acc_v = (!is_pretrain).then(|| win_correct as f64 / win_rows.max(1) as f64);
-            let tps = win_tokens as f64 / secs;
-            if first_loss.is_nan() {
-                first_loss = loss_mean;
-            }
-            last_loss = loss_mean;
-            metrics.write(&json!({
-                "step": state.step, "epoch": state.epoch, "split": "train", "loss": loss_mean, "acc": acc_v,
-                "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s,
-            }))?;
-            let acc_txt = acc_v
-                .map(|a| format!(" acc {:.1}%", 100.0 * a))
-                .unwrap_or_default();
-            let msg = format!("loss {loss_mean:.4}{acc_txt} {:.0} tok/s", tps);
-            if quiet_log {
-                eprintln!("step {}/{} {msg} lr {lr:.2e}", state.step, total);
-            }
-            bar.set_message(msg);
-            (win_loss, win_correct, win_rows, win_n, win_tokens) = (0.0, 0, 0, 0, 0);
-            win_start = Instant::now();
-        }
-        bar.set_position(state.step as u64);
-
-        let eval_now = !p.valid.is_empty()
-            && ((s.eval_every > 0 && state.step.is_multiple_of(s.eval_every))
-                || state.step == total);
-        if eval_now {
-            let e = model
-                .valid()
-                .evaluate(&p.valid, &ctx, s.batch_size * 2, eval_device);
-            metrics.write(&eval_json(state.step, &e))?;
-            bar.println(format!("step {}: {}", state.step, describe(&e)));
-            last_eval = Some(e);
-        }
-        let save_now =
-            (s.save_every > 0 && state.step.is_multiple_of(s.save_every)) || state.step == total;
-        if save_now {
-            let m = save_model(&model, state.step)?;
-            checkpoint::save_checkpoint(&run, m, &optim, state.clone(), s.keep)?;
-        }
-    }
-    bar.finish();
-    let final_model = checkpoint::save_final(&run, save_model(&model, state.step)?)?;
-    let plot = run.join("curves.png");
-    if let Err(e) = crate::plot::plot_metrics(&run.join("metrics.jsonl"), &plot, s.stage) {
-        eprintln!("warning: no plot: {e}");
-    }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    let summary = Summary {
-        out: run.clone(),
-        final_model,
-        steps: state.step,
-        train_loss: last_loss,
-        first_train_loss: first_loss,
-        valid: last_eval,
-        tokens_per_s: tokens_this_process as f64 / secs,
-    };
-    let text =
-        serde_json::to_string_pretty(&summary).map_err(|e| Error::Internal(e.to_string()))?;
-    gram_core::atomic_write(&run.join("summary.json"), text.as_bytes())?;
-    Ok(summary)
+    t.finish(&model)
 }
 
 fn progress_enabled() -> bool {
@@ -601,6 +763,28 @@ fn progress_enabled() -> bool {
 mod tests {
     use super::*;
     use burn::nn::LinearConfig;
+
+    #[test]
+    fn running_statistics_average_a_window_and_start_anew() {
+        let mut r = Running::new();
+        assert_eq!(r.take(true), None, "an empty window logs nothing");
+        let batch = |rows, tokens| BatchStats {
+            rows,
+            tokens,
+            ..BatchStats::default()
+        };
+        r.add(2.0, 3, &batch(4, 100));
+        r.add(1.0, 1, &batch(4, 50));
+        let w = r.take(true).expect("a window of two batches");
+        assert_eq!((w.loss, w.acc), (1.5, Some(0.5)));
+        assert!(w.tokens_per_s > 0.0);
+        r.add(0.5, 2, &batch(2, 10));
+        let w = r.take(false).expect("a window of one batch");
+        assert_eq!((w.loss, w.acc), (0.5, None));
+        assert_eq!((r.first_loss, r.last_loss), (1.5, 0.5));
+        assert_eq!(r.process_tokens, 160, "tokens count across windows");
+        assert_eq!(r.take(true), None, "taken windows start empty");
+    }
 
     #[test]
     fn clipping_scales_the_global_norm_down_to_the_limit_and_only_above_it() {
