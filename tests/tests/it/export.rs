@@ -211,10 +211,15 @@ fn smollm2_onnx_matches_transformers_and_burn() -> Result<()> {
 
 /// A Python with the `onnx` package: $GRAM_TORCH_PYTHON or the cache's torch venv.
 pub fn python_with(module: &str) -> Option<PathBuf> {
+    // scripts/setup.sh installs onnx into $GRAM_CACHE/onnx-venv; the benchmarks' torch venv
+    // has transformers.
+    let cache = std::env::var_os("GRAM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/gram-rs")));
     let candidates = [
         std::env::var_os("GRAM_TORCH_PYTHON").map(PathBuf::from),
-        std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/gram-rs/torch-venv/bin/python")),
+        cache.as_ref().map(|c| c.join("torch-venv/bin/python")),
+        cache.as_ref().map(|c| c.join("onnx-venv/bin/python")),
     ];
     candidates.into_iter().flatten().find(|p| {
         p.exists()
