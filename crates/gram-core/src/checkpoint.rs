@@ -1,9 +1,11 @@
 //! Opening a checkpoint the way users have one: an HF folder (config.json + safetensors +
-//! tokenizer files) or a GGUF file. Gives the configuration, the f32 weights by HF name and the
-//! tokenizer.
+//! tokenizer files), a GGUF file, or a LoRA adapter folder in PEFT's layout (its base found
+//! through `base_model_name_or_path` or given; the weights are the base's with the adapter
+//! merged in). Gives the configuration, the f32 weights by HF name and the tokenizer.
 
 use std::path::{Path, PathBuf};
 
+use crate::adapter::{self, Adapter};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -17,6 +19,8 @@ pub enum Format {
     HfDir,
     /// A GGUF file.
     Gguf,
+    /// A LoRA adapter folder over a base checkpoint.
+    Adapter,
 }
 
 /// A checkpoint on disk, its config already read.
@@ -29,6 +33,7 @@ pub struct Checkpoint {
     /// The model configuration.
     pub config: ModelConfig,
     gguf: Option<GgufFile>,
+    adapter: Option<(Box<Checkpoint>, Adapter)>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -41,8 +46,34 @@ impl std::fmt::Debug for GgufFile {
 }
 
 impl Checkpoint {
-    /// Opens a folder (HF) or a `.gguf` file.
+    /// Opens a folder (HF or adapter) or a `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_base(path, None)
+    }
+
+    /// [`Checkpoint::open`], with the base model of an adapter folder given (instead of the
+    /// one its `base_model_name_or_path` names).
+    pub fn open_with_base(path: &Path, base: Option<&Path>) -> Result<Self> {
+        if Adapter::is_adapter_dir(path) {
+            let a = Adapter::read(path)?;
+            let base_path = adapter::resolve_base(path, &a, base)?;
+            let base = Self::open(&base_path)?;
+            if base.format == Format::Adapter {
+                return Err(Error::format(
+                    &base_path,
+                    "the base of an adapter is itself an adapter; merge it first (its merged/ folder)",
+                ));
+            }
+            a.lora
+                .check(&base.config, &path.join(adapter::CONFIG_FILE))?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                format: Format::Adapter,
+                config: base.config.clone(),
+                gguf: None,
+                adapter: Some((Box::new(base), a)),
+            });
+        }
         if path.is_dir() {
             let cfg_path = path.join("config.json");
             if !cfg_path.exists() {
@@ -54,6 +85,7 @@ impl Checkpoint {
                 format: Format::HfDir,
                 config,
                 gguf: None,
+                adapter: None,
             })
         } else if path.exists() {
             let g = GgufFile::open(path)?;
@@ -63,6 +95,7 @@ impl Checkpoint {
                 format: Format::Gguf,
                 config,
                 gguf: Some(g),
+                adapter: None,
             })
         } else {
             Err(Error::io(
@@ -74,6 +107,12 @@ impl Checkpoint {
 
     /// All weights, f32, by HF name.
     pub fn weights(&self) -> Result<Weights> {
+        if let Some((base, a)) = &self.adapter {
+            let mut w = base.weights()?;
+            a.merge_into(&mut w.tensors, &self.path)?;
+            w.stored_dtype = format!("{} + LoRA r={}", w.stored_dtype, a.lora.rank);
+            return Ok(w);
+        }
         match &self.gguf {
             Some(g) => g.weights(&self.config),
             None => Weights::from_hf_dir(&self.path),
@@ -82,6 +121,13 @@ impl Checkpoint {
 
     /// The tokenizer: the folder's tokenizer files, or the one in the GGUF.
     pub fn tokenizer(&self) -> Result<GramTokenizer> {
+        if let Some((base, _)) = &self.adapter {
+            return if self.path.join("tokenizer.json").exists() {
+                GramTokenizer::from_dir(&self.path)
+            } else {
+                base.tokenizer()
+            };
+        }
         match &self.gguf {
             Some(g) => GramTokenizer::from_gguf(g),
             None => GramTokenizer::from_dir(&self.path),
@@ -91,5 +137,10 @@ impl Checkpoint {
     /// The parsed GGUF, for GGUF checkpoints.
     pub fn gguf(&self) -> Option<&GgufFile> {
         self.gguf.as_ref()
+    }
+
+    /// For an adapter folder: its base checkpoint and the adapter.
+    pub fn adapter(&self) -> Option<(&Checkpoint, &Adapter)> {
+        self.adapter.as_ref().map(|(b, a)| (b.as_ref(), a))
     }
 }

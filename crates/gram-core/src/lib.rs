@@ -2,6 +2,7 @@
 //! prompt templates and label tokens, tokenizers and chat templates, readers of checkpoint
 //! formats (HF config.json, safetensors, GGUF), and errors.
 
+pub mod adapter;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod template;
 pub mod tokenizer;
 pub mod weights;
 
+pub use adapter::{Adapter, LoraConfig, Target};
 pub use checkpoint::{Checkpoint, Format};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{Error, Result};

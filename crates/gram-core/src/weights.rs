@@ -178,26 +178,55 @@ fn read_safetensors_into(
     Ok(())
 }
 
+/// How tensors are stored in a written safetensors file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    /// As they are.
+    F32,
+    /// Rounded to bfloat16 (half the size; what adapters are shipped as).
+    Bf16,
+}
+
 /// Writes tensors as one f32 safetensors file, atomically (temp file + rename).
 pub fn write_safetensors(
     path: &Path,
     tensors: &BTreeMap<String, F32Tensor>,
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<()> {
+    write_safetensors_as(path, tensors, metadata, StoreDtype::F32)
+}
+
+/// Writes tensors as one safetensors file in `dtype`, atomically (temp file + rename).
+pub fn write_safetensors_as(
+    path: &Path,
+    tensors: &BTreeMap<String, F32Tensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    dtype: StoreDtype,
+) -> Result<()> {
+    let encode = |x: &f32| -> Vec<u8> {
+        match dtype {
+            StoreDtype::F32 => x.to_le_bytes().to_vec(),
+            StoreDtype::Bf16 => half::bf16::from_f32(*x).to_le_bytes().to_vec(),
+        }
+    };
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(n, t)| {
             (
                 n.clone(),
-                t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.data.iter().flat_map(encode).collect(),
                 t.shape.clone(),
             )
         })
         .collect();
+    let st_dtype = match dtype {
+        StoreDtype::F32 => Dtype::F32,
+        StoreDtype::Bf16 => Dtype::BF16,
+    };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(n, b, s)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+            safetensors::tensor::TensorView::new(st_dtype, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::Internal(format!("tensor {n}: {e}")))
         })

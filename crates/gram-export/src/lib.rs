@@ -67,8 +67,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// What to export.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
-    /// Checkpoint: HF folder or GGUF file.
+    /// Checkpoint: HF folder, GGUF file, or a LoRA adapter folder (PEFT layout; merged into its
+    /// base before export).
     pub model: PathBuf,
+    /// The base model of an adapter folder, instead of the one its `base_model_name_or_path`
+    /// names.
+    pub base: Option<PathBuf>,
     /// Tokenizer to use instead of the checkpoint's own (a folder with tokenizer.json, or a GGUF).
     pub tokenizer: Option<PathBuf>,
     /// Output folder (created; must not exist unless `overwrite`).
@@ -182,7 +186,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             opts.out.display()
         )));
     }
-    let ckpt = Checkpoint::open(&opts.model)?;
+    let ckpt = Checkpoint::open_with_base(&opts.model, opts.base.as_deref())?;
     let config = ckpt.config.clone();
     let tok = match &opts.tokenizer {
         Some(p) => gram_core::GramTokenizer::from_path(p)?,

@@ -46,11 +46,16 @@ enum Cmd {
     /// Examples:
     ///   gram-export onnx --model runs/s2/final --out exports/judge --verify
     ///   gram-export onnx --model SmolLM2-135M-Instruct.Q4_1.gguf --out exports/smollm2-lm --head lm
+    ///   gram-export onnx --model exports/gram-smollm2-135m-lora --base SmolLM2-135M-Instruct.Q4_1.gguf --out exports/judge
     #[command(verbatim_doc_comment)]
     Onnx {
-        /// Checkpoint: an HF folder (config.json, safetensors, tokenizer) or a GGUF file.
+        /// Checkpoint: an HF folder (config.json, safetensors, tokenizer), a GGUF file, or a LoRA
+        /// adapter folder (PEFT layout: adapter_config.json + adapter_model.safetensors).
         #[arg(long)]
         model: PathBuf,
+        /// Base model of an adapter folder (default: its base_model_name_or_path).
+        #[arg(long)]
+        base: Option<PathBuf>,
         /// Tokenizer to use instead of the checkpoint's (a folder with tokenizer.json, or a GGUF).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
     gram_core::quiet_on_closed_pipe();
     let Cmd::Onnx {
         model,
+        base,
         tokenizer,
         out,
         head,
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
     } = Cli::parse().cmd;
     let opts = ExportOptions {
         model,
+        base,
         tokenizer,
         out: out.clone(),
         head: match head {

@@ -63,3 +63,13 @@ pub fn flush_subnormals() {
     set();
     rayon::broadcast(|_| set());
 }
+
+/// `t` as a trainable leaf: requiring gradients on an autodiff device, as it is elsewhere
+/// (where requiring them is an error).
+pub fn trainable<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.device().is_autodiff() {
+        t.set_require_grad(true)
+    } else {
+        t
+    }
+}

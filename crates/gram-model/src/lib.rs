@@ -6,6 +6,7 @@ pub mod error;
 mod fused;
 mod kernels;
 pub mod load;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod ops;

@@ -15,11 +15,22 @@ use crate::error::{Error, Result};
 use crate::model::CausalLm;
 
 /// HF tensor name -> module path. Module fields carry HF's names, so only the RMS norms differ
-/// (burn calls their scale `gamma`).
-pub const HF_TO_BURN: &[(&str, &str)] = &[(r"^(.*norm)\.weight$", "$1.gamma")];
+/// (burn calls their scale `gamma`) and the decoder's projections (their linear map sits under
+/// `base`, beside an optional LoRA adapter).
+pub const HF_TO_BURN: &[(&str, &str)] = &[
+    (r"^(.*norm)\.weight$", "$1.gamma"),
+    (r"^(.*_proj)\.(weight|bias)$", "$1.base.$2"),
+];
 
 /// The inverse of [`HF_TO_BURN`], for saving in the HF layout.
-pub const BURN_TO_HF: &[(&str, &str)] = &[(r"^(.*norm)\.gamma$", "$1.weight")];
+pub const BURN_TO_HF: &[(&str, &str)] = &[
+    (r"^(.*norm)\.gamma$", "$1.weight"),
+    (r"^(.*_proj)\.base\.(weight|bias)$", "$1.$2"),
+];
+
+/// Module paths of LoRA factors (saved in the adapter's layout by [`crate::lora`], never
+/// among the HF tensors).
+const LORA_PATH: &str = ".lora.";
 
 /// Burn parameter ids by HF tensor name. The optimiser keys its state by these ids, so a resumed
 /// run loads its weights under the ids they had when the optimiser state was saved.
@@ -169,7 +180,8 @@ pub fn from_weights_with_ids(
 }
 
 /// A module's parameters by HF name, in PyTorch layout (linear weights transposed back), f32,
-/// with their burn parameter ids: what an HF `model.safetensors` holds.
+/// with their burn parameter ids: what an HF `model.safetensors` holds (LoRA factors, which it
+/// does not hold, are left out).
 pub fn hf_tensors<M: ModuleSnapshot>(module: &M) -> Result<BTreeMap<String, (F32Tensor, u64)>> {
     let tensors = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
     let remapper = KeyRemapper::from_patterns(BURN_TO_HF.to_vec())
@@ -177,6 +189,9 @@ pub fn hf_tensors<M: ModuleSnapshot>(module: &M) -> Result<BTreeMap<String, (F32
     let (tensors, _) = remapper.remap(tensors);
     let mut out = BTreeMap::new();
     for t in tensors {
+        if t.name.contains(LORA_PATH) {
+            continue;
+        }
         let (name, dtype, shape, id, bytes) =
             t.into_parts().map_err(|e| Error::Internal(e.to_string()))?;
         if dtype != DType::F32 {

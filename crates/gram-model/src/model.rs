@@ -6,6 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNor
 use burn::prelude::*;
 use gram_core::ModelConfig;
 
+use crate::lora::Lora;
 use crate::ops::{self, CausalMask, Rope};
 use crate::rope;
 
@@ -14,9 +15,29 @@ fn norm<const D: usize>(n: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
     ops::rms_norm(x, n.gamma.val(), n.epsilon)
 }
 
-/// A linear layer through [`ops::linear`].
-fn project<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    ops::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+/// A projection of a decoder layer: a linear map, and the low-rank update of a LoRA adapter
+/// when one is attached ([`crate::lora`]). Module path `<name>.base.weight` holds HF's
+/// `<name>.weight` (one rule of [`crate::load::HF_TO_BURN`]).
+#[derive(Module, Debug)]
+pub struct Proj {
+    /// The linear map.
+    pub base: Linear,
+    /// The adapter, when attached.
+    pub lora: Option<Lora>,
+}
+
+impl Proj {
+    /// `x · W (+ b)`, plus the adapter's update.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let b = &self.base;
+        match &self.lora {
+            None => ops::linear(x, b.weight.val(), b.bias.as_ref().map(|b| b.val())),
+            Some(l) => {
+                let y = ops::linear(x.clone(), b.weight.val(), b.bias.as_ref().map(|b| b.val()));
+                y + l.forward(x)
+            }
+        }
+    }
 }
 
 impl CausalLm {
@@ -28,11 +49,15 @@ impl CausalLm {
             mean: 0.0,
             std: 0.02,
         };
-        let lin = |i: usize, o: usize, bias: bool| {
+        let linear = |i: usize, o: usize, bias: bool| {
             LinearConfig::new(i, o)
                 .with_bias(bias)
                 .with_initializer(init.clone())
                 .init(device)
+        };
+        let lin = |i: usize, o: usize, bias: bool| Proj {
+            base: linear(i, o, bias),
+            lora: None,
         };
         let norm = |d: usize| {
             RmsNormConfig::new(d)
@@ -71,7 +96,7 @@ impl CausalLm {
                 layers,
                 norm: norm(h),
             },
-            lm_head: (!c.tie_word_embeddings).then(|| lin(h, c.vocab_size, false)),
+            lm_head: (!c.tie_word_embeddings).then(|| linear(h, c.vocab_size, false)),
             inv_freq: rope::inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling),
         }
     }
@@ -82,13 +107,13 @@ impl CausalLm {
 #[derive(Module, Debug)]
 pub struct Attention {
     /// Query projection.
-    pub q_proj: Linear,
+    pub q_proj: Proj,
     /// Key projection.
-    pub k_proj: Linear,
+    pub k_proj: Proj,
     /// Value projection.
-    pub v_proj: Linear,
+    pub v_proj: Proj,
     /// Output projection.
-    pub o_proj: Linear,
+    pub o_proj: Proj,
     /// Per-head query norm (Qwen3).
     pub q_norm: Option<RmsNorm>,
     /// Per-head key norm (Qwen3).
@@ -99,7 +124,7 @@ impl Attention {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`; output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, rope: &Rope, mask: &CausalMask) -> Tensor<3> {
-        project(&self.o_proj, self.heads(x, rope, mask))
+        self.o_proj.forward(self.heads(x, rope, mask))
     }
 
     /// The heads' outputs before the output projection, `[batch, seq, heads * head_dim]`.
@@ -112,9 +137,9 @@ impl Attention {
             }
             None => y,
         };
-        let q = per_head_norm(project(&self.q_proj, x.clone()), &self.q_norm);
-        let k = per_head_norm(project(&self.k_proj, x.clone()), &self.k_norm);
-        let v = project(&self.v_proj, x);
+        let q = per_head_norm(self.q_proj.forward(x.clone()), &self.q_norm);
+        let k = per_head_norm(self.k_proj.forward(x.clone()), &self.k_norm);
+        let v = self.v_proj.forward(x);
         ops::attention(q, k, v, rope, mask)
     }
 }
@@ -123,19 +148,19 @@ impl Attention {
 #[derive(Module, Debug)]
 pub struct Mlp {
     /// Gate.
-    pub gate_proj: Linear,
+    pub gate_proj: Proj,
     /// Up.
-    pub up_proj: Linear,
+    pub up_proj: Proj,
     /// Down.
-    pub down_proj: Linear,
+    pub down_proj: Proj,
 }
 
 impl Mlp {
     /// `down(silu(gate(x)) * up(x))`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = project(&self.gate_proj, x.clone());
-        let up = project(&self.up_proj, x);
-        project(&self.down_proj, ops::swiglu(gate, up))
+        let gate = self.gate_proj.forward(x.clone());
+        let up = self.up_proj.forward(x);
+        self.down_proj.forward(ops::swiglu(gate, up))
     }
 }
 
@@ -171,7 +196,7 @@ impl DecoderLayer {
         let heads = self
             .self_attn
             .heads(norm(&self.input_layernorm, x.clone()), rope, mask);
-        self.mlp_block(last_row(x) + project(&self.self_attn.o_proj, last_row(heads)))
+        self.mlp_block(last_row(x) + self.self_attn.o_proj.forward(last_row(heads)))
     }
 
     /// `h + mlp(norm(h))`.

@@ -65,9 +65,12 @@ impl RewardModel {
             let id = ids
                 .and_then(|m| m.get(SCORE_WEIGHT).copied())
                 .map_or_else(ParamId::new, ParamId::from);
-            head.weight = Param::initialized(id, w);
+            head.weight = Param::initialized(id, crate::device::trainable(w));
         } else if let Some(id) = ids.and_then(|m| m.get(SCORE_WEIGHT).copied()) {
-            head.weight = Param::initialized(ParamId::from(id), head.weight.val());
+            head.weight = Param::initialized(
+                ParamId::from(id),
+                crate::device::trainable(head.weight.val()),
+            );
         }
         Ok(Self {
             model: lm.model,

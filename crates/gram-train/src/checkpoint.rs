@@ -1,5 +1,6 @@
 //! Run folders and checkpoints. A checkpoint is an HF model folder (config.json,
-//! model.safetensors, tokenizer files: transformers loads it as is) plus what resuming needs:
+//! model.safetensors, tokenizer files: transformers loads it as is), or in a LoRA run the
+//! adapter in PEFT's layout with the merged model in `merged/`, plus what resuming needs:
 //! `optimizer.bpk` (burn's AdamW state) and `trainer_state.json` (step, data position, parameter
 //! ids). Each is written into a temporary folder and renamed into place, then `latest` is
 //! rewritten atomically, so a killed run always leaves a complete latest checkpoint.
@@ -8,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
-use gram_core::{F32Tensor, GramTokenizer, LabelIds};
+use gram_core::weights::StoreDtype;
+use gram_core::{Adapter, F32Tensor, GramTokenizer, LabelIds};
 use gram_model::ParamIds;
 use serde::{Deserialize, Serialize};
 
@@ -57,8 +59,11 @@ pub struct ModelCard {
 pub struct SaveModel<'a> {
     /// HF config.json contents.
     pub config_json: serde_json::Value,
-    /// Tensors by HF name with their parameter ids.
+    /// Tensors by HF name with their parameter ids (with an adapter: the merged model's).
     pub tensors: BTreeMap<String, (F32Tensor, u64)>,
+    /// A LoRA run's adapter with its parameter ids by PEFT key: the folder then holds the
+    /// adapter, and the merged model goes into `merged/`.
+    pub adapter: Option<(Adapter, ParamIds)>,
     /// Tokenizer saved beside it.
     pub tokenizer: &'a GramTokenizer,
     /// gram.json (none for an untrained model).
@@ -71,8 +76,25 @@ fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+/// Writes an HF model folder into `dir` (created), or for a LoRA run the adapter (PEFT's layout)
+/// with the merged model in `dir/merged`; returns the parameter ids the optimiser state is keyed
+/// by.
+pub fn write_model(dir: &Path, mut m: SaveModel<'_>) -> Result<ParamIds> {
+    let Some((adapter, ids)) = m.adapter.take() else {
+        return write_hf(dir, m);
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    adapter.write(dir, StoreDtype::F32)?;
+    m.tokenizer.save_dir(dir)?;
+    if let Some(card) = &m.card {
+        write_json(&dir.join("gram.json"), card)?;
+    }
+    write_hf(&dir.join("merged"), m)?;
+    Ok(ids)
+}
+
 /// Writes an HF model folder into `dir` (created); returns the parameter ids.
-pub fn write_model(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
+fn write_hf(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_json(&dir.join("config.json"), &m.config_json)?;
     let mut ids = ParamIds::new();

@@ -53,6 +53,7 @@ pub fn init_model(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Res
             tensors: hf_tensors(&model)?,
             tokenizer: &tok,
             card: None,
+            adapter: None,
         },
     )?;
     if out.exists() {

@@ -12,6 +12,7 @@ pub mod optim;
 pub mod plot;
 pub mod settings;
 pub mod train;
+pub mod tuning;
 
 pub use error::{Error, Result};
 pub use settings::{Settings, Stage};

@@ -28,10 +28,15 @@ enum Cmd {
     ///
     /// Writes RUN/settings.toml, RUN/metrics.jsonl, RUN/checkpoints/step-N (HF folder +
     /// optimizer.bpk + trainer_state.json), RUN/final (HF folder), RUN/curves.png, RUN/summary.json.
+    /// With --lora-rank, RUN/final and each checkpoint hold the adapter (PEFT layout:
+    /// adapter_config.json + adapter_model.safetensors) and the merged model in merged/.
     ///
     /// Examples:
     ///   gram-train finetune --model runs/s1/final --data data/all --out runs/s2 --epochs 2
     ///   gram-train finetune --model model.gguf --data data/all --out runs/s2 --backend wgpu
+    ///   gram-train finetune --model model.gguf --data data/all --out runs/s2 --lora-rank 16 --lr 2e-4
+    ///   gram-train finetune --model model.gguf --adapter runs/s1/final --data data/all --out runs/s2
+    ///   gram-train finetune --model model.gguf --data data/all --out runs/s2 --train-layers 8
     ///   gram-train finetune --out runs/s2 --resume          # after a crash or kill
     #[command(verbatim_doc_comment)]
     Finetune(TrainArgs),
@@ -160,6 +165,24 @@ struct TrainArgs {
     /// bt: longest prompt + response in tokens (longer keep their tail). [default: 2048]
     #[arg(long)]
     bt_max_tokens: Option<usize>,
+    /// Train a LoRA adapter of this rank (base frozen); 0: train every parameter. [default: 0]
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA scaling numerator (update = alpha / rank * B·A). [default: 2 x rank]
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Projections that get adapters, comma-separated. [default: q,k,v,o,gate,up,down]
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    /// Dropout on the adapters' input. [default: 0]
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Continue this LoRA adapter (PEFT folder: ours or Python peft's) over --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Train only the top N decoder layers (+ final norm); with --lora-rank, adapters only there.
+    #[arg(long)]
+    train_layers: Option<usize>,
     /// Continue the run in --out from its latest checkpoint, with its saved settings.
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
@@ -204,10 +227,24 @@ impl TrainArgs {
             save_every,
             keep,
             log_every,
-            bt_max_tokens
+            bt_max_tokens,
+            lora_rank,
+            lora_targets,
+            lora_dropout
         );
-        if self.max_steps.is_some() {
-            s.max_steps = self.max_steps;
+        for (field, value) in [
+            (&mut s.max_steps, self.max_steps),
+            (&mut s.train_layers, self.train_layers),
+        ] {
+            if value.is_some() {
+                *field = value;
+            }
+        }
+        if self.lora_alpha.is_some() {
+            s.lora_alpha = self.lora_alpha;
+        }
+        if self.adapter.is_some() {
+            s.adapter = self.adapter;
         }
         let opts = RunOptions {
             resume: self.resume,

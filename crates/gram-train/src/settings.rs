@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use gram_core::Target;
 use gram_model::Backend;
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +92,19 @@ pub struct Settings {
     pub log_every: usize,
     /// Longest sequence for `bt` inputs (prompt + response), in tokens; longer ones keep their tail.
     pub bt_max_tokens: usize,
+    /// LoRA rank (0: no adapter, every parameter trains).
+    pub lora_rank: usize,
+    /// LoRA scaling numerator (the update is `alpha / rank · B·A`); none: twice the rank.
+    pub lora_alpha: Option<f64>,
+    /// Projections that get adapters: q, k, v, o, gate, up, down.
+    pub lora_targets: Vec<String>,
+    /// Dropout on the adapters' input.
+    pub lora_dropout: f64,
+    /// Continue training this adapter (a PEFT folder: ours or Python peft's) over `model`.
+    pub adapter: Option<PathBuf>,
+    /// Train only the top this many decoder layers (and the final norm; with LoRA, adapters
+    /// only in them); the layers below run forward without recording for autodiff.
+    pub train_layers: Option<usize>,
 }
 
 impl Default for Settings {
@@ -120,6 +134,12 @@ impl Default for Settings {
             keep: 2,
             log_every: 10,
             bt_max_tokens: 2048,
+            lora_rank: 0,
+            lora_alpha: None,
+            lora_targets: Target::ALL.iter().map(|t| t.short().to_string()).collect(),
+            lora_dropout: 0.0,
+            adapter: None,
+            train_layers: None,
         }
     }
 }
@@ -176,7 +196,35 @@ impl Settings {
         if self.keep == 0 {
             return bad("keep must be >= 1".into());
         }
+        self.lora_targets()?;
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(format!(
+                "lora_dropout must be in [0, 1), got {}",
+                self.lora_dropout
+            ));
+        }
+        if self.lora_alpha.is_some_and(|a| !(a > 0.0 && a.is_finite())) {
+            return bad("lora_alpha must be > 0".into());
+        }
+        if self.train_layers == Some(0) {
+            return bad("train_layers must be >= 1".into());
+        }
         Ok(())
+    }
+
+    /// The LoRA targets, parsed.
+    pub fn lora_targets(&self) -> Result<Vec<Target>> {
+        if self.lora_targets.is_empty() {
+            return Err(Error::Input("lora_targets is empty".into()));
+        }
+        let mut out = Vec::new();
+        for name in &self.lora_targets {
+            let t = Target::parse(name.trim()).map_err(Error::Input)?;
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -9,9 +9,11 @@ use std::time::Instant;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-use gram_core::{Checkpoint, GramTokenizer, LabelIds, ModelConfig, Templates, Weights};
-use gram_model::reward::reward_config_json;
-use gram_model::{CausalLm, ParamIds, RewardModel, from_weights_with_ids, hf_tensors};
+use gram_core::adapter::Task;
+use gram_core::{Adapter, Checkpoint, GramTokenizer, LabelIds, ModelConfig, Templates, Weights};
+use gram_model::model::Decoder;
+use gram_model::reward::{SCORE_WEIGHT, reward_config_json};
+use gram_model::{CausalLm, ParamIds, RewardModel, from_weights_with_ids, hf_tensors, lora};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -20,6 +22,7 @@ use crate::data::{self, Example, Split};
 use crate::error::{Error, Result};
 use crate::objective::{BatchStats, Ctx, Eval, Objective};
 use crate::settings::{Settings, Stage, lr_at};
+use crate::tuning::Tuning;
 
 /// How a run is started.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +64,7 @@ struct Prepared {
     valid: Vec<Example>,
     weights: Weights,
     origin: String,
+    tuning: Tuning,
     resume: Option<(PathBuf, TrainState)>,
     progress: bool,
 }
@@ -74,18 +78,43 @@ pub fn run(settings: Settings, opts: &RunOptions) -> Result<Summary> {
     let device = base.clone().autodiff();
     device.seed(p.settings.seed);
     let ids = p.resume.as_ref().map(|(_, s)| s.param_ids.clone());
+    let layers = p.config.num_hidden_layers;
     match p.settings.stage {
         Stage::Pretrain | Stage::Finetune => {
-            let model =
+            let mut model =
                 from_weights_with_ids(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
+            attach_adapter(&mut model.model, &p, ids.as_ref(), &device)?;
+            let model = p.tuning.trainable.apply(model, layers)?;
             train_loop(model, p, &device, &base)
         }
         Stage::Bt => {
-            let model =
+            let mut weights = weights;
+            if let Some((_, a)) = &p.tuning.adapter {
+                weights.tensors.extend(a.saved.clone());
+            }
+            let mut model =
                 RewardModel::from_weights(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
+            attach_adapter(&mut model.model, &p, ids.as_ref(), &device)?;
+            let model = p.tuning.trainable.apply(model, layers)?;
             train_loop(model, p, &device, &base)
         }
     }
+}
+
+/// Attaches the run's LoRA adapters (new, or the one it continues) to the decoder.
+fn attach_adapter(
+    decoder: &mut Decoder,
+    p: &Prepared,
+    ids: Option<&ParamIds>,
+    device: &Device,
+) -> Result<()> {
+    let Some(cfg) = &p.tuning.lora else {
+        return Ok(());
+    };
+    let from = p.tuning.adapter.as_ref();
+    let origin = from.map_or_else(|| p.origin.clone(), |(d, _)| d.display().to_string());
+    lora::attach(decoder, cfg, from.map(|(_, a)| a), ids, &origin, device)?;
+    Ok(())
 }
 
 fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
@@ -109,12 +138,23 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
     };
     settings.validate()?;
 
-    // The model to start from: the base, or the checkpoint being resumed.
-    let start = resume
-        .as_ref()
-        .map_or_else(|| settings.model.clone(), |(dir, _)| dir.clone());
+    // The model to start from: the base, or the checkpoint being resumed (whose adapter, in a
+    // LoRA run, goes over the base).
+    let lora_run = settings.lora_rank > 0 || settings.adapter.is_some();
+    if lora_run && Adapter::is_adapter_dir(&settings.model) {
+        return Err(Error::Input(format!(
+            "{}: is an adapter; start a new adapter from its merged/ folder, or continue it with --adapter",
+            settings.model.display()
+        )));
+    }
+    let (start, adapter_dir) = match &resume {
+        Some((dir, _)) if lora_run => (settings.model.clone(), Some(dir.clone())),
+        Some((dir, _)) => (dir.clone(), None),
+        None => (settings.model.clone(), settings.adapter.clone()),
+    };
     let ckpt = Checkpoint::open(&start)?;
     let config = ckpt.config.clone();
+    let tuning = Tuning::resolve(&settings, &config, adapter_dir.as_deref())?;
     let tokenizer = ckpt.tokenizer()?;
     let labels = LabelIds::resolve(&tokenizer)?;
 
@@ -194,6 +234,7 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
         train,
         valid,
         weights,
+        tuning,
         resume,
         progress: opts.progress,
     })
@@ -236,18 +277,29 @@ fn check_meta(split: &Split, tok: &GramTokenizer, labels: &LabelIds, data: &Path
 
 /// What the loop needs to save a model of either kind.
 trait Saveable: Objective {
+    /// What an adapter of this model says its base is.
+    const TASK: Task;
     fn config_json(config: &ModelConfig, tok: &GramTokenizer) -> serde_json::Value;
+    fn decoder(&self) -> &Decoder;
 }
 
 impl Saveable for CausalLm {
+    const TASK: Task = Task::CausalLm;
     fn config_json(config: &ModelConfig, _tok: &GramTokenizer) -> serde_json::Value {
         config.to_hf_json()
+    }
+    fn decoder(&self) -> &Decoder {
+        &self.model
     }
 }
 
 impl Saveable for RewardModel {
+    const TASK: Task = Task::SeqCls;
     fn config_json(config: &ModelConfig, tok: &GramTokenizer) -> serde_json::Value {
         reward_config_json(config, tok.pad_id())
+    }
+    fn decoder(&self) -> &Decoder {
+        &self.model
     }
 }
 
@@ -576,7 +628,7 @@ impl<'a> Trainer<'a> {
             "rows"
         };
         eprintln!(
-            "gram-train {}: {} train {} / valid {} ({unit}), {total} steps of {} x {} rows, lr {} on {:?}",
+            "gram-train {}: {} train {} / valid {} ({unit}), {total} steps of {} x {} rows, lr {} on {:?}, {}",
             s.stage.name(),
             p.origin,
             p.train.len(),
@@ -584,7 +636,8 @@ impl<'a> Trainer<'a> {
             s.grad_accum,
             s.batch_size,
             s.lr,
-            s.backend
+            s.backend,
+            p.tuning.describe(p.config.num_hidden_layers)
         );
     }
 
@@ -594,6 +647,10 @@ impl<'a> Trainer<'a> {
         let p = self.p;
         let s = &p.settings;
         let lr = lr_at(self.state.step, self.total, self.warmup_steps, s.lr);
+        // Dropout draws from the device's generator: seeded per step, a resumed run draws what
+        // the uninterrupted one did.
+        self.device
+            .seed(s.seed ^ (self.state.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut acc = GradientsAccumulator::<M>::new();
         for _ in 0..s.grad_accum {
             let rows = self.batches.next(&mut self.state, &p.train);
@@ -702,12 +759,24 @@ impl<'a> Trainer<'a> {
     }
 }
 
-/// What a checkpoint or the final folder holds of `model` at `step`.
+/// What a checkpoint or the final folder holds of `model` at `step`: the model, or for a LoRA
+/// run the adapter and the merged model.
 fn save_model<'p, M: Saveable>(p: &'p Prepared, model: &M, step: usize) -> Result<SaveModel<'p>> {
     let s = &p.settings;
+    let mut tensors = hf_tensors(model)?;
+    let adapter = match &p.tuning.lora {
+        None => None,
+        Some(cfg) => Some(adapter_and_merge::<M>(
+            p,
+            cfg,
+            model.decoder(),
+            &mut tensors,
+        )?),
+    };
     Ok(SaveModel {
         config_json: M::config_json(&p.config, &p.tokenizer),
-        tensors: hf_tensors(model)?,
+        tensors,
+        adapter,
         tokenizer: &p.tokenizer,
         card: Some(ModelCard {
             trainer: format!("gram-train {}", env!("CARGO_PKG_VERSION")),
@@ -718,6 +787,39 @@ fn save_model<'p, M: Saveable>(p: &'p Prepared, model: &M, step: usize) -> Resul
             step,
         }),
     })
+}
+
+/// The decoder's adapter in PEFT's layout (a reward head, trained whole, beside it) with the
+/// parameter ids by PEFT key; merges it into `tensors` (the base's) in place.
+fn adapter_and_merge<M: Saveable>(
+    p: &Prepared,
+    cfg: &gram_core::LoraConfig,
+    decoder: &Decoder,
+    tensors: &mut std::collections::BTreeMap<String, (gram_core::F32Tensor, u64)>,
+) -> Result<(Adapter, ParamIds)> {
+    let (pairs, mut ids) = lora::adapter_of(decoder)?;
+    let mut saved = std::collections::BTreeMap::new();
+    if let Some((t, id)) = tensors.get(SCORE_WEIGHT) {
+        saved.insert(SCORE_WEIGHT.to_string(), t.clone());
+        ids.insert(SCORE_WEIGHT.to_string(), *id);
+    }
+    let base =
+        std::fs::canonicalize(&p.settings.model).unwrap_or_else(|_| p.settings.model.clone());
+    let adapter = Adapter {
+        lora: cfg.clone(),
+        task: M::TASK,
+        base_model: Some(base.display().to_string()),
+        pairs,
+        saved,
+    };
+    let mut plain: std::collections::BTreeMap<String, gram_core::F32Tensor> =
+        std::mem::take(tensors)
+            .into_iter()
+            .map(|(k, (t, _))| (k, t))
+            .collect();
+    adapter.merge_into(&mut plain, Path::new(&p.origin))?;
+    *tensors = plain.into_iter().map(|(k, t)| (k, (t, 0))).collect();
+    Ok((adapter, ids))
 }
 
 /// The run's progress bar (hidden when not on a terminal: log lines then).

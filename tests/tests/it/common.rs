@@ -180,3 +180,33 @@ fn scratch_sweep_removes_only_folders_of_ended_runs() -> Result<()> {
     ensure!(own_left, "this run's own folder was removed");
     Ok(())
 }
+
+/// A Python with torch and transformers (and `extra_modules`, comma-separated, if any):
+/// `$GRAM_TORCH_PYTHON`, the venv `benches/train_speed.sh` makes, or `python3`.
+pub fn torch_python(extra_modules: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("GRAM_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gram-rs"),
+        PathBuf::from,
+    );
+    let candidates = std::env::var_os("GRAM_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            cache.join("torch-venv/bin/python"),
+            PathBuf::from("python3"),
+        ]);
+    candidates.into_iter().find(|p| {
+        std::process::Command::new(p)
+            .arg("-c")
+            .arg(format!(
+                "import torch, transformers, safetensors{}",
+                if extra_modules.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {extra_modules}")
+                }
+            ))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}

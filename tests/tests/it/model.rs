@@ -612,12 +612,12 @@ fn fused_cpu_kernels_equal_composed_ops_forward_and_backward() -> Result<()> {
             let l0 = &model.model.layers[0];
             let params = [
                 model.model.embed_tokens.weight.val(),
-                l0.self_attn.q_proj.weight.val(),
-                l0.self_attn.k_proj.weight.val(),
-                l0.self_attn.v_proj.weight.val(),
-                l0.self_attn.o_proj.weight.val(),
-                l0.mlp.gate_proj.weight.val(),
-                l0.mlp.up_proj.weight.val(),
+                l0.self_attn.q_proj.base.weight.val(),
+                l0.self_attn.k_proj.base.weight.val(),
+                l0.self_attn.v_proj.base.weight.val(),
+                l0.self_attn.o_proj.base.weight.val(),
+                l0.mlp.gate_proj.base.weight.val(),
+                l0.mlp.up_proj.base.weight.val(),
             ];
             let norms = [l0.input_layernorm.gamma.val(), model.model.norm.gamma.val()];
             let mut gs = Vec::new();
@@ -692,7 +692,7 @@ fn last_position_forward_equals_the_full_forward_and_its_gradients() -> Result<(
                     &l.mlp.up_proj,
                     &l.mlp.down_proj,
                 ] {
-                    m.push(lin.weight.val());
+                    m.push(lin.base.weight.val());
                 }
                 v.push(l.input_layernorm.gamma.val());
                 v.push(l.post_attention_layernorm.gamma.val());
@@ -798,7 +798,7 @@ fn label_logits_and_their_gradients_equal_the_full_head_columns() -> Result<()> 
             let grads = (logits.clone() * w).sum().backward();
             let mut params = vec![
                 model.model.embed_tokens.weight.val(),
-                model.model.layers[0].self_attn.q_proj.weight.val(),
+                model.model.layers[0].self_attn.q_proj.base.weight.val(),
             ];
             if let Some(l) = &model.lm_head {
                 params.push(l.weight.val());

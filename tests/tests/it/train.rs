@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::common::{bin, fixtures, repo_root, scratch};
+use crate::common::{bin, fixtures, repo_root, scratch, torch_python};
 
 const FILLER: &[&str] = &[
     "apple", "river", "stone", "cloud", "green", "quick", "silver", "music", "garden", "paper",
@@ -504,28 +504,6 @@ fn bad_runs_are_refused_before_training() -> Result<()> {
     Ok(())
 }
 
-/// A Python with torch and transformers: `$GRAM_TORCH_PYTHON`, the venv `benches/train_speed.sh`
-/// makes, or `python3`.
-fn torch_python() -> Option<PathBuf> {
-    let cache = std::env::var_os("GRAM_CACHE").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gram-rs"),
-        PathBuf::from,
-    );
-    let candidates = std::env::var_os("GRAM_TORCH_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([
-            cache.join("torch-venv/bin/python"),
-            PathBuf::from("python3"),
-        ]);
-    candidates.into_iter().find(|p| {
-        Command::new(p)
-            .args(["-c", "import torch, transformers, safetensors"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 const HF_CHECK: &str = r#"
 import json, sys, torch
 from safetensors.torch import load_file
@@ -550,7 +528,7 @@ print(json.dumps({
 #[test]
 fn our_checkpoints_load_in_hf_transformers_with_the_same_outputs() -> Result<()> {
     use burn::prelude::*;
-    let Some(py) = torch_python() else {
+    let Some(py) = torch_python("") else {
         println!(
             "SKIPPED: no Python with torch + transformers (set GRAM_TORCH_PYTHON, or run benches/train_speed.sh once)"
         );
@@ -710,5 +688,269 @@ fn accumulated_half_batches_give_the_full_batch_gradient() -> Result<()> {
         (g1 - g2).abs() <= 1e-4 * g1,
         "gradient norms differ: {g1} vs {g2}"
     );
+    Ok(())
+}
+
+/// Runs `args` to the end in `whole`, and in `cut` until its first checkpoint is complete,
+/// kills it (SIGKILL) and resumes it to the end.
+fn whole_and_resumed(t: &Task, stage: &str, args: &[&str], whole: &Path, cut: &Path) -> Result<()> {
+    run(train_cmd(stage, &t.model, &t.data, whole)?.args(args))?;
+    let mut child = train_cmd(stage, &t.model, &t.data, cut)?
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    while !cut.join("latest").exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the run ended ({status}) before it could be killed");
+        }
+        ensure!(
+            started.elapsed().as_secs() < 300,
+            "no checkpoint within 300 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill()?;
+    child.wait()?;
+    ensure!(
+        !cut.join("final").exists(),
+        "killed too late: the run had finished"
+    );
+    run(Command::new(bin("gram-train")?)
+        .args([stage, "--quiet", "--resume", "--out"])
+        .arg(cut))?;
+    Ok(())
+}
+
+/// Tensors of two safetensors files that are (`same`) or are not bit-identical, by name.
+fn compare_tensors(a: &Path, b: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let (ta, tb) = (tensors_of(a)?, tensors_of(b)?);
+    ensure!(
+        ta.iter().map(|x| &x.0).eq(tb.iter().map(|x| &x.0)),
+        "{} and {} hold different tensors",
+        a.display(),
+        b.display()
+    );
+    let (same, differ): (Vec<_>, Vec<_>) = ta.iter().zip(&tb).partition(|(x, y)| x.1 == y.1);
+    Ok((
+        same.into_iter().map(|(x, _)| x.0.clone()).collect(),
+        differ.into_iter().map(|(x, _)| x.0.clone()).collect(),
+    ))
+}
+
+#[test]
+fn lora_runs_train_only_the_adapter_save_it_as_peft_does_and_resume_bit_identically() -> Result<()>
+{
+    let t = task()?;
+    let args = [
+        "--max-steps",
+        "9",
+        "--save-every",
+        "3",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--log-every",
+        "3",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q,v",
+        "--lora-dropout",
+        "0.1",
+        "--max-valid",
+        "4",
+    ];
+    let (whole, cut) = (t.root.join("lora-whole"), t.root.join("lora-cut"));
+    whole_and_resumed(t, "finetune", &args, &whole, &cut)?;
+    let fin = whole.join("final");
+    let (_, differ) = compare_tensors(
+        &fin.join("adapter_model.safetensors"),
+        &cut.join("final/adapter_model.safetensors"),
+    )?;
+    ensure!(
+        differ.is_empty(),
+        "the resumed adapter differs in {differ:?}"
+    );
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fin.join("adapter_config.json"))?)?;
+    ensure!(
+        cfg["peft_type"] == "LORA"
+            && cfg["r"] == 4
+            && cfg["target_modules"] == serde_json::json!(["q_proj", "v_proj"])
+            && cfg["base_model_name_or_path"]
+                == std::fs::canonicalize(&t.model)?.display().to_string(),
+        "{cfg}"
+    );
+    // Only the adapted weights moved: in merged/, everything else is the base's, bit for bit.
+    let (same, differ) = compare_tensors(
+        &t.model.join("model.safetensors"),
+        &fin.join("merged/model.safetensors"),
+    )?;
+    let adapted = |n: &String| n.contains("q_proj") || n.contains("v_proj");
+    ensure!(
+        differ.iter().all(adapted) && differ.len() == 4 && !same.iter().any(adapted),
+        "changed by training: {differ:?}"
+    );
+
+    // Continuing the adapter (what stage 2 after a LoRA stage 1 does), and a reward model with
+    // an adapter, whose head is saved whole beside it.
+    let next = t.root.join("lora-next");
+    let adapter = fin.to_string_lossy().to_string();
+    run(train_cmd("finetune", &t.model, &t.data, &next)?.args([
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-valid",
+        "2",
+        "--adapter",
+        &adapter,
+    ]))?;
+    let (_, differ) = compare_tensors(
+        &fin.join("adapter_model.safetensors"),
+        &next.join("final/adapter_model.safetensors"),
+    )?;
+    ensure!(
+        differ.len() == 8,
+        "the continued adapter changed in {differ:?}"
+    );
+    let bt = t.root.join("lora-bt");
+    run(train_cmd("bt", &t.model, &t.data, &bt)?.args([
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-valid",
+        "2",
+        "--lora-rank",
+        "2",
+        "--lr",
+        "1e-3",
+    ]))?;
+    let a = gram_core::Adapter::read(&bt.join("final"))?;
+    ensure!(
+        a.task == gram_core::adapter::Task::SeqCls
+            && a.saved.contains_key("score.weight")
+            && a.pairs.len() == 14,
+        "bt adapter: {:?} with {:?}",
+        a.task,
+        a.saved.keys().collect::<Vec<_>>()
+    );
+    let merged_cfg = std::fs::read_to_string(bt.join("final/merged/config.json"))?;
+    ensure!(
+        merged_cfg.contains("ForSequenceClassification"),
+        "{merged_cfg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn top_layer_runs_leave_the_layers_below_bit_identical() -> Result<()> {
+    let t = task()?;
+    let out = t.root.join("top-1");
+    run(train_cmd("finetune", &t.model, &t.data, &out)?.args([
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--max-valid",
+        "2",
+        "--train-layers",
+        "1",
+    ]))?;
+    let (same, differ) = compare_tensors(
+        &t.model.join("model.safetensors"),
+        &out.join("final/model.safetensors"),
+    )?;
+    let trained = |n: &String| n.starts_with("model.layers.1.") || n == "model.norm.weight";
+    ensure!(
+        differ.iter().all(trained)
+            && !same.iter().any(trained)
+            && same.contains(&"model.embed_tokens.weight".to_string()),
+        "changed: {differ:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_adapter_settings_are_refused_before_training() -> Result<()> {
+    let t = task()?;
+    let out = t.root.join("lora-refused");
+    let e = fails(train_cmd("finetune", &t.model, &t.data, &out)?.args([
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q,lm_head",
+    ]))?;
+    ensure!(e.contains("unknown LoRA target `lm_head`"), "{e}");
+    let e = fails(train_cmd("finetune", &t.model, &t.data, &out)?.args(["--train-layers", "3"]))?;
+    ensure!(
+        e.contains("--train-layers 3") && e.contains("2 decoder layers"),
+        "{e}"
+    );
+    // An adapter of a wider base, and one with a key for a layer the model lacks.
+    let shapes = gram_model::load::expected_shapes(&gram_core::Checkpoint::open(&t.model)?.config);
+    let write = |name: &str, layer: usize, width: usize| -> Result<std::path::PathBuf> {
+        let dir = t.root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let q = &shapes["model.layers.0.self_attn.q_proj.weight"];
+        let zeros = |shape: Vec<usize>| gram_core::F32Tensor {
+            data: vec![0.0; shape.iter().product()],
+            shape,
+        };
+        let mut pairs = std::collections::BTreeMap::new();
+        pairs.insert(
+            format!("model.layers.{layer}.self_attn.q_proj"),
+            gram_core::adapter::LoraPair {
+                a: zeros(vec![2, width]),
+                b: zeros(vec![q[0], 2]),
+            },
+        );
+        gram_core::Adapter {
+            lora: gram_core::LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                targets: vec![gram_core::Target::Q],
+                rslora: false,
+                layers: None,
+            },
+            task: gram_core::adapter::Task::CausalLm,
+            base_model: None,
+            pairs,
+            saved: std::collections::BTreeMap::new(),
+        }
+        .write(&dir, gram_core::weights::StoreDtype::F32)?;
+        Ok(dir)
+    };
+    let wide = write("adapter-wide", 0, 2 * shapes["model.norm.weight"][0])?;
+    let e = fails(
+        train_cmd("finetune", &t.model, &t.data, &out)?
+            .arg("--adapter")
+            .arg(&wide),
+    )?;
+    ensure!(
+        e.contains("lora_A") && e.contains("expected [2, 64]"),
+        "{e}"
+    );
+    let deep = write("adapter-deep", 7, shapes["model.norm.weight"][0])?;
+    let e = fails(
+        train_cmd("finetune", &t.model, &t.data, &out)?
+            .arg("--adapter")
+            .arg(&deep),
+    )?;
+    ensure!(
+        e.contains("model.layers.7.self_attn.q_proj") && e.contains("matches no layer"),
+        "{e}"
+    );
+    ensure!(!out.join("metrics.jsonl").exists(), "a refused run started");
     Ok(())
 }
