@@ -1,17 +1,24 @@
 """PyTorch eager reference for benches/train_speed.sh: the same LLaMA config (transformers'
 LlamaForCausalLM, eager attention, f32), the same GRAM step (stage 2: label-smoothed
 cross-entropy over the A/B logits at the last position; stage 1: next-token loss on the target
-part), AdamW, random tokens of the same shape. --device cuda times it on a GPU (synchronised
-before each clock read), for benches/gpu_check.sh. Prints one JSON line like `gram-train bench`."""
+part), AdamW, random tokens of the same shape. --lora-rank R trains a peft LoRA adapter (alpha
+2R, all seven projections); --train-layers N only the top N layers and the final norm (lower
+layers then run without autograd recording, as in gram-train); --recompute turns on
+transformers' gradient checkpointing. --device cuda times it on a GPU (synchronised before each
+clock read), for benches/gpu_check.sh. Prints one JSON line like `gram-train bench`, with the
+process's peak RSS."""
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main() -> None:
@@ -24,17 +31,38 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--lora-rank", type=int, default=0)
+    ap.add_argument("--train-layers", type=int, default=0)
+    ap.add_argument("--recompute", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = json.load(open(a.model_config))
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    kind = cfg.pop("model_type")
+    config = AutoConfig.for_model(kind, **{k: v for k, v in cfg.items() if k != "architectures"})
     config._attn_implementation = "eager"
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model = LlamaForCausalLM(config).float().train().to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-8, weight_decay=0.0)
+    model = AutoModelForCausalLM.from_config(config).float().train().to(dev)
+    trained = "full fine-tuning"
+    if a.train_layers:
+        n = config.num_hidden_layers
+        for name, p in model.named_parameters():
+            top = any(name.startswith(f"model.layers.{i}.") for i in range(n - a.train_layers, n))
+            p.requires_grad_(top or name.startswith("model.norm."))
+        trained = f"top {a.train_layers} of {n} layers"
+    if a.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, target_modules=TARGETS)
+        model = get_peft_model(model, lcfg).base_model.model
+        trained = f"LoRA r={a.lora_rank} (peft)"
+    if a.recompute:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, eps=1e-8, weight_decay=0.0)
     label_ids = torch.tensor([1, 2], device=dev)
     eps = 0.1
     times = []
@@ -63,8 +91,10 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     n_params = sum(p.numel() for p in model.parameters())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"params": n_params, "batch_size": b, "seq_len": t, "steps": a.steps,
-                      "step_s_median": med, "tokens_per_s": b * t / med}))
+                      "step_s_median": med, "tokens_per_s": b * t / med, "trained": trained,
+                      "recompute": a.recompute, "peak_rss_mib": rss}))
 
 
 if __name__ == "__main__":

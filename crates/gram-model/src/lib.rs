@@ -10,8 +10,11 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod recompute;
 pub mod reward;
 pub mod rope;
+#[cfg(test)]
+mod testing;
 
 pub use device::{Backend, device};
 pub use error::{Error, Result};

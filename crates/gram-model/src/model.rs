@@ -8,7 +8,7 @@ use gram_core::ModelConfig;
 
 use crate::lora::Lora;
 use crate::ops::{self, CausalMask, Rope};
-use crate::rope;
+use crate::{recompute, rope};
 
 /// RMSNorm through [`ops::rms_norm`].
 fn norm<const D: usize>(n: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
@@ -248,10 +248,7 @@ impl Decoder {
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>, mask: Tensor<2, Int>, inv_freq: &[f32]) -> Tensor<3> {
         let (rope, mask) = (Rope::new(mask.clone(), inv_freq), CausalMask::new(mask));
-        let x = self
-            .layers
-            .iter()
-            .fold(x, |x, layer| layer.forward(x, &rope, &mask));
+        let x = recompute::run_layers(&self.layers, x, &rope, &mask);
         norm(&self.norm, x)
     }
 
@@ -266,9 +263,7 @@ impl Decoder {
         let Some((last, below)) = self.layers.split_last() else {
             return norm(&self.norm, last_row(x));
         };
-        let x = below
-            .iter()
-            .fold(x, |x, layer| layer.forward(x, &rope, &mask));
+        let x = recompute::run_layers(below, x, &rope, &mask);
         norm(&self.norm, last.forward_last(x, &rope, &mask))
     }
 }
@@ -345,6 +340,16 @@ impl CausalLm {
         token_ids: &[u32],
     ) -> Tensor<2> {
         match &self.lm_head {
+            // A checkpointed pass carries the embedding's gradient back separately, so the
+            // rows then come from a lookup of their own.
+            None if recompute::recording() => {
+                let last = self.last_hidden(ids.clone(), mask);
+                let rows = self
+                    .model
+                    .embed(token_tensor(token_ids, &ids.device()).unsqueeze());
+                let [_, n, w] = rows.dims();
+                last.matmul(rows.reshape([n, w]).transpose())
+            }
             None => {
                 let (x, rows) = self.embed_with_rows(ids, token_ids);
                 let last = self.model.forward_last(x, mask, &self.inv_freq);

@@ -84,6 +84,7 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
 }
 
 /// The rotary embedding of one batch: cos and sin tables at every token's position.
+#[derive(Clone, Debug)]
 pub struct Rope {
     /// `[batch, 1, seq, head_dim]` (broadcast over heads).
     cos: Tensor<4>,
@@ -109,9 +110,18 @@ impl Rope {
     pub fn head_dim(&self) -> usize {
         self.cos.dims()[3]
     }
+
+    /// The same tables without autodiff.
+    pub fn inner(&self) -> Self {
+        Self {
+            cos: self.cos.clone().inner(),
+            sin: self.sin.clone().inner(),
+        }
+    }
 }
 
 /// Which keys each query may read: causal, and never a padding key.
+#[derive(Clone, Debug)]
 pub struct CausalMask {
     /// `[batch, seq]`: 1 for a real token, 0 for padding (what the fused kernel reads).
     keep: Tensor<2>,
@@ -130,6 +140,14 @@ impl CausalMask {
         Self {
             keep: mask.float(),
             hidden,
+        }
+    }
+
+    /// The same mask without autodiff.
+    pub fn inner(&self) -> Self {
+        Self {
+            keep: self.keep.clone().inner(),
+            hidden: self.hidden.clone().map(Tensor::inner),
         }
     }
 }

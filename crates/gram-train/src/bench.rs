@@ -2,10 +2,8 @@
 //! AdamW step and clipping as a run, without data loading, validation or checkpoints. What
 //! `benches/train_speed.sh` compares with PyTorch eager.
 
-use std::path::Path;
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
 use gram_core::{LabelIds, ModelConfig};
 use gram_model::CausalLm;
 use rand::{Rng, SeedableRng};
@@ -14,7 +12,8 @@ use serde::Serialize;
 use crate::data::Example;
 use crate::error::Result;
 use crate::objective::{Ctx, Objective};
-use crate::settings::Stage;
+use crate::settings::{Settings, Stage};
+use crate::tuning::Tuning;
 
 /// One benchmark's result.
 #[derive(Debug, Clone, Serialize)]
@@ -37,23 +36,79 @@ pub struct BenchResult {
     pub backward_s_median: f64,
     /// Median seconds of the optimiser step.
     pub optimizer_s_median: f64,
+    /// What trained (full, LoRA, top layers).
+    pub trained: String,
+    /// Whether activations were recomputed.
+    pub recompute: bool,
+    /// Peak resident memory of the process (Linux; 0 elsewhere), MiB.
+    pub peak_rss_mib: f64,
 }
 
-/// Times `steps` optimiser steps (after `warmup` untimed ones) of `stage` on random tokens.
-pub fn bench(
-    config: &Path,
-    stage: Stage,
-    batch_size: usize,
-    seq_len: usize,
-    steps: usize,
-    warmup: usize,
-    backend: gram_model::Backend,
-) -> Result<BenchResult> {
+/// The process's peak resident set size (`VmHWM`), MiB; 0 where `/proc` does not tell.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// What one benchmark runs.
+#[derive(Debug, Clone)]
+pub struct BenchSpec {
+    /// An HF config.json (random weights of its shape).
+    pub config: std::path::PathBuf,
+    /// Objective whose step is timed.
+    pub stage: Stage,
+    /// Rows per step.
+    pub batch_size: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Device.
+    pub backend: gram_model::Backend,
+    /// LoRA rank on all seven projections (0: full fine-tuning).
+    pub lora_rank: usize,
+    /// Train only the top this many layers.
+    pub train_layers: Option<usize>,
+    /// Activation checkpointing.
+    pub recompute: bool,
+}
+
+/// Times `steps` optimiser steps (after `warmup` untimed ones) of `stage` on random tokens,
+/// training what a run with the same LoRA / top-layer / recompute settings trains.
+pub fn bench(spec: &BenchSpec) -> Result<BenchResult> {
+    let BenchSpec {
+        stage,
+        batch_size,
+        seq_len,
+        steps,
+        warmup,
+        ..
+    } = *spec;
+    let config = spec.config.as_path();
     let cfg = ModelConfig::from_hf_file(config)?;
     cfg.validate(config)?;
-    let device = gram_model::device(backend)?.autodiff();
+    let device = gram_model::device(spec.backend)?.autodiff();
     device.seed(0);
+    let settings = Settings {
+        stage,
+        lora_rank: spec.lora_rank,
+        train_layers: spec.train_layers,
+        ..Settings::default()
+    };
+    let tuning = Tuning::resolve(&settings, &cfg, None)?;
     let mut model = CausalLm::init(&cfg, &device);
+    if let Some(l) = &tuning.lora {
+        gram_model::lora::attach(&mut model.model, l, None, None, "bench", &device)?;
+    }
+    let mut model = tuning.trainable.apply(model, cfg.num_hidden_layers)?;
     let mut optim = crate::optim::adamw((0.9, 0.999), 1e-8, 0.0);
     let labels = LabelIds { a: 1, b: 2 };
     let ctx = Ctx {
@@ -80,10 +135,12 @@ pub fn bench(
             .collect();
         let refs: Vec<&Example> = rows.iter().collect();
         let t0 = Instant::now();
-        let (loss, _, _) = model.batch_loss(&refs, &ctx, &device);
+        let ((loss, _, _), tape) = gram_model::recompute::record(spec.recompute, || {
+            model.batch_loss(&refs, &ctx, &device)
+        });
         let _ = loss.clone().into_scalar::<f32>();
         let t1 = Instant::now();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = tape.backward(loss, &model);
         let t2 = Instant::now();
         model = optim.step(1e-4, model, grads);
         // Wait for the step to finish: read one parameter value back.
@@ -116,5 +173,8 @@ pub fn bench(
         forward_s_median: median(fwd),
         backward_s_median: median(bwd),
         optimizer_s_median: median(opt),
+        trained: tuning.describe(cfg.num_hidden_layers),
+        recompute: spec.recompute,
+        peak_rss_mib: peak_rss_mib(),
     })
 }

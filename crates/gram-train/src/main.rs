@@ -48,8 +48,9 @@ enum Cmd {
     Bt(TrainArgs),
     /// Time training steps of a model config on random tokens (prints JSON); see benches/.
     ///
-    /// Example:
+    /// Examples:
     ///   gram-train bench --model-config benches/train/llama-40m.json --seq-len 256 --batch-size 8
+    ///   gram-train bench --model-config benches/train/smollm2-135m.json --batch-size 4 --seq-len 512 --lora-rank 16
     #[command(verbatim_doc_comment)]
     Bench {
         /// An HF config.json.
@@ -73,6 +74,15 @@ enum Cmd {
         /// Device.
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
+        /// LoRA rank on all seven projections (0: full fine-tuning).
+        #[arg(long, default_value_t = 0)]
+        lora_rank: usize,
+        /// Train only the top N layers.
+        #[arg(long)]
+        train_layers: Option<usize>,
+        /// Activation checkpointing.
+        #[arg(long)]
+        recompute: bool,
     },
     /// Write a randomly initialised model (HF folder) of a config.json with a given tokenizer.
     ///
@@ -183,6 +193,9 @@ struct TrainArgs {
     /// Train only the top N decoder layers (+ final norm); with --lora-rank, adapters only there.
     #[arg(long)]
     train_layers: Option<usize>,
+    /// Activation checkpointing: keep layer inputs, recompute the rest in the backward pass.
+    #[arg(long)]
+    recompute: bool,
     /// Continue the run in --out from its latest checkpoint, with its saved settings.
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
@@ -246,6 +259,7 @@ impl TrainArgs {
         if self.adapter.is_some() {
             s.adapter = self.adapter;
         }
+        s.recompute |= self.recompute;
         let opts = RunOptions {
             resume: self.resume,
             overwrite: self.overwrite,
@@ -292,16 +306,22 @@ fn main() -> ExitCode {
                 steps,
                 warmup,
                 backend,
+                lora_rank,
+                train_layers,
+                recompute,
             } => {
-                let r = gram_train::bench::bench(
-                    &model_config,
+                let r = gram_train::bench::bench(&gram_train::bench::BenchSpec {
+                    config: model_config,
                     stage,
                     batch_size,
                     seq_len,
                     steps,
                     warmup,
                     backend,
-                )?;
+                    lora_rank,
+                    train_layers,
+                    recompute,
+                })?;
                 println!(
                     "{}",
                     serde_json::to_string(&r)

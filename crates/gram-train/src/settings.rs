@@ -105,6 +105,9 @@ pub struct Settings {
     /// Train only the top this many decoder layers (and the final norm; with LoRA, adapters
     /// only in them); the layers below run forward without recording for autodiff.
     pub train_layers: Option<usize>,
+    /// Activation checkpointing: keep each decoder layer's input, recompute the rest in the
+    /// backward pass (less memory, one more forward of the layers).
+    pub recompute: bool,
 }
 
 impl Default for Settings {
@@ -140,6 +143,7 @@ impl Default for Settings {
             lora_dropout: 0.0,
             adapter: None,
             train_layers: None,
+            recompute: false,
         }
     }
 }

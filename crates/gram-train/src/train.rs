@@ -654,7 +654,9 @@ impl<'a> Trainer<'a> {
         let mut acc = GradientsAccumulator::<M>::new();
         for _ in 0..s.grad_accum {
             let rows = self.batches.next(&mut self.state, &p.train);
-            let (loss, correct, stats) = model.batch_loss(&rows, &self.ctx, self.device);
+            let ((loss, correct, stats), tape) = gram_model::recompute::record(s.recompute, || {
+                model.batch_loss(&rows, &self.ctx, self.device)
+            });
             let loss_v = f64::from(loss.clone().into_scalar::<f32>());
             if !loss_v.is_finite() {
                 self.bar.abandon();
@@ -668,8 +670,8 @@ impl<'a> Trainer<'a> {
             } else {
                 correct.into_scalar::<f32>() as usize
             };
-            let grads = loss.div_scalar(s.grad_accum as f64).backward();
-            acc.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            let grads = tape.backward(loss.div_scalar(s.grad_accum as f64), &model);
+            acc.accumulate(&model, grads);
             self.running.add(loss_v, correct, &stats);
             self.state.tokens += stats.tokens as u64;
         }

@@ -41,7 +41,7 @@ pub fn export(model: &Path, out: &Path, head: &str, extra: &[&str]) -> Result<St
 }
 
 /// Runs an exported graph on (ids, mask) `[rows, width]`.
-fn ort_run(
+pub fn ort_run(
     dir: &Path,
     output: &str,
     rows: usize,

@@ -250,3 +250,51 @@ fn peft_and_gram_agree_on_adapters_both_ways_and_merging_keeps_the_logits() -> R
     }
     Ok(())
 }
+
+#[test]
+fn gram_export_compiles_an_adapter_folder_over_its_base() -> Result<()> {
+    let root = scratch("lora-export")?;
+    let base = fixtures().join("hf-tiny").join("qwen3");
+    let ck = Checkpoint::open(&base)?;
+    let adapter = random_adapter(&ck, &base);
+    let dir = root.join("adapter");
+    std::fs::create_dir_all(&dir)?;
+    adapter.write(&dir, StoreDtype::F32)?;
+    // The base found through base_model_name_or_path; onnxruntime's logits against ours with
+    // the adapter unmerged.
+    let out = root.join("onnx");
+    crate::export::export(&dir, &out, "lm", &["--verify"])?;
+    let (ids, mask, dims) = batch(&base)?;
+    let (_, got) =
+        crate::export::ort_run(&out, "logits", dims[0], dims[1], ids.clone(), mask.clone())?;
+    let want = logits(&with_adapter(&ck, &adapter)?, &ids, &mask, dims)?;
+    let d = max_diff(&got, &want, &mask);
+    println!("onnx of an adapter folder vs base + adapter in burn: {d:e}");
+    ensure!(d <= 1e-4, "exported adapter logits differ by {d:e}");
+    // A base that is not here: a one-line error naming the way out; --base gives it.
+    let moved = root.join("adapter-moved");
+    std::fs::create_dir_all(&moved)?;
+    Adapter {
+        base_model: Some("org/not-downloaded".into()),
+        ..adapter
+    }
+    .write(&moved, StoreDtype::F32)?;
+    let o = Command::new(crate::common::bin("gram-export")?)
+        .args(["onnx", "--head", "lm", "--overwrite", "--model"])
+        .arg(&moved)
+        .arg("--out")
+        .arg(root.join("onnx-moved"))
+        .output()?;
+    let e = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(1) && e.contains("org/not-downloaded") && e.contains("--base"),
+        "{e}"
+    );
+    crate::export::export(
+        &moved,
+        &root.join("onnx-moved"),
+        "lm",
+        &["--base", &base.to_string_lossy()],
+    )?;
+    Ok(())
+}
