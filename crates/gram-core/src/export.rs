@@ -22,6 +22,8 @@ pub enum HeadKind {
     Judge,
     /// `logits` `[batch, seq, vocab]`.
     Lm,
+    /// `rewards` `[batch, 1]`: a Bradley-Terry reward model's scalar at the last position.
+    Reward,
 }
 
 /// `gram-export.json`.

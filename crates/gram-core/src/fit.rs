@@ -305,6 +305,18 @@ impl<'t> Tokenizer<'t> {
         )
     }
 
+    /// A reward model's input: the prompt and one response through the single-answer template
+    /// (what `gram-train bt` trains on and a reward export scores), texts cut to fit.
+    pub fn reward(&self, x: &str, r: &str) -> Result<Tokens> {
+        fit(self.tok, [x, r], self.max_tokens, |t| {
+            let ids = self
+                .templates
+                .encode(&self.templates.single(&t[0], &t[1])?, true)?;
+            let n = ids.len();
+            Ok((ids, n))
+        })
+    }
+
     /// Whether the judge prefix is tokenised once (false: every prompt is tokenised whole).
     pub fn caches_judge_prefix(&self) -> bool {
         self.judge_prefix.is_some()

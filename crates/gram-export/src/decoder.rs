@@ -31,6 +31,8 @@ pub enum Head {
     PairJudge(Vec<u32>),
     /// `logits` `[batch, seq, vocab]`: every position, the whole vocabulary.
     Lm,
+    /// `rewards` `[batch, 1]`: a reward model's scalar head (`score.weight`) at the last position.
+    Reward,
     /// `key_{l}`, `value_{l}` `[batch, seq, kv_heads * head_dim]` of every layer (rotated): used
     /// once at export to precompute the judge prefix.
     KeyValues,
@@ -97,6 +99,37 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// A head on the last position (left padding puts every row's last real token there):
+    /// final norm, then `· rows` (`[h, n]`, row-major), output `out` `[batch, n]`.
+    fn last_position_head(
+        &mut self,
+        x: &str,
+        rows: &[f32],
+        n: usize,
+        weight: &str,
+        out: &str,
+    ) -> Result<(), MissingTensor> {
+        let h = self.c.hidden_size;
+        let last_idx = self.g.ints(&[], &[-1]);
+        let last = self
+            .g
+            .node("Gather", &[x, &last_idx], vec![("axis", Attr::Int(1))]);
+        let ax1 = self.g.vec_i64(&[1]);
+        let last = self.g.node("Unsqueeze", &[&last, &ax1], vec![]);
+        let hn = self.rms_norm(&last, "model.norm.weight", h)?;
+        let wl = self.g.weight(weight, &[h, n], rows);
+        let logits = self.g.node("MatMul", &[&hn, &wl], vec![]);
+        let sq = self.g.vec_i64(&[1]);
+        let logits = self.g.node("Squeeze", &[&logits, &sq], vec![]);
+        self.g.output(
+            &logits,
+            out,
+            dtype::FLOAT,
+            &[Dim::Named("batch"), Dim::Fixed(n as i64)],
+        );
+        Ok(())
+    }
+
     fn rms_norm(&mut self, x: &str, weight: &str, dim: usize) -> Result<String, MissingTensor> {
         if !self.g.has(weight) {
             let t = self.w.get(weight, &[dim])?;
@@ -503,7 +536,7 @@ pub fn build(
         b.g.weight("model.embed_tokens.weight", &[v, h], &emb_w.data);
     let inv = b.g.weight("rope.inv_freq", &[inv_freq.len()], inv_freq);
     let layers = c.num_hidden_layers;
-    let judge = matches!(head, Head::Judge(_) | Head::PairJudge(_));
+    let judge = matches!(head, Head::Judge(_) | Head::PairJudge(_) | Head::Reward);
 
     let x = match &shared_inputs {
         None => {
@@ -555,14 +588,6 @@ pub fn build(
     };
     match head {
         Head::Judge(token_ids) | Head::PairJudge(token_ids) => {
-            // Only the last position reaches the head: left padding puts every row's last real
-            // token there.
-            let last_idx = b.g.ints(&[], &[-1]);
-            let last =
-                b.g.node("Gather", &[&x, &last_idx], vec![("axis", Attr::Int(1))]);
-            let ax1 = b.g.vec_i64(&[1]);
-            let last = b.g.node("Unsqueeze", &[&last, &ax1], vec![]);
-            let hn = b.rms_norm(&last, "model.norm.weight", h)?;
             let w = b.w.get(head_name, &[v, h])?;
             let n = token_ids.len();
             let mut rows = vec![0f32; h * n];
@@ -578,16 +603,13 @@ pub fn build(
                     rows[k * n + j] = w.data[id * h + k];
                 }
             }
-            let wl = b.g.weight("judge_head.weight_t", &[h, n], &rows);
-            let logits = b.g.node("MatMul", &[&hn, &wl], vec![]);
-            let sq = b.g.vec_i64(&[1]);
-            let logits = b.g.node("Squeeze", &[&logits, &sq], vec![]);
-            b.g.output(
-                &logits,
-                "judge_logits",
-                dtype::FLOAT,
-                &[Dim::Named("batch"), Dim::Fixed(n as i64)],
-            );
+            b.last_position_head(&x, &rows, n, "judge_head.weight_t", "judge_logits")?;
+        }
+        Head::Reward => {
+            // score.weight is [1, h]: as [h, 1] it is the same values.
+            let w = b.w.get("score.weight", &[1, h])?;
+            let rows = w.data.clone();
+            b.last_position_head(&x, &rows, 1, "score.weight_t", "rewards")?;
         }
         Head::Lm => {
             let hn = b.rms_norm(&x, "model.norm.weight", h)?;

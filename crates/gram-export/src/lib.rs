@@ -211,6 +211,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         HeadKind::Judge if opts.pairs => Head::PairJudge(vec![labels.a, labels.b]),
         HeadKind::Judge => Head::Judge(vec![labels.a, labels.b]),
         HeadKind::Lm => Head::Lm,
+        HeadKind::Reward => Head::Reward,
     };
     let parent = opts
         .out
@@ -276,6 +277,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             output: match opts.head {
                 HeadKind::Judge => "judge_logits".into(),
                 HeadKind::Lm => "logits".into(),
+                HeadKind::Reward => "rewards".into(),
             },
             prompt_style: style,
             label_ids: labels,

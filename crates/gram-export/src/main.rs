@@ -22,6 +22,8 @@ enum HeadArg {
     Judge,
     /// Logits of the whole vocabulary at every position (the generic LM export).
     Lm,
+    /// A Bradley-Terry reward model's scalar (`gram-train bt` output) at the last position.
+    Reward,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,6 +49,7 @@ enum Cmd {
     ///   gram-export onnx --model runs/s2/final --out exports/judge --verify
     ///   gram-export onnx --model SmolLM2-135M-Instruct.Q4_1.gguf --out exports/smollm2-lm --head lm
     ///   gram-export onnx --model exports/gram-smollm2-135m-lora --base SmolLM2-135M-Instruct.Q4_1.gguf --out exports/judge
+    ///   gram-export onnx --model runs/bt/final --out exports/bt --head reward --verify
     #[command(verbatim_doc_comment)]
     Onnx {
         /// Checkpoint: an HF folder (config.json, safetensors, tokenizer), a GGUF file, or a LoRA
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         head: match head {
             HeadArg::Judge => HeadKind::Judge,
             HeadArg::Lm => HeadKind::Lm,
+            HeadArg::Reward => HeadKind::Reward,
         },
         style: style.map(|s| match s {
             StyleArg::Chat => PromptStyle::Chat,

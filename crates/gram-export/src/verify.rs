@@ -89,15 +89,27 @@ pub fn verify(
     };
 
     let device = gram_model::device(gram_model::Backend::Cpu)?;
-    let model = gram_model::load(ckpt, &device)?;
     let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &device);
     let mask_t = Tensor::<2, Int>::from_data(TensorData::new(mask.clone(), [b, t]), &device);
     let (burn, positions): (Vec<f32>, Vec<bool>) = match manifest.head {
+        HeadKind::Reward => {
+            let origin = ckpt.path.display().to_string();
+            let model = gram_model::RewardModel::from_weights(
+                &ckpt.config,
+                ckpt.weights()?,
+                None,
+                &origin,
+                &device,
+            )?;
+            (to_vec(model.forward(ids_t, mask_t))?, vec![true; b])
+        }
         HeadKind::Judge => {
+            let model = gram_model::load(ckpt, &device)?;
             let l = model.last_logits(ids_t, mask_t, &[manifest.label_ids.a, manifest.label_ids.b]);
             (to_vec(l)?, vec![true; b * 2])
         }
         HeadKind::Lm => {
+            let model = gram_model::load(ckpt, &device)?;
             let l = model.forward(ids_t, mask_t);
             let v = l.dims()[2];
             // Padding positions are not compared (nothing reads them).

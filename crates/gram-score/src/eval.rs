@@ -4,7 +4,9 @@
 //!
 //! Each pair counts once (the stage-2 files hold it in both orders): the both-order score of
 //! response_a decides; it is correct when it is above 0.5 for label `a` and below for `b`. A
-//! score of exactly 0.5 is a tie and counts as wrong.
+//! score of exactly 0.5 is a tie and counts as wrong. A reward model export (`--head reward`)
+//! ranks a pair by the rewards of its two responses instead (equal rewards: a tie). Every
+//! accuracy carries a 95% bootstrap interval over its pairs.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,6 +17,8 @@ use arrow::compute::cast;
 use arrow::datatypes::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
+
+use gram_core::export::HeadKind;
 
 use crate::error::{Error, Result};
 use crate::judge::Judge;
@@ -51,6 +55,11 @@ pub struct Group {
     pub failed: usize,
     /// correct / pairs.
     pub accuracy: f64,
+    /// 95% bootstrap interval of the accuracy (2,000 resamples of the pairs, percentiles).
+    pub ci95: Option<(f64, f64)>,
+    /// Each scored pair's outcome, in order (for the interval).
+    #[serde(skip)]
+    outcomes: Vec<bool>,
 }
 
 impl Group {
@@ -61,10 +70,42 @@ impl Group {
                 self.correct += usize::from(correct);
                 self.ties += usize::from(tie);
                 self.accuracy = self.correct as f64 / self.pairs as f64;
+                self.outcomes.push(correct);
             }
             None => self.failed += 1,
         }
     }
+
+    /// Computes the interval once every pair is in.
+    fn finish(&mut self) {
+        self.ci95 = bootstrap_ci(&self.outcomes, 2000);
+    }
+}
+
+/// Percentile bootstrap: the 2.5th and 97.5th percentiles of the accuracy over `resamples`
+/// resamples (with replacement, seeded) of `outcomes`.
+pub fn bootstrap_ci(outcomes: &[bool], resamples: usize) -> Option<(f64, f64)> {
+    let n = outcomes.len();
+    if n == 0 || resamples == 0 {
+        return None;
+    }
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut accs: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let hits = (0..n)
+                .filter(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    outcomes[(s % n as u64) as usize]
+                })
+                .count();
+            hits as f64 / n as f64
+        })
+        .collect();
+    accs.sort_by(f64::total_cmp);
+    let at = |p: f64| accs[(p * (resamples - 1) as f64).round() as usize];
+    Some((at(0.025), at(0.975)))
 }
 
 /// The report.
@@ -245,17 +286,9 @@ pub fn evaluate(
         seconds: 0.0,
     };
     for chunk in pairs.chunks(512) {
-        let input: Vec<(&str, &str, &str)> = chunk
-            .iter()
-            .map(|p| (p.prompt.as_str(), p.a.as_str(), p.b.as_str()))
-            .collect();
-        let scores = judge.score_pairs(&input)?;
-        for (p, s) in chunk.iter().zip(scores) {
-            let outcome = match s {
-                Ok(s) => {
-                    let tie = s.score_a == 0.5;
-                    Some(((s.score_a > 0.5) == p.a_preferred && !tie, tie))
-                }
+        for (p, o) in chunk.iter().zip(outcomes(judge, chunk)?) {
+            let outcome = match o {
+                Ok(o) => Some(o),
                 Err(e) => {
                     if report.failures.len() < 20 {
                         report.failures.push(format!("pair {}: {e}", p.pair_id));
@@ -280,22 +313,57 @@ pub fn evaluate(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    report.overall.finish();
+    report.by_source.values_mut().for_each(Group::finish);
+    report.by_subset.values_mut().for_each(Group::finish);
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// `(correct, tie)` of each pair, or why it could not be scored: a judge's both-order score,
+/// or a reward model's two rewards.
+fn outcomes(
+    judge: &Judge,
+    chunk: &[LabeledPair],
+) -> Result<Vec<std::result::Result<(bool, bool), String>>> {
+    let input: Vec<(&str, &str, &str)> = chunk
+        .iter()
+        .map(|p| (p.prompt.as_str(), p.a.as_str(), p.b.as_str()))
+        .collect();
+    let judged = |a_preferred: bool, a_wins: bool, tie: bool| (a_wins == a_preferred && !tie, tie);
+    Ok(if judge.manifest.head == HeadKind::Reward {
+        judge
+            .pair_rewards(&input)?
+            .into_iter()
+            .zip(chunk)
+            .map(|(r, p)| r.map(|(ra, rb, _)| judged(p.a_preferred, ra > rb, ra == rb)))
+            .collect()
+    } else {
+        judge
+            .score_pairs(&input)?
+            .into_iter()
+            .zip(chunk)
+            .map(|(s, p)| s.map(|s| judged(p.a_preferred, s.score_a > 0.5, s.score_a == 0.5)))
+            .collect()
+    })
 }
 
 /// The report as a text table.
 pub fn table(r: &EvalReport) -> String {
     let mut s = format!(
-        "{:<40} {:>7} {:>9} {:>6} {:>6}\n",
-        "group", "pairs", "accuracy", "ties", "failed"
+        "{:<40} {:>7} {:>9} {:>15} {:>6} {:>6}\n",
+        "group", "pairs", "accuracy", "95% CI", "ties", "failed"
     );
     let mut line = |name: &str, g: &Group| {
+        let ci = g.ci95.map_or_else(String::new, |(lo, hi)| {
+            format!("{:.1}-{:.1}%", 100.0 * lo, 100.0 * hi)
+        });
         s.push_str(&format!(
-            "{:<40} {:>7} {:>8.1}% {:>6} {:>6}\n",
+            "{:<40} {:>7} {:>8.1}% {:>15} {:>6} {:>6}\n",
             name,
             g.pairs,
             100.0 * g.accuracy,
+            ci,
             g.ties,
             g.failed
         ));
@@ -308,4 +376,22 @@ pub fn table(r: &EvalReport) -> String {
     }
     line("overall", &r.overall);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_interval_brackets_the_accuracy_and_narrows_with_more_pairs() {
+        let outcomes = |n: usize| (0..n).map(|i| i % 10 < 7).collect::<Vec<_>>();
+        let (lo, hi) = bootstrap_ci(&outcomes(100), 2000).expect("an interval");
+        assert!(lo < 0.7 && 0.7 < hi, "{lo}-{hi}");
+        // Binomial: 1.96 * sqrt(0.21 / 100) = 0.090 on each side.
+        assert!((hi - lo - 0.18).abs() < 0.04, "width {}", hi - lo);
+        let (lo4, hi4) = bootstrap_ci(&outcomes(400), 2000).expect("an interval");
+        assert!((hi4 - lo4) < 0.6 * (hi - lo), "{lo4}-{hi4} vs {lo}-{hi}");
+        assert_eq!(bootstrap_ci(&[true; 5], 100), Some((1.0, 1.0)));
+        assert_eq!(bootstrap_ci(&[], 100), None);
+    }
 }

@@ -87,8 +87,8 @@ pub struct Judge {
     counters: Counters,
 }
 
-/// (item, label logits) pairs a batch produced.
-type Scored = Vec<(usize, [f32; 2])>;
+/// (item, output) pairs a batch produced.
+type Scored<T = [f32; 2]> = Vec<(usize, T)>;
 
 /// Encoded pair: both orders.
 struct Encoded {
@@ -101,9 +101,9 @@ impl Judge {
     /// Opens `dir` (made by `gram-export onnx --head judge`).
     pub fn open(dir: &Path, threads: Threads, limits: BatchLimits) -> Result<Self> {
         let manifest = ExportManifest::read(dir)?;
-        if manifest.head != HeadKind::Judge {
+        if !matches!(manifest.head, HeadKind::Judge | HeadKind::Reward) {
             return Err(Error::Input(format!(
-                "{}: exported with --head {:?}; scoring needs --head judge",
+                "{}: exported with --head {:?}; scoring needs --head judge (or, for eval, --head reward)",
                 dir.display(),
                 manifest.head
             )));
@@ -212,17 +212,17 @@ impl Judge {
 
     /// Runs `run` on every batch, in parallel, one session per worker; `run` returns (item,
     /// logits) for its batch's rows.
-    fn run_batches(
+    fn run_batches<T: Send>(
         &self,
         batches: &[Vec<usize>],
-        run: impl Fn(&[usize], &mut ort::session::Session) -> Result<Scored> + Sync,
-    ) -> Result<Scored> {
+        run: impl Fn(&[usize], &mut ort::session::Session) -> Result<Scored<T>> + Sync,
+    ) -> Result<Scored<T>> {
         let next = AtomicUsize::new(0);
         let workers = self.pool.size().min(batches.len()).max(1);
-        let results: Vec<Result<Scored>> = std::thread::scope(|s| {
+        let results: Vec<Result<Scored<T>>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
-                    s.spawn(|| -> Result<Scored> {
+                    s.spawn(|| -> Result<Scored<T>> {
                         let mut got = Vec::new();
                         loop {
                             let k = next.fetch_add(1, Ordering::Relaxed);
@@ -349,11 +349,73 @@ impl Judge {
         Ok(out)
     }
 
+    /// A reward export's rewards of each pair's two responses, `(r_a, r_b, truncated)`, in
+    /// input order. A pair that cannot be encoded gets its reason.
+    pub fn pair_rewards(
+        &self,
+        pairs: &[(&str, &str, &str)],
+    ) -> Result<Vec<std::result::Result<(f32, f32, bool), String>>> {
+        if self.manifest.head != HeadKind::Reward {
+            return Err(Error::Input(format!(
+                "{}: not a reward model export (--head reward)",
+                self.dir.display()
+            )));
+        }
+        let encoded: Vec<std::result::Result<[gram_core::fit::Tokens; 2], String>> = pairs
+            .iter()
+            .map(|&(x, a, b)| {
+                let e = |r| self.enc.reward(x, r).map_err(|e| e.to_string());
+                Ok([e(a)?, e(b)?])
+            })
+            .collect();
+        let seqs: Vec<&[u32]> = encoded
+            .iter()
+            .flatten()
+            .flat_map(|[a, b]| [a.ids.as_slice(), b.ids.as_slice()])
+            .collect();
+        let batches = self.batches(seqs.len(), 1, |i| [seqs[i].len()]);
+        let got = self.run_batches(&batches, |batch, sess| {
+            let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i]).collect();
+            let b = Batch::left_padded(&rows, self.manifest.pad_id);
+            let real = rows.iter().map(|r| r.len() as u64).sum();
+            let (n, w) = (b.rows as u64, b.width as u64);
+            self.count(&[(&b, 0)], real, n, n * w);
+            let (shape, data) = b.run(sess, &self.manifest.output)?;
+            if shape != [batch.len(), 1] {
+                return Err(Error::Runtime(format!(
+                    "rewards has shape {shape:?}, expected [{}, 1]",
+                    batch.len()
+                )));
+            }
+            Ok(batch.iter().copied().zip(data).collect())
+        })?;
+        let mut rewards = vec![0f32; seqs.len()];
+        for (i, r) in got {
+            rewards[i] = r;
+        }
+        let mut k = 0;
+        Ok(encoded
+            .into_iter()
+            .map(|e| {
+                e.map(|[a, b]| {
+                    k += 2;
+                    (rewards[k - 2], rewards[k - 1], a.truncated || b.truncated)
+                })
+            })
+            .collect())
+    }
+
     /// Both-order scores of pairs (prompt, a, b). A pair that cannot be encoded gets its reason.
     pub fn score_pairs(
         &self,
         pairs: &[(&str, &str, &str)],
     ) -> Result<Vec<std::result::Result<PairScore, String>>> {
+        if self.manifest.head != HeadKind::Judge {
+            return Err(Error::Input(format!(
+                "{}: a reward model export ranks pairs only in `gram-score eval`; the other commands need --head judge",
+                self.dir.display()
+            )));
+        }
         let mut encoded = self.encode_all(pairs);
         let logits: Vec<[f32; 2]> = if self.manifest.reads_pairs() {
             let both: Vec<(Vec<u32>, Vec<u32>)> = encoded

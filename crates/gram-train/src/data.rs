@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::UInt32Type;
+use gram_core::LabelIds;
+use gram_core::fit::Tokenizer;
 use gram_core::schema::Dataset as Schema;
-use gram_core::{LabelIds, Templates};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -248,15 +249,10 @@ fn read_batch(
 }
 
 /// Bradley-Terry pairs from stage-2 rows: one per raw pair (the first of its orders), the chosen
-/// and rejected responses each rendered as prompt + response and tokenised; sequences longer
-/// than `max_tokens` keep their last `max_tokens` tokens (the response's end, where the reward
-/// is read). Returns the pairs and how many were cut.
-pub fn bt_pairs(
-    data: &Path,
-    split: &str,
-    templates: &Templates<'_>,
-    max_tokens: usize,
-) -> Result<(Vec<Example>, usize)> {
+/// and rejected responses each rendered as prompt + response and tokenised by
+/// [`Tokenizer::reward`] (texts cut to fit its length limit, as a reward export's scorer cuts
+/// them). Returns the pairs and how many sequences were cut.
+pub fn bt_pairs(data: &Path, split: &str, enc: &Tokenizer<'_>) -> Result<(Vec<Example>, usize)> {
     let files = shard_files(data, Stage::Bt, split)?;
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -299,13 +295,9 @@ pub fn bt_pairs(
                     }
                 };
                 let mut enc = |resp: &str| -> Result<Vec<u32>> {
-                    let t = templates.single(prompt.value(r), resp)?;
-                    let mut ids = templates.encode(&t, true)?;
-                    if ids.len() > max_tokens {
-                        ids.drain(..ids.len() - max_tokens);
-                        cut += 1;
-                    }
-                    Ok(ids)
+                    let t = enc.reward(prompt.value(r), resp)?;
+                    cut += usize::from(t.truncated);
+                    Ok(t.ids)
                 };
                 let c = enc(chosen)?;
                 let j = enc(rejected)?;
@@ -350,9 +342,72 @@ pub fn epoch_batches(
     batches
 }
 
+/// The rows of the `n` pairs whose ids hash lowest (FNV-1a 64): a subset that every stage and
+/// every run reading the same dataset picks alike, whatever its seed or row order; all rows of a
+/// pair (both orders) stay together. `n = 0` keeps everything.
+pub fn subset_pairs(rows: Vec<Example>, n: usize) -> Vec<Example> {
+    if n == 0 {
+        return rows;
+    }
+    let fnv = |s: &str| {
+        s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    };
+    let mut ids: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| (fnv(&r.pair_id), r.pair_id.as_str()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let keep: HashSet<String> = ids
+        .into_iter()
+        .take(n)
+        .map(|(_, id)| id.to_string())
+        .collect();
+    rows.into_iter()
+        .filter(|r| keep.contains(&r.pair_id))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ex(pair: &str, swapped: bool) -> Example {
+        Example {
+            ids: vec![1, 2],
+            prompt_len: 1,
+            label_is_b: swapped,
+            other: Vec::new(),
+            pair_id: pair.into(),
+            swapped,
+            source: "s".into(),
+        }
+    }
+
+    #[test]
+    fn pair_subsets_keep_whole_pairs_and_do_not_depend_on_row_order() {
+        let rows: Vec<Example> = (0..50)
+            .flat_map(|i| [ex(&format!("p{i}"), false), ex(&format!("p{i}"), true)])
+            .collect();
+        let ids = |v: &[Example]| {
+            v.iter()
+                .map(|r| r.pair_id.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let a = subset_pairs(rows.clone(), 7);
+        assert_eq!(
+            (a.len(), ids(&a).len()),
+            (14, 7),
+            "7 pairs, both orders of each"
+        );
+        let mut reversed = rows.clone();
+        reversed.reverse();
+        assert_eq!(ids(&subset_pairs(reversed, 7)), ids(&a));
+        assert_eq!(subset_pairs(rows.clone(), 0).len(), 100);
+        assert_eq!(subset_pairs(rows, 500).len(), 100);
+    }
 
     #[test]
     fn batches_cover_every_row_once_and_depend_on_seed_and_epoch() {

@@ -163,6 +163,9 @@ struct TrainArgs {
     /// At most N validation rows (0: all). [default: 2000]
     #[arg(long)]
     max_valid: Option<usize>,
+    /// Train on N pairs of the train split, the same N for every stage and seed (0: all). [default: 0]
+    #[arg(long)]
+    max_train_pairs: Option<usize>,
     /// Checkpoint every N steps (0: at the end only). [default: 0]
     #[arg(long)]
     save_every: Option<usize>,
@@ -172,7 +175,7 @@ struct TrainArgs {
     /// Log every N steps. [default: 10]
     #[arg(long)]
     log_every: Option<usize>,
-    /// bt: longest prompt + response in tokens (longer keep their tail). [default: 2048]
+    /// bt: longest prompt + response in tokens (longer texts are cut, head and tail kept). [default: 2048]
     #[arg(long)]
     bt_max_tokens: Option<usize>,
     /// Train a LoRA adapter of this rank (base frozen); 0: train every parameter. [default: 0]
@@ -237,6 +240,7 @@ impl TrainArgs {
             bucket_window,
             eval_every,
             max_valid,
+            max_train_pairs,
             save_every,
             keep,
             log_every,

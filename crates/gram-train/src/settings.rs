@@ -84,13 +84,16 @@ pub struct Settings {
     pub eval_every: usize,
     /// At most this many validation rows (pairs for `bt`); 0: all.
     pub max_valid: usize,
+    /// Train on this many pairs of the train split (0: all): those whose ids hash lowest, so
+    /// every stage and run on the same dataset sees the same pairs.
+    pub max_train_pairs: usize,
     /// Save a checkpoint every this many optimiser steps (0: only at the end).
     pub save_every: usize,
     /// Checkpoints kept (older ones are deleted once a newer one is complete).
     pub keep: usize,
     /// Log a training line every this many optimiser steps.
     pub log_every: usize,
-    /// Longest sequence for `bt` inputs (prompt + response), in tokens; longer ones keep their tail.
+    /// Longest sequence for `bt` inputs (prompt + response), in tokens; longer texts are cut.
     pub bt_max_tokens: usize,
     /// LoRA rank (0: no adapter, every parameter trains).
     pub lora_rank: usize,
@@ -133,6 +136,7 @@ impl Default for Settings {
             bucket_window: 32,
             eval_every: 0,
             max_valid: 2000,
+            max_train_pairs: 0,
             save_every: 0,
             keep: 2,
             log_every: 10,

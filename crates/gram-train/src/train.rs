@@ -166,18 +166,19 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
         check_meta(&valid_split, &tokenizer, &labels, &settings.data)?;
     }
     let (train, mut valid) = if settings.stage == Stage::Bt {
-        let templates = Templates::auto(&tokenizer);
         let max = settings.bt_max_tokens.min(config.max_position_embeddings);
-        let (t, _) = data::bt_pairs(&settings.data, "train", &templates, max)?;
+        let enc = gram_core::fit::Tokenizer::new(&tokenizer, Templates::auto(&tokenizer), max)?;
+        let (t, _) = data::bt_pairs(&settings.data, "train", &enc)?;
         let (v, _) = if valid_split.files.is_empty() {
             (Vec::new(), 0)
         } else {
-            data::bt_pairs(&settings.data, "valid", &templates, max)?
+            data::bt_pairs(&settings.data, "valid", &enc)?
         };
         (t, v)
     } else {
         (train_split.examples, valid_split.examples)
     };
+    let train = data::subset_pairs(train, settings.max_train_pairs);
     if train.is_empty() {
         return Err(Error::data(
             settings.data.join(settings.stage.dataset_dir()),

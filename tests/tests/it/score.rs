@@ -673,10 +673,20 @@ fn server_answers_concurrent_clients_and_rejects_bad_requests() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn eval_reports_accuracy_per_source() -> Result<()> {
-    let root = scratch("score-eval")?;
-    let n = 30;
+/// A labeled Parquet file of `n` rows (pairs p0, p1, ... in both orders as ids repeat by two;
+/// sources alpha/beta; subsets s0/s1 in `metadata`, one pair without): (file, prompts, a, b,
+/// labels), row by row.
+#[allow(clippy::type_complexity)]
+fn labeled_file(
+    root: &Path,
+    n: usize,
+) -> Result<(
+    PathBuf,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+    Vec<&'static str>,
+)> {
     let mut seed = 5u64;
     let schema = Arc::new(Schema::new(vec![
         Field::new("pair_id", DataType::Utf8, false),
@@ -716,6 +726,14 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
             ],
         )?,
     )?;
+    Ok((file, pr, a, b, l))
+}
+
+#[test]
+fn eval_reports_accuracy_per_source() -> Result<()> {
+    let root = scratch("score-eval")?;
+    let n = 30;
+    let (file, pr, a, b, l) = labeled_file(&root, n)?;
     let json = root.join("eval.json");
     let text = ok(Command::new(bin("gram-score")?)
         .args(["eval", "--quiet", "--model"])
@@ -862,5 +880,94 @@ fn judge_prefix_and_pair_graphs_give_the_whole_sequence_scores() -> Result<()> {
         "prefix graph scores differ by {single_diff}"
     );
     std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+#[test]
+fn eval_ranks_pairs_with_a_reward_model_export_and_gives_intervals() -> Result<()> {
+    let root = scratch("score-reward")?;
+    // A reward model: the judge's tiny LLaMA with a scalar head.
+    let model = judge()?.parent().context("judge root")?.join("model");
+    let rm = root.join("rm");
+    std::fs::create_dir_all(&rm)?;
+    for e in std::fs::read_dir(&model)? {
+        let e = e?;
+        if e.file_name() != "model.safetensors" {
+            std::fs::copy(e.path(), rm.join(e.file_name()))?;
+        }
+    }
+    let mut w = gram_core::Weights::from_hf_dir(&model)?;
+    let head: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    w.tensors.insert(
+        "score.weight".into(),
+        gram_core::F32Tensor {
+            shape: vec![1, 64],
+            data: head,
+        },
+    );
+    gram_core::weights::write_safetensors(&rm.join("model.safetensors"), &w.tensors, None)?;
+    let dir = root.join("reward");
+    export(&rm, &dir, "reward", &["--verify", "--max-tokens", "512"])?;
+
+    let n = 30;
+    let (file, pr, a, b, l) = labeled_file(&root, n)?;
+    let json = root.join("eval.json");
+    let text = ok(Command::new(bin("gram-score")?)
+        .args(["eval", "--quiet", "--model"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&file)
+        .arg("--json")
+        .arg(&json))?;
+    println!("{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    // The same decisions from the library's rewards: the preferred response's is higher.
+    let judge = gram_score::Judge::open(
+        &dir,
+        gram_score::Threads::split(1),
+        gram_score::BatchLimits::default(),
+    )?;
+    let pairs: Vec<(&str, &str, &str)> = (0..n)
+        .step_by(2)
+        .map(|i| (pr[i].as_str(), a[i].as_str(), b[i].as_str()))
+        .collect();
+    let mut want = 0;
+    for (k, x) in judge.pair_rewards(&pairs)?.into_iter().enumerate() {
+        let (ra, rb, _) = x.map_err(|e| anyhow::anyhow!(e))?;
+        ensure!(
+            ra.is_finite() && rb.is_finite() && ra != rb,
+            "rewards {ra} {rb}"
+        );
+        want += usize::from((ra > rb) == (l[2 * k] == "a"));
+    }
+    ensure!(
+        r["overall"]["pairs"] == 15 && r["overall"]["correct"] == want,
+        "eval {} vs recomputed {want} correct",
+        r["overall"]
+    );
+    let acc = r["overall"]["accuracy"].as_f64().context("accuracy")?;
+    let ci = &r["overall"]["ci95"];
+    let (lo, hi) = (ci[0].as_f64().context("ci")?, ci[1].as_f64().context("ci")?);
+    ensure!(
+        lo <= acc && acc <= hi && hi - lo > 0.1,
+        "interval {lo}-{hi} around {acc}"
+    );
+    ensure!(text.contains("95% CI"), "{text}");
+    // The pairwise commands need a judge: one line saying so, exit 1.
+    let input = root.join("pairs.parquet");
+    pairs_parquet(&input, 4, None, false)?;
+    let out = Command::new(bin("gram-score")?)
+        .args(["pairwise", "--quiet", "--model"])
+        .arg(&dir)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(root.join("scored.parquet"))
+        .output()?;
+    let e = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && e.contains("--head judge"),
+        "{e}"
+    );
     Ok(())
 }

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GRAM paper's central comparison at small scale, rerunnable: SmolLM2-135M-Instruct as
+#   (a) a zero-shot judge (no training),
+#   (b) a judge trained with stage 2 only,
+#   (c) GRAM: stage 1 (unlabeled pairs) then stage 2, continuing the same adapter,
+#   (d) a Bradley-Terry reward model,
+# where (b), (c) and (d) see the same labeled pairs (--max-train-pairs picks the same ones for
+# every run) for the same number of epochs. The learning rate is chosen on the valid split (a
+# short stage-2 pilot per candidate), and each run keeps the epoch whose checkpoint has the best
+# valid accuracy; the test split is read only by the final evaluation. Each model is exported (gram-export onnx;
+# (d) with --head reward) and evaluated with gram-score eval on the test split: accuracy per
+# source and per LLMBar subset with 95% bootstrap intervals over pairs.
+#
+#   bash scripts/reproduce.sh                    # the full run (CPU)
+#   REPRO_QUICK=1 bash scripts/reproduce.sh      # a few steps of everything: checks the pipeline
+#   REPRO_BACKEND=wgpu bash scripts/reproduce.sh # training on a GPU through wgpu
+#
+# Settings: scripts/recipes/{pretrain,finetune,bt}.toml; REPRO_PAIRS, REPRO_EPOCHS, REPRO_LRS
+# override the budget. Output: $GRAM_CACHE/reproduce/ (results.md, results.json, runs, exports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh >/dev/null
+# shellcheck disable=SC1091
+source "${GRAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gram-rs}/env.sh"
+cargo build --bins -q
+BIN="$CARGO_TARGET_DIR/debug"
+OUT="${REPRO_OUT:-$GRAM_CACHE/reproduce}"
+BACKEND="${REPRO_BACKEND:-cpu}"
+if [ -n "${REPRO_QUICK:-}" ]; then
+    PAIRS=${REPRO_PAIRS:-16}; EPOCHS=${REPRO_EPOCHS:-1}; LRS=${REPRO_LRS:-"2e-4"}
+    PILOT_STEPS=2; EVAL_LIMIT="--limit 24"; VALID=16
+else
+    PAIRS=${REPRO_PAIRS:-400}; EPOCHS=${REPRO_EPOCHS:-2}; LRS=${REPRO_LRS:-"1e-4 3e-4"}
+    PILOT_STEPS=40; EVAL_LIMIT=""; VALID=400
+fi
+mkdir -p "$OUT"
+TIMES="$OUT/times.tsv"; : > "$TIMES"
+timed() { # name command...: runs it, appends "name<TAB>seconds" to times.tsv
+    local name=$1; shift
+    local t0; t0=$(date +%s)
+    "$@"
+    echo -e "$name\t$(( $(date +%s) - t0 ))" >> "$TIMES"
+}
+train() { # stage recipe out [flags...]
+    local stage=$1 recipe=$2 out=$3; shift 3
+    "$BIN/gram-train" "$stage" --config "scripts/recipes/$recipe.toml" --model "$GRAM_SMOLLM2_GGUF" \
+        --data "$OUT/data" --out "$out" --backend "$BACKEND" --max-train-pairs "$PAIRS" \
+        --max-valid "$VALID" --overwrite --quiet "$@"
+}
+valid_acc() { # run folder -> the last valid accuracy
+    python3 -c 'import json,sys; v=[json.loads(l) for l in open(sys.argv[1]) if "\"valid\"" in l]; print(v[-1]["acc"])' "$1/metrics.jsonl"
+}
+best_checkpoint() { # run folder -> its checkpoint (one per epoch) with the best valid accuracy
+    python3 - "$1" <<'PY'
+import json, sys
+run = sys.argv[1]
+v = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"valid"' in l]
+best = max(v, key=lambda x: (x["acc"], -x["step"]))
+print(f"{run}/checkpoints/step-{best['step']:07d}")
+PY
+}
+
+echo "== data: gram-data build of the three shared sets (test 15%, valid 10% of prompts)"
+timed data "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml pipelines/llmbar.toml \
+    --model "$GRAM_SMOLLM2_GGUF" --out "$OUT/data" --max-tokens 512 --valid 0.10 --test 0.15 --overwrite --quiet
+
+echo "== learning rate: a ${PILOT_STEPS}-step stage-2 pilot per candidate, judged on valid"
+best_lr=""; best_acc=-1
+for lr in $LRS; do
+    timed "pilot lr $lr" train finetune finetune "$OUT/runs/pilot-$lr" --lr "$lr" --max-steps "$PILOT_STEPS"
+    acc=$(valid_acc "$OUT/runs/pilot-$lr")
+    echo "   lr $lr: valid accuracy $acc"
+    if python3 -c "import sys; sys.exit(0 if float('$acc') > float('$best_acc') else 1)"; then
+        best_lr=$lr; best_acc=$acc
+    fi
+done
+echo "   chosen lr $best_lr"
+
+steps_per_epoch=$(( (2 * PAIRS + 7) / 8 ))   # both orders, 4 rows x 2 accumulated per step
+per_epoch=(--epochs "$EPOCHS" --eval-every "$steps_per_epoch" --save-every "$steps_per_epoch" --keep "$EPOCHS")
+echo "== (b) stage 2 only, $EPOCHS epochs over $PAIRS pairs (a checkpoint and valid after each)"
+timed "(b) stage 2" train finetune finetune "$OUT/runs/b" --lr "$best_lr" "${per_epoch[@]}"
+echo "== (c) GRAM: stage 1 then stage 2 on the same adapter"
+timed "(c) stage 1" train pretrain pretrain "$OUT/runs/c1" --lr "$best_lr" --epochs "$EPOCHS"
+timed "(c) stage 2" train finetune finetune "$OUT/runs/c2" --lr "$best_lr" "${per_epoch[@]}" \
+    --adapter "$OUT/runs/c1/final"
+echo "== (d) Bradley-Terry on the same pairs"
+timed "(d) bt" train bt bt "$OUT/runs/d" --lr "$best_lr" "${per_epoch[@]}"
+
+echo "== export and evaluate on the test split"
+evaluate() { # name model head
+    local name=$1 model=$2 head=$3
+    "$BIN/gram-export" onnx --model "$model" --base "$GRAM_SMOLLM2_GGUF" --head "$head" --out "$OUT/exports/$name" \
+        --max-tokens 512 --overwrite
+    # shellcheck disable=SC2086
+    "$BIN/gram-score" eval --model "$OUT/exports/$name" --data "$OUT/data" --split test $EVAL_LIMIT \
+        --json "$OUT/eval-$name.json" --quiet
+}
+timed "(a) eval" evaluate a "$GRAM_SMOLLM2_GGUF" judge
+timed "(b) eval" evaluate b "$(best_checkpoint "$OUT/runs/b")" judge
+timed "(c) eval" evaluate c "$(best_checkpoint "$OUT/runs/c2")" judge
+timed "(d) eval" evaluate d "$(best_checkpoint "$OUT/runs/d")" reward
+
+python3 scripts/reproduce_table.py "$OUT" "$best_lr" "$EPOCHS" "$PAIRS" "$BACKEND" | tee "$OUT/results.md"
