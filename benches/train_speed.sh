@@ -29,12 +29,13 @@ if ! "$VENV/bin/python" -c 'import torch, transformers, peft' 2>/dev/null; then
 fi
 THREADS=$(nproc)
 WORK="$GRAM_CACHE/bench-train"; mkdir -p "$WORK"; rm -f "$WORK"/*.jsonl
-run_pair() { # name config batch seq [extra flags for both sides]
+run_pair() { # name config batch seq [extra flags for both sides]; STEPS, WARMUP per case
     local name=$1 cfg=$2 b=$3 t=$4; shift 4
+    local steps=${STEPS:-8} warmup=${WARMUP:-2}
     for r in $(seq "$ROUNDS"); do
-        "$BIN" bench --model-config "$cfg" --batch-size "$b" --seq-len "$t" --steps 8 --warmup 2 "$@" >> "$WORK/$name.rust.jsonl"
+        "$BIN" bench --model-config "$cfg" --batch-size "$b" --seq-len "$t" --steps "$steps" --warmup "$warmup" "$@" >> "$WORK/$name.rust.jsonl"
         "$VENV/bin/python" benches/train/torch_reference.py --model-config "$cfg" --batch-size "$b" --seq-len "$t" \
-            --steps 8 --warmup 2 --threads "$THREADS" "$@" >> "$WORK/$name.torch.jsonl"
+            --steps "$steps" --warmup "$warmup" --threads "$THREADS" "$@" >> "$WORK/$name.torch.jsonl"
     done
 }
 # Tokens of one epoch of the shared sets' stage-2 train split (both orders), built as the main job does.
@@ -47,9 +48,10 @@ fi
 EPOCH_TOKENS=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); r=s["stage2"]; print(round(s["stage2_tokens"]["total"]*r.get("train",0)/max(sum(r.values()),1)))' "$DATA/stats.json")
 run_pair llama-1.5m benches/train/llama-1.5m.json 8 256
 run_pair llama-40m benches/train/llama-40m.json 8 256
-run_pair smollm2-full benches/train/smollm2-135m.json 4 512
-run_pair smollm2-lora16 benches/train/smollm2-135m.json 4 512 --lora-rank 16
-run_pair smollm2-top8 benches/train/smollm2-135m.json 4 512 --train-layers 8
+# SmolLM2's steps take 10-30 s: 4 timed steps after 1 untimed one.
+STEPS=4 WARMUP=1 run_pair smollm2-full benches/train/smollm2-135m.json 4 512
+STEPS=4 WARMUP=1 run_pair smollm2-lora16 benches/train/smollm2-135m.json 4 512 --lora-rank 16
+STEPS=4 WARMUP=1 run_pair smollm2-top8 benches/train/smollm2-135m.json 4 512 --train-layers 8
 python3 - "$WORK" "$EPOCH_TOKENS" <<'PY'
 import json, statistics, sys
 work, epoch = sys.argv[1], int(sys.argv[2])
@@ -69,6 +71,8 @@ if [ -z "${SKIP_MEMORY:-}" ]; then
     for flags in "--lora-rank 16 --recompute" "--recompute"; do
         # shellcheck disable=SC2086
         "$BIN" bench --model-config benches/train/qwen3-0.6b.json --batch-size 4 --seq-len 1024 --steps 1 --warmup 0 $flags \
-            | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"  {r[\"trained\"]:<45} recompute={r[\"recompute\"]}  peak RSS {r[\"peak_rss_mib\"]/1024:.2f} GiB  step {r[\"step_s_median\"]:.0f} s")'
+            | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+print("  %-45s recompute=%s  peak RSS %.2f GiB  step %.0f s" % (r["trained"], r["recompute"], r["peak_rss_mib"] / 1024, r["step_s_median"]))'
     done
 fi

@@ -30,8 +30,8 @@ if [ -n "${REPRO_QUICK:-}" ]; then
     PAIRS=${REPRO_PAIRS:-16}; EPOCHS=${REPRO_EPOCHS:-1}; LRS=${REPRO_LRS:-"2e-4"}
     PILOT_STEPS=2; EVAL_LIMIT="--limit 24"; VALID=16
 else
-    PAIRS=${REPRO_PAIRS:-400}; EPOCHS=${REPRO_EPOCHS:-2}; LRS=${REPRO_LRS:-"1e-4 3e-4"}
-    PILOT_STEPS=40; EVAL_LIMIT=""; VALID=400
+    PAIRS=${REPRO_PAIRS:-300}; EPOCHS=${REPRO_EPOCHS:-2}; LRS=${REPRO_LRS:-"1e-4 3e-4"}
+    PILOT_STEPS=30; EVAL_LIMIT=""; VALID=400
 fi
 mkdir -p "$OUT"
 TIMES="$OUT/times.tsv"; : > "$TIMES"
@@ -41,11 +41,12 @@ timed() { # name command...: runs it, appends "name<TAB>seconds" to times.tsv
     "$@"
     echo -e "$name\t$(( $(date +%s) - t0 ))" >> "$TIMES"
 }
-train() { # stage recipe out [flags...]
+train() { # stage recipe out [flags...]; valid rows: VALID (bt: VALID/2 pairs, the same pairs)
     local stage=$1 recipe=$2 out=$3; shift 3
+    local valid=$VALID; [ "$stage" = bt ] && valid=$((VALID / 2))
     "$BIN/gram-train" "$stage" --config "scripts/recipes/$recipe.toml" --model "$GRAM_SMOLLM2_GGUF" \
         --data "$OUT/data" --out "$out" --backend "$BACKEND" --max-train-pairs "$PAIRS" \
-        --max-valid "$VALID" --overwrite --quiet "$@"
+        --max-valid "$valid" --overwrite --quiet "$@"
 }
 valid_acc() { # run folder -> the last valid accuracy
     python3 -c 'import json,sys; v=[json.loads(l) for l in open(sys.argv[1]) if "\"valid\"" in l]; print(v[-1]["acc"])' "$1/metrics.jsonl"

@@ -37,13 +37,14 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// `scale · dropout(x)·A·B`.
+    /// `scale · dropout(x)·A·B` (the scale applied to `B`, `[rank, out]`, rather than to the
+    /// `[.., out]` product: one pass over a small matrix instead of a large one).
     ///
     /// # Shapes
     /// - `x`: `[.., in]`; output: `[.., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let h = ops::linear(self.dropout.forward(x), self.a.val(), None);
-        ops::linear(h, self.b.val(), None).mul_scalar(self.scale)
+        ops::linear(h, self.b.val().mul_scalar(self.scale), None)
     }
 }
 

@@ -387,37 +387,58 @@ fn wgpu_stage2_steps_match_the_cpu_where_a_device_exists() -> Result<()> {
         return Ok(());
     }
     let t = task()?;
-    let mut losses = Vec::new();
-    for backend in ["cpu", "wgpu"] {
-        let out = t.root.join(format!("backend-{backend}"));
-        // Lavapipe compiles every kernel on first use and runs them slowly: two small steps, and
-        // no autotuning sweeps (they only pay off on real GPUs).
-        run(train_cmd("finetune", &t.model, &t.data, &out)?
-            .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
-            .args([
-                "--max-steps",
-                "2",
-                "--lr",
-                "1e-3",
-                "--batch-size",
-                "2",
-                "--log-every",
-                "1",
-                "--max-valid",
-                "2",
-                "--backend",
-                backend,
-            ]))?;
-        losses.push(train_losses(&out)?);
+    // Full fine-tuning, then LoRA on the top layer with recomputed activations. No warm-up: the
+    // second step's loss is then that of the model the first step's backward pass updated.
+    let settings: [&[&str]; 2] = [
+        &[],
+        &["--lora-rank", "4", "--train-layers", "1", "--recompute"],
+    ];
+    let mut seconds = Vec::new();
+    for (k, extra) in settings.into_iter().enumerate() {
+        let mut losses = Vec::new();
+        for backend in ["cpu", "wgpu"] {
+            let out = t.root.join(format!("backend-{backend}-{k}"));
+            // Lavapipe compiles every kernel on first use and runs them slowly: two small steps,
+            // and no autotuning sweeps (they only pay off on real GPUs).
+            run(train_cmd("finetune", &t.model, &t.data, &out)?
+                .env("CUBECL_AUTOTUNE_LEVEL", "minimal")
+                .args([
+                    "--max-steps",
+                    "2",
+                    "--lr",
+                    "1e-3",
+                    "--warmup",
+                    "0",
+                    "--batch-size",
+                    "2",
+                    "--log-every",
+                    "1",
+                    "--max-valid",
+                    "2",
+                    "--backend",
+                    backend,
+                ])
+                .args(extra))?;
+            losses.push(train_losses(&out)?);
+        }
+        println!(
+            "{extra:?}\ncpu losses  {:?}\nwgpu losses {:?}",
+            losses[0], losses[1]
+        );
+        ensure!(
+            losses[0].len() == 2 && losses[1].len() == 2,
+            "expected 2 logged steps each"
+        );
+        for (a, b) in losses[0].iter().zip(&losses[1]) {
+            ensure!((a - b).abs() <= 1e-3, "{extra:?}: wgpu loss {b} vs cpu {a}");
+        }
+        seconds.push(losses[0][1]);
     }
-    println!("cpu losses  {:?}\nwgpu losses {:?}", losses[0], losses[1]);
     ensure!(
-        losses[0].len() == 2 && losses[1].len() == 2,
-        "expected 2 logged steps each"
+        seconds[0] != seconds[1],
+        "full fine-tuning and LoRA gave the same second-step loss: no update reached it"
     );
-    for (a, b) in losses[0].iter().zip(&losses[1]) {
-        ensure!((a - b).abs() <= 1e-3, "wgpu loss {b} vs cpu {a}");
-    }
+
     Ok(())
 }
 
