@@ -321,6 +321,14 @@ mod tests {
         }
     }
 
+    /// The index of the largest magnitude.
+    fn largest(v: &[f32]) -> usize {
+        (0..v.len()).fold(
+            0,
+            |best, i| if v[i].abs() > v[best].abs() { i } else { best },
+        )
+    }
+
     /// `|numeric - analytic|` within 2% of the larger (plus a floor for f32 rounding).
     fn close(numeric: f64, analytic: f64) -> bool {
         (numeric - analytic).abs() <= 0.02 * numeric.abs().max(analytic.abs()) + 2e-3
@@ -361,21 +369,22 @@ mod tests {
         );
         assert!(grads.get::<2>(model.model.embed_tokens.weight.id).is_none());
         let eps = 1e-2;
-        for (target, factor, row, col) in [
-            (Target::Q, 'a', 1, 3),
-            (Target::Q, 'b', 5, 0),
-            (Target::Down, 'a', 0, 17),
-            (Target::Down, 'b', 9, 1),
+        // The model is drawn from the device's generator, which other tests share: check each
+        // factor at its largest gradient, whatever the draw.
+        for (target, factor) in [
+            (Target::Q, 'a'),
+            (Target::Q, 'b'),
+            (Target::Down, 'a'),
+            (Target::Down, 'b'),
         ] {
             let lora = proj(layer, target).lora.as_ref().expect("attached");
             // PEFT layout [row, col] is burn's [col, row].
-            let (param, rows) = if factor == 'a' {
-                (&lora.a, lora.a.dims()[1])
-            } else {
-                (&lora.b, lora.b.dims()[1])
-            };
+            let param = if factor == 'a' { &lora.a } else { &lora.b };
+            let rows = param.dims()[1];
             let g = values(grads.get::<2>(param.id).expect("a LoRA factor's gradient"));
-            let analytic = f64::from(g.data[col * rows + row]);
+            let k = largest(&g.data);
+            let (col, row) = (k / rows, k % rows);
+            let analytic = f64::from(g.data[k]);
             let shifted = |d: f32| -> Result<f64> {
                 let mut ad = ad.clone();
                 let pair = ad.pairs.get_mut(&target.module_name(1)).expect("pair");
@@ -429,8 +438,9 @@ mod tests {
         let g = values(grads.get::<2>(w.id).expect("the top layer's gradient"));
         let cols = g.shape[1];
         let eps = 1e-2;
-        for (r, c) in [(0, 1), (7, 3), (15, 7)] {
-            let analytic = f64::from(g.data[r * cols + c]);
+        for k in [largest(&g.data), largest(&g.data[..g.data.len() / 2])] {
+            let (r, c) = (k / cols, k % cols);
+            let analytic = f64::from(g.data[k]);
             let shifted = |d: f32| {
                 let mut m = base.clone();
                 let p = &mut m.model.layers[1].self_attn.v_proj.base.weight;

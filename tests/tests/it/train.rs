@@ -309,52 +309,16 @@ fn a_killed_run_resumes_to_bit_identical_weights() -> Result<()> {
         "--log-every",
         "2",
     ];
-    let whole = t.root.join("resume-whole");
-    run(train_cmd("finetune", &t.model, &t.data, &whole)?.args(args))?;
-
-    let cut = t.root.join("resume-cut");
-    let mut child = train_cmd("finetune", &t.model, &t.data, &cut)?
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    // SIGKILL as soon as a checkpoint is complete.
-    let started = std::time::Instant::now();
-    loop {
-        if cut.join("latest").exists() {
-            child.kill()?;
-            break;
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("the run ended ({status}) before it could be killed");
-        }
-        ensure!(
-            started.elapsed().as_secs() < 300,
-            "no checkpoint within 300 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait()?;
+    let (whole, cut) = (t.root.join("resume-whole"), t.root.join("resume-cut"));
+    whole_and_resumed(t, "finetune", &args, &whole, &cut)?;
+    let (_, differ) = compare_tensors(
+        &whole.join("final/model.safetensors"),
+        &cut.join("final/model.safetensors"),
+    )?;
     ensure!(
-        !cut.join("final").exists(),
-        "killed too late: the run had finished"
+        differ.is_empty(),
+        "tensors {differ:?} differ between the uninterrupted and the resumed run"
     );
-    let latest = std::fs::read_to_string(cut.join("latest"))?;
-    println!("killed after {}", latest.trim());
-
-    run(Command::new(bin("gram-train")?)
-        .args(["finetune", "--quiet", "--resume", "--out"])
-        .arg(&cut))?;
-    let a = tensors_of(&whole.join("final/model.safetensors"))?;
-    let b = tensors_of(&cut.join("final/model.safetensors"))?;
-    ensure!(a.len() == b.len(), "tensor counts differ");
-    for ((na, da), (nb, db)) in a.iter().zip(&b) {
-        ensure!(na == nb, "tensor names differ: {na} vs {nb}");
-        ensure!(
-            da == db,
-            "tensor {na} differs between the uninterrupted and the resumed run"
-        );
-    }
     // The metrics of the resumed run hold each step once.
     let steps: Vec<u64> = std::fs::read_to_string(cut.join("metrics.jsonl"))?
         .lines()
@@ -738,6 +702,8 @@ fn whole_and_resumed(t: &Task, stage: &str, args: &[&str], whole: &Path, cut: &P
         !cut.join("final").exists(),
         "killed too late: the run had finished"
     );
+    let latest = std::fs::read_to_string(cut.join("latest"))?;
+    println!("killed after {}", latest.trim());
     run(Command::new(bin("gram-train")?)
         .args([stage, "--quiet", "--resume", "--out"])
         .arg(cut))?;
