@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use burn::module::{Module, Param, ParamGroup, ParamId};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use gram_core::F32Tensor;
 use gram_core::adapter::{Adapter, LoraConfig, LoraPair, Target, factor_keys};
 
@@ -107,14 +106,38 @@ fn to_f32(t: &Tensor<2>) -> Result<F32Tensor> {
     })
 }
 
-/// Attaches adapters of shape `cfg` to the decoder: new ones (`A` uniform in
-/// `±1/sqrt(in)`, PEFT's Kaiming draw, from the device's seed; `B` zero), or the factors of
-/// `from`, which must hold every adapted module with the base's shapes. `ids` gives each
+/// Where attached adapters start.
+#[derive(Debug, Clone, Copy)]
+pub enum Init<'a> {
+    /// New: `A` uniform in `±1/sqrt(in)` (PEFT's Kaiming draw), drawn on the host from this
+    /// seed and the module's name, so every backend starts from the same values; `B` zero.
+    Fresh(u64),
+    /// The factors of an adapter, which must hold every adapted module with the base's shapes.
+    From(&'a Adapter),
+}
+
+/// `n` values uniform in `±bound`, from `seed` and `name` (xorshift64*).
+fn host_uniform(n: usize, bound: f64, seed: u64, name: &str) -> Vec<f32> {
+    let mut s = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    }) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+            ((2.0 * u - 1.0) * bound) as f32
+        })
+        .collect()
+}
+
+/// Attaches adapters of shape `cfg` to the decoder, starting as `init` says. `ids` gives each
 /// factor the parameter id it had when saved (keyed by PEFT name, see [`adapter_of`]).
 pub fn attach(
     decoder: &mut Decoder,
     cfg: &LoraConfig,
-    from: Option<&Adapter>,
+    init: Init<'_>,
     ids: Option<&ParamIds>,
     origin: &str,
     device: &Device,
@@ -124,8 +147,8 @@ pub fn attach(
         let module = target.module_name(layer);
         let p = proj_mut(&mut decoder.layers[layer], target);
         let [d_in, d_out] = p.base.weight.dims();
-        let (a, b) = match from {
-            Some(ad) => {
+        let (a, b) = match init {
+            Init::From(ad) => {
                 let pair = ad.pairs.get(&module).ok_or_else(|| Error::Weights {
                     path: origin.to_string(),
                     msg: format!(
@@ -146,12 +169,13 @@ pub fn attach(
                     to_tensor(&transposed(&pair.b), device),
                 )
             }
-            None => {
+            Init::Fresh(seed) => {
                 let bound = 1.0 / (d_in as f64).sqrt();
-                (
-                    Tensor::random([d_in, rank], Distribution::Uniform(-bound, bound), device),
-                    Tensor::zeros([rank, d_out], device),
-                )
+                let a = F32Tensor {
+                    shape: vec![d_in, rank],
+                    data: host_uniform(d_in * rank, bound, seed, &module),
+                };
+                (to_tensor(&a, device), Tensor::zeros([rank, d_out], device))
             }
         };
         let [key_a, key_b] = factor_keys(&module);
@@ -249,6 +273,7 @@ fn regex_escape(s: &str) -> String {
 mod tests {
     use super::*;
     use burn::optim::GradientsParams;
+    use burn::tensor::Distribution;
     use gram_core::ModelConfig;
 
     use crate::CausalLm;
@@ -351,7 +376,7 @@ mod tests {
         let probe = Probe::new(&device);
         let with = |ad: &Adapter| -> Result<CausalLm> {
             let mut m = base.clone();
-            attach(&mut m.model, &cfg, Some(ad), None, "test", &device)?;
+            attach(&mut m.model, &cfg, Init::From(ad), None, "test", &device)?;
             Trainable {
                 lora: true,
                 ..Trainable::default()
@@ -476,7 +501,14 @@ mod tests {
         };
         let mut model = CausalLm::init(&tiny(), &device);
         let ad = adapter(&cfg, &model, &device);
-        attach(&mut model.model, &cfg, Some(&ad), None, "test", &device)?;
+        attach(
+            &mut model.model,
+            &cfg,
+            Init::From(&ad),
+            None,
+            "test",
+            &device,
+        )?;
         let (pairs, ids) = adapter_of(&model.model)?;
         assert_eq!(pairs, ad.pairs);
         assert_eq!(ids.len(), 2 * 7 * 2);

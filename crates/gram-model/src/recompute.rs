@@ -264,8 +264,15 @@ mod tests {
                         rslora: false,
                         layers: None,
                     };
-                    lora::attach(&mut model.model, &cfg, None, None, "test", &device)
-                        .expect("attach");
+                    lora::attach(
+                        &mut model.model,
+                        &cfg,
+                        lora::Init::Fresh(7),
+                        None,
+                        "test",
+                        &device,
+                    )
+                    .expect("attach");
                     // Non-zero B, so that A's gradients are not all zero.
                     for l in &mut model.model.layers {
                         let b = &mut l.self_attn.v_proj.lora.as_mut().expect("lora").b;

@@ -106,7 +106,14 @@ pub fn bench(spec: &BenchSpec) -> Result<BenchResult> {
     let tuning = Tuning::resolve(&settings, &cfg, None)?;
     let mut model = CausalLm::init(&cfg, &device);
     if let Some(l) = &tuning.lora {
-        gram_model::lora::attach(&mut model.model, l, None, None, "bench", &device)?;
+        gram_model::lora::attach(
+            &mut model.model,
+            l,
+            gram_model::lora::Init::Fresh(0),
+            None,
+            "bench",
+            &device,
+        )?;
     }
     let mut model = tuning.trainable.apply(model, cfg.num_hidden_layers)?;
     let mut optim = crate::optim::adamw((0.9, 0.999), 1e-8, 0.0);

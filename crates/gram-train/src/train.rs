@@ -111,9 +111,11 @@ fn attach_adapter(
     let Some(cfg) = &p.tuning.lora else {
         return Ok(());
     };
-    let from = p.tuning.adapter.as_ref();
-    let origin = from.map_or_else(|| p.origin.clone(), |(d, _)| d.display().to_string());
-    lora::attach(decoder, cfg, from.map(|(_, a)| a), ids, &origin, device)?;
+    let (init, origin) = match &p.tuning.adapter {
+        Some((dir, a)) => (lora::Init::From(a), dir.display().to_string()),
+        None => (lora::Init::Fresh(p.settings.seed), p.origin.clone()),
+    };
+    lora::attach(decoder, cfg, init, ids, &origin, device)?;
     Ok(())
 }
 

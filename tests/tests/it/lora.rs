@@ -139,7 +139,14 @@ fn max_diff(a: &[f32], b: &[f32], mask: &[i64]) -> f64 {
 fn with_adapter(ck: &Checkpoint, a: &Adapter) -> Result<gram_model::CausalLm> {
     let device = Device::flex();
     let mut model = gram_model::load(ck, &device)?;
-    gram_model::lora::attach(&mut model.model, &a.lora, Some(a), None, "test", &device)?;
+    gram_model::lora::attach(
+        &mut model.model,
+        &a.lora,
+        gram_model::lora::Init::From(a),
+        None,
+        "test",
+        &device,
+    )?;
     Ok(model)
 }
 
