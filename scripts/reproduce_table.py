@@ -1,6 +1,8 @@
 """The results table of scripts/reproduce.sh (markdown on stdout, results.json beside it):
 test accuracy of each model overall, per source and per LLMBar subset, with 95% bootstrap
-intervals, and the time each row took (its training runs and its evaluation)."""
+intervals, each judge's single-order accuracy (each order of a pair judged on its own: below the
+both-order accuracy when the judge leans on the position), and the time each row took (its
+training runs and its evaluation)."""
 
 import json
 import sys
@@ -28,7 +30,7 @@ def cell(g):
 
 sources = sorted({s for e in evals.values() for s in e["by_source"]})
 subsets = sorted({s for e in evals.values() for s in e["by_subset"]})
-head = ["model", "overall"] + sources + ["time"]
+head = ["model", "overall"] + sources + ["single order", "time"]
 print(f"Test accuracy, % (95% bootstrap interval); {pairs} labeled train pairs, {epochs} epoch(s), "
       f"lr {lr} (chosen on valid), backend {backend}; n = {evals['a']['overall']['pairs']} test pairs.\n")
 print("| " + " | ".join(head) + " |")
@@ -37,6 +39,8 @@ for k, name, parts in rows:
     e = evals[k]
     secs = sum(times.get(p, 0) for p in parts)
     line = [name, cell(e["overall"])] + [cell(e["by_source"].get(s)) for s in sources]
+    single = e["overall"].get("single_order_accuracy")
+    line.append("-" if single is None else f"{100 * single:.1f}")
     line.append(f"{secs // 60} min {secs % 60} s")
     print("| " + " | ".join(line) + " |")
 if subsets:

@@ -57,15 +57,29 @@ pub struct Group {
     pub accuracy: f64,
     /// 95% bootstrap interval of the accuracy (2,000 resamples of the pairs, percentiles).
     pub ci95: Option<(f64, f64)>,
+    /// Judges: single-order judgments (each order of each pair on its own) that were right.
+    pub orders_correct: usize,
+    /// Judges: `orders_correct` over the judgments (two per pair); below `accuracy` when the
+    /// judge leans on the position, which the both-order score averages out.
+    pub single_order_accuracy: Option<f64>,
     /// Each scored pair's outcome, in order (for the interval).
     #[serde(skip)]
     outcomes: Vec<bool>,
 }
 
 impl Group {
-    fn add(&mut self, outcome: Option<(bool, bool)>) {
+    fn add(&mut self, outcome: Option<Outcome>) {
         match outcome {
-            Some((correct, tie)) => {
+            Some(Outcome {
+                correct,
+                tie,
+                orders,
+            }) => {
+                if let Some(o) = orders {
+                    self.orders_correct += o.iter().filter(|&&x| x).count();
+                    self.single_order_accuracy =
+                        Some(self.orders_correct as f64 / (2 * (self.pairs + 1)) as f64);
+                }
                 self.pairs += 1;
                 self.correct += usize::from(correct);
                 self.ties += usize::from(tie);
@@ -80,6 +94,18 @@ impl Group {
     fn finish(&mut self) {
         self.ci95 = bootstrap_ci(&self.outcomes, 2000);
     }
+}
+
+/// How one pair was judged.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    /// Ranked correctly (a tie is not).
+    correct: bool,
+    /// Scored exactly even.
+    tie: bool,
+    /// Judges: whether each order on its own (response_a first, then second) picked the
+    /// preferred response.
+    orders: Option<[bool; 2]>,
 }
 
 /// Percentile bootstrap: the 2.5th and 97.5th percentiles of the accuracy over `resamples`
@@ -320,30 +346,48 @@ pub fn evaluate(
     Ok(report)
 }
 
-/// `(correct, tie)` of each pair, or why it could not be scored: a judge's both-order score,
-/// or a reward model's two rewards.
+/// How each pair was judged, or why it could not be scored: a judge's both-order score (and
+/// each order's own verdict), or a reward model's two rewards.
 fn outcomes(
     judge: &Judge,
     chunk: &[LabeledPair],
-) -> Result<Vec<std::result::Result<(bool, bool), String>>> {
+) -> Result<Vec<std::result::Result<Outcome, String>>> {
     let input: Vec<(&str, &str, &str)> = chunk
         .iter()
         .map(|p| (p.prompt.as_str(), p.a.as_str(), p.b.as_str()))
         .collect();
-    let judged = |a_preferred: bool, a_wins: bool, tie: bool| (a_wins == a_preferred && !tie, tie);
+    let judged = |a_preferred: bool, a_wins: bool, tie: bool, orders| Outcome {
+        correct: a_wins == a_preferred && !tie,
+        tie,
+        orders,
+    };
     Ok(if judge.manifest.head == HeadKind::Reward {
         judge
             .pair_rewards(&input)?
             .into_iter()
             .zip(chunk)
-            .map(|(r, p)| r.map(|(ra, rb, _)| judged(p.a_preferred, ra > rb, ra == rb)))
+            .map(|(r, p)| r.map(|(ra, rb, _)| judged(p.a_preferred, ra > rb, ra == rb, None)))
             .collect()
     } else {
         judge
             .score_pairs(&input)?
             .into_iter()
             .zip(chunk)
-            .map(|(s, p)| s.map(|s| judged(p.a_preferred, s.score_a > 0.5, s.score_a == 0.5)))
+            .map(|(s, p)| {
+                s.map(|s| {
+                    // Order ab puts response_a in position A; order ba puts it in position B.
+                    let orders = [
+                        (s.p_ab > 0.5) == p.a_preferred,
+                        (s.p_ba > 0.5) != p.a_preferred,
+                    ];
+                    judged(
+                        p.a_preferred,
+                        s.score_a > 0.5,
+                        s.score_a == 0.5,
+                        Some(orders),
+                    )
+                })
+            })
             .collect()
     })
 }

@@ -770,11 +770,21 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
         .step_by(2)
         .map(|i| (pr[i].as_str(), a[i].as_str(), b[i].as_str()))
         .collect();
-    let mut want = 0;
+    let (mut want, mut want_orders) = (0, 0);
     for (k, s) in judge.score_pairs(&pairs)?.into_iter().enumerate() {
-        let s = s.map_err(|e| anyhow::anyhow!(e))?.score_a;
-        want += usize::from(s != 0.5 && (s > 0.5) == (l[2 * k] == "a"));
+        let s = s.map_err(|e| anyhow::anyhow!(e))?;
+        let a_preferred = l[2 * k] == "a";
+        want += usize::from(s.score_a != 0.5 && (s.score_a > 0.5) == a_preferred);
+        // Each order on its own: a shown first, then b shown first.
+        want_orders += usize::from((s.p_ab > 0.5) == a_preferred);
+        want_orders += usize::from((s.p_ba > 0.5) != a_preferred);
     }
+    ensure!(
+        r["overall"]["orders_correct"] == want_orders
+            && r["overall"]["single_order_accuracy"].as_f64() == Some(want_orders as f64 / 30.0),
+        "single-order {} vs recomputed {want_orders}",
+        r["overall"]
+    );
     let acc = r["overall"]["accuracy"].as_f64().context("accuracy")?;
     ensure!(
         r["overall"]["correct"] == want,
@@ -953,6 +963,11 @@ fn eval_ranks_pairs_with_a_reward_model_export_and_gives_intervals() -> Result<(
         "interval {lo}-{hi} around {acc}"
     );
     ensure!(text.contains("95% CI"), "{text}");
+    ensure!(
+        r["overall"]["single_order_accuracy"].is_null(),
+        "a reward model has no orders: {}",
+        r["overall"]
+    );
     // The pairwise commands need a judge: one line saying so, exit 1.
     let input = root.join("pairs.parquet");
     pairs_parquet(&input, 4, None, false)?;
