@@ -23,6 +23,22 @@ impl F32Tensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// A 2-D tensor transposed: `[rows, cols]` row-major -> `[cols, rows]` (PyTorch's linear
+    /// layout `[out, in]` to burn's and ONNX MatMul's `[in, out]`, and back).
+    pub fn transposed(&self) -> F32Tensor {
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let mut data = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                data[c * rows + r] = self.data[r * cols + c];
+            }
+        }
+        F32Tensor {
+            shape: vec![cols, rows],
+            data,
+        }
+    }
 }
 
 /// A checkpoint's tensors by HF name, with where they came from.

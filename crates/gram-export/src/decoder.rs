@@ -76,18 +76,6 @@ impl W<'_> {
     }
 }
 
-/// `[out, in]` row-major (PyTorch's Linear layout) to `[in, out]`, what MatMul wants.
-fn transposed(t: &F32Tensor) -> Vec<f32> {
-    let (o, i) = (t.shape[0], t.shape[1]);
-    let mut out = vec![0f32; o * i];
-    for r in 0..o {
-        for c in 0..i {
-            out[c * o + r] = t.data[r * i + c];
-        }
-    }
-    out
-}
-
 struct Builder<'a> {
     g: Graph,
     w: W<'a>,
@@ -163,7 +151,8 @@ impl Builder<'_> {
         let wname = format!("{name}.weight_t");
         if !self.g.has(&wname) {
             let w = self.w.get(&format!("{name}.weight"), &shape)?;
-            self.g.weight(&wname, &[shape[1], shape[0]], &transposed(w));
+            self.g
+                .weight(&wname, &[shape[1], shape[0]], &w.transposed().data);
         }
         let y = self.g.node("MatMul", &[x, &wname], vec![]);
         if !bias {

@@ -72,21 +72,6 @@ fn proj(layer: &DecoderLayer, target: Target) -> &Proj {
     }
 }
 
-/// `[rows, cols]` row-major -> `[cols, rows]`.
-fn transposed(t: &F32Tensor) -> F32Tensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
-        }
-    }
-    F32Tensor {
-        shape: vec![cols, rows],
-        data,
-    }
-}
-
 fn to_tensor(t: &F32Tensor, device: &Device) -> Tensor<2> {
     Tensor::from_data(
         TensorData::new(t.data.clone(), [t.shape[0], t.shape[1]]),
@@ -165,8 +150,8 @@ pub fn attach(
                     });
                 }
                 (
-                    to_tensor(&transposed(&pair.a), device),
-                    to_tensor(&transposed(&pair.b), device),
+                    to_tensor(&pair.a.transposed(), device),
+                    to_tensor(&pair.b.transposed(), device),
                 )
             }
             Init::Fresh(seed) => {
@@ -208,8 +193,8 @@ pub fn adapter_of(decoder: &Decoder) -> Result<(BTreeMap<String, LoraPair>, Para
             ids.insert(key_a, lora.a.id.val());
             ids.insert(key_b, lora.b.id.val());
             let pair = LoraPair {
-                a: transposed(&to_f32(&lora.a.val())?),
-                b: transposed(&to_f32(&lora.b.val())?),
+                a: to_f32(&lora.a.val())?.transposed(),
+                b: to_f32(&lora.b.val())?.transposed(),
             };
             pairs.insert(module, pair);
         }
