@@ -7,6 +7,7 @@
 
 pub mod decoder;
 pub mod graph;
+pub mod package;
 pub mod proto;
 pub mod verify;
 
@@ -180,12 +181,7 @@ fn judge_prefix(
 /// Runs an export: graph, tokenizer files and manifest into a temp folder, the optional check
 /// on that folder, then one rename into place.
 pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
-    if opts.out.exists() && !opts.overwrite {
-        return Err(Error::Usage(format!(
-            "{} exists; pass --overwrite to replace it",
-            opts.out.display()
-        )));
-    }
+    check_out(&opts.out, opts.overwrite)?;
     let ckpt = Checkpoint::open_with_base(&opts.model, opts.base.as_deref())?;
     let config = ckpt.config.clone();
     let tok = match &opts.tokenizer {
@@ -213,30 +209,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         HeadKind::Lm => Head::Lm,
         HeadKind::Reward => Head::Reward,
     };
-    let parent = opts
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::File {
-        path: parent.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    let name = opts
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "export".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::File {
-        path: tmp.clone(),
-        msg: e.to_string(),
-    })?;
-    let result = (|| -> Result<ExportReport> {
+    publish_dir(&opts.out, opts.overwrite, |tmp| {
         let prefix = match opts.head {
             HeadKind::Judge if opts.prefix => {
-                judge_prefix(&config, &weights, &inv_freq, &tok, style, max_tokens, &tmp)?
+                judge_prefix(&config, &weights, &inv_freq, &tok, style, max_tokens, tmp)?
             }
             _ => None,
         };
@@ -254,13 +230,13 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             source.display()
         );
         let mut files = graph
-            .write(&tmp, "model.onnx", &meta, &doc, opts.external_data_over)
+            .write(tmp, "model.onnx", &meta, &doc, opts.external_data_over)
             .map_err(|e| Error::File {
                 path: tmp.join("model.onnx"),
                 msg: e.to_string(),
             })?;
         drop(weights);
-        tok.save_dir(&tmp)?;
+        tok.save_dir(tmp)?;
         let mut manifest = ExportManifest {
             format_version: FORMAT_VERSION,
             model_file: "model.onnx".into(),
@@ -297,7 +273,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         };
         write_manifest(&manifest)?;
         let verify = if opts.verify {
-            let r = verify::verify(&ckpt, &tok, &tmp, &manifest, opts.tolerance)?;
+            let r = verify::verify(&ckpt, &tok, tmp, &manifest, opts.tolerance)?;
             manifest.verified_max_abs_diff = Some(r.max_abs_diff);
             write_manifest(&manifest)?;
             Some(r)
@@ -305,9 +281,9 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             None
         };
         files.push(MANIFEST.into());
-        let mut all: Vec<String> = std::fs::read_dir(&tmp)
+        let mut all: Vec<String> = std::fs::read_dir(tmp)
             .map_err(|e| Error::File {
-                path: tmp.clone(),
+                path: tmp.to_path_buf(),
                 msg: e.to_string(),
             })?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -320,23 +296,50 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             files,
             verify,
         })
-    })();
-    let report = match result {
-        Ok(r) => r,
+    })
+}
+
+/// Refuses an existing `out` unless `overwrite` (checked before any work).
+fn check_out(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        return Err(Error::Usage(format!(
+            "{} exists; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Builds a folder with `fill` in a temp folder beside `out`, then renames it into place: `out`
+/// appears complete or not at all, and a failed `fill` leaves no trace.
+fn publish_dir<T>(out: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    check_out(out, overwrite)?;
+    let io = |path: &Path, e: std::io::Error| Error::File {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "export".into());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let value = match fill(&tmp) {
+        Ok(v) => v,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
     };
-    if opts.out.exists() {
-        std::fs::remove_dir_all(&opts.out).map_err(|e| Error::File {
-            path: opts.out.clone(),
-            msg: e.to_string(),
-        })?;
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| io(out, e))?;
     }
-    std::fs::rename(&tmp, &opts.out).map_err(|e| Error::File {
-        path: opts.out.clone(),
-        msg: e.to_string(),
-    })?;
-    Ok(report)
+    std::fs::rename(&tmp, out).map_err(|e| io(out, e))?;
+    Ok(value)
 }

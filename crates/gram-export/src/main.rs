@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use gram_core::PromptStyle;
 use gram_core::export::HeadKind;
-use gram_export::{ExportOptions, export};
+use gram_core::weights::StoreDtype;
+use gram_export::package::{PackageOptions, package_adapter};
+use gram_export::{ExportOptions, Result, export};
 
 /// Compile a trained (or imported) model for deployment.
 #[derive(Parser)]
@@ -34,8 +36,44 @@ enum StyleArg {
     Raw,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    /// bfloat16: half the bytes; what adapters are shipped as.
+    Bf16,
+    /// As trained.
+    F32,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// A LoRA adapter packaged for release: PEFT's layout (adapter_config.json +
+    /// adapter_model.safetensors) with the tensors as bf16, base_model_name_or_path set, and
+    /// nothing else of the training run (optimiser state, merged weights).
+    ///
+    /// Examples:
+    ///   gram-export adapter --model runs/gram/final --out exports/my-judge
+    ///   gram-export adapter --model runs/gram/checkpoints/step-0000040 --out exports/my-judge \
+    ///       --base-name SmolLM2-135M-Instruct.Q4_1.gguf
+    ///   gram-export onnx --model exports/my-judge --base SmolLM2-135M-Instruct.Q4_1.gguf --out exports/judge
+    #[command(verbatim_doc_comment)]
+    Adapter {
+        /// The adapter folder: a gram-train final/ or checkpoint, or one Python peft saved.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output folder (appears complete or not at all).
+        #[arg(long)]
+        out: PathBuf,
+        /// How the tensors are stored.
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DtypeArg,
+        /// Written as base_model_name_or_path (a hub id, or a path relative to the adapter
+        /// folder or the working directory); default: the adapter's own.
+        #[arg(long)]
+        base_name: Option<String>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// An ONNX graph (opset 23, dynamic batch and sequence, left padding) with the tokenizer files
     /// and gram-export.json beside it.
     ///
@@ -101,63 +139,99 @@ enum Cmd {
 
 fn main() -> ExitCode {
     gram_core::quiet_on_closed_pipe();
-    let Cmd::Onnx {
-        model,
-        base,
-        tokenizer,
-        out,
-        head,
-        style,
-        max_tokens,
-        verify,
-        tolerance,
-        overwrite,
-        external_data_over,
-        no_prefix_cache,
-        no_pair_sharing,
-    } = Cli::parse().cmd;
-    let opts = ExportOptions {
-        model,
-        base,
-        tokenizer,
-        out: out.clone(),
-        head: match head {
-            HeadArg::Judge => HeadKind::Judge,
-            HeadArg::Lm => HeadKind::Lm,
-            HeadArg::Reward => HeadKind::Reward,
-        },
-        style: style.map(|s| match s {
-            StyleArg::Chat => PromptStyle::Chat,
-            StyleArg::Raw => PromptStyle::Raw,
+    let result = match Cli::parse().cmd {
+        Cmd::Adapter {
+            model,
+            out,
+            dtype,
+            base_name,
+            overwrite,
+        } => package(PackageOptions {
+            model,
+            out,
+            dtype: match dtype {
+                DtypeArg::Bf16 => StoreDtype::Bf16,
+                DtypeArg::F32 => StoreDtype::F32,
+            },
+            base_name,
+            overwrite,
         }),
-        max_tokens,
-        verify,
-        tolerance,
-        overwrite,
-        external_data_over,
-        prefix: !no_prefix_cache,
-        pairs: !no_pair_sharing,
+        Cmd::Onnx {
+            model,
+            base,
+            tokenizer,
+            out,
+            head,
+            style,
+            max_tokens,
+            verify,
+            tolerance,
+            overwrite,
+            external_data_over,
+            no_prefix_cache,
+            no_pair_sharing,
+        } => onnx(ExportOptions {
+            model,
+            base,
+            tokenizer,
+            out,
+            head: match head {
+                HeadArg::Judge => HeadKind::Judge,
+                HeadArg::Lm => HeadKind::Lm,
+                HeadArg::Reward => HeadKind::Reward,
+            },
+            style: style.map(|s| match s {
+                StyleArg::Chat => PromptStyle::Chat,
+                StyleArg::Raw => PromptStyle::Raw,
+            }),
+            max_tokens,
+            verify,
+            tolerance,
+            overwrite,
+            external_data_over,
+            prefix: !no_prefix_cache,
+            pairs: !no_pair_sharing,
+        }),
     };
-    match export(&opts) {
-        Ok(r) => {
-            let m = &r.manifest;
-            println!(
-                "exported {} ({} parameters, {} graph nodes, {} head) to {}",
-                m.architecture,
-                m.num_parameters,
-                r.nodes,
-                m.output,
-                out.display()
-            );
-            println!("files: {}", r.files.join(", "));
-            if let Some(v) = &r.verify {
-                println!(
-                    "verified: onnxruntime vs burn on {} prompts (lengths {:?}): max |diff| {:.2e} (largest logit {:.2})",
-                    v.rows, v.lengths, v.max_abs_diff, v.max_abs_logit
-                );
-            }
-            ExitCode::SUCCESS
-        }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => gram_core::exit_with(&e, e.is_user_error()),
     }
+}
+
+fn package(opts: PackageOptions) -> Result<()> {
+    let r = package_adapter(&opts)?;
+    println!(
+        "packaged {} adapted modules + {} whole tensors ({} parameters, {:.1} MB) to {} (base: {})",
+        r.modules,
+        r.saved,
+        r.parameters,
+        r.bytes as f64 / 1e6,
+        opts.out.display(),
+        r.base_model
+            .as_deref()
+            .unwrap_or("none named; pass --base when loading")
+    );
+    Ok(())
+}
+
+fn onnx(opts: ExportOptions) -> Result<()> {
+    let r = export(&opts)?;
+    let m = &r.manifest;
+    println!(
+        "exported {} ({} parameters, {} graph nodes, {} head) to {}",
+        m.architecture,
+        m.num_parameters,
+        r.nodes,
+        m.output,
+        opts.out.display()
+    );
+    println!("files: {}", r.files.join(", "));
+    if let Some(v) = &r.verify {
+        println!(
+            "verified: onnxruntime vs burn on {} prompts (lengths {:?}): max |diff| {:.2e} (largest logit {:.2})",
+            v.rows, v.lengths, v.max_abs_diff, v.max_abs_logit
+        );
+    }
+    Ok(())
 }

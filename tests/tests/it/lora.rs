@@ -305,3 +305,93 @@ fn gram_export_compiles_an_adapter_folder_over_its_base() -> Result<()> {
     )?;
     Ok(())
 }
+
+#[test]
+fn gram_export_adapter_packages_bf16_that_loads_over_its_base() -> Result<()> {
+    let root = scratch("lora-package")?;
+    let base = fixtures().join("hf-tiny").join("llama");
+    let ck = Checkpoint::open(&base)?;
+    let adapter = random_adapter(&ck, &base);
+    let dir = root.join("adapter");
+    std::fs::create_dir_all(&dir)?;
+    adapter.write(&dir, StoreDtype::F32)?;
+    std::fs::write(dir.join("optimizer.bpk"), b"training state")?;
+    let pkg = root.join("pkg");
+    let run = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(crate::common::bin("gram-export")?)
+            .arg("adapter")
+            .args(args)
+            .output()?)
+    };
+    let (d, p) = (dir.to_string_lossy(), pkg.to_string_lossy());
+    let o = run(&["--model", &d, "--out", &p, "--base-name", "org/tiny-llama"])?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Only the two PEFT files, the base renamed, every tensor rounded to bf16 and half the bytes.
+    let mut files: Vec<String> = std::fs::read_dir(&pkg)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    files.sort();
+    ensure!(
+        files == ["adapter_config.json", "adapter_model.safetensors"],
+        "{files:?}"
+    );
+    let got = Adapter::read(&pkg)?;
+    ensure!(
+        got.base_model.as_deref() == Some("org/tiny-llama"),
+        "{:?}",
+        got.base_model
+    );
+    ensure!(got.lora == adapter.lora, "config changed: {:?}", got.lora);
+    let bytes = std::fs::read(pkg.join("adapter_model.safetensors"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    ensure!(
+        st.tensors()
+            .iter()
+            .all(|(_, v)| v.dtype() == safetensors::Dtype::BF16)
+    );
+    let (want, have) = (adapter.tensors(), got.tensors());
+    ensure!(want.keys().eq(have.keys()), "keys differ");
+    for (k, w) in &want {
+        let rounded: Vec<f32> = w
+            .data
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        ensure!(
+            have[k].data == rounded && have[k].shape == w.shape,
+            "{k}: not w rounded to bf16"
+        );
+    }
+    let f32_bytes = std::fs::metadata(dir.join("adapter_model.safetensors"))?.len();
+    ensure!(
+        bytes.len() as u64 * 2 < f32_bytes + 4096,
+        "{} vs {f32_bytes} bytes",
+        bytes.len()
+    );
+    // It loads over its base (--base, as the name is not a local path) and compiles.
+    crate::export::export(
+        &pkg,
+        &root.join("onnx"),
+        "lm",
+        &["--base", &base.to_string_lossy(), "--verify"],
+    )?;
+    // A folder that is not an adapter, and an existing output: exit 1, one line naming it.
+    let o = run(&[
+        "--model",
+        &base.to_string_lossy(),
+        "--out",
+        &root.join("x").to_string_lossy(),
+    ])?;
+    let e = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(1) && e.contains("not an adapter folder"),
+        "{e}"
+    );
+    let o = run(&["--model", &d, "--out", &p])?;
+    let e = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(1) && e.contains("--overwrite"),
+        "{e}"
+    );
+    Ok(())
+}
