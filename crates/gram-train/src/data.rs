@@ -2,7 +2,7 @@
 //! against the model (tokenizer, label tokens, context length) before any compute is spent,
 //! then batched with length bucketing in an order that depends only on (seed, epoch).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -342,17 +342,19 @@ pub fn epoch_batches(
     batches
 }
 
-/// The rows of the `n` pairs whose ids hash lowest (FNV-1a 64): a subset that every stage and
-/// every run reading the same dataset picks alike, whatever its seed or row order; all rows of a
-/// pair (both orders) stay together. `n = 0` keeps everything.
-pub fn subset_pairs(rows: Vec<Example>, n: usize) -> Vec<Example> {
-    if n == 0 {
-        return rows;
-    }
+/// Pair ids in the order [`subset_pairs`] and [`subset_rows`] take them: by a hash of the id
+/// (FNV-1a 64, mixed), so every stage and run reading the same dataset picks alike, whatever its seed or
+/// row order, and a subset spans every source the split holds.
+fn hash_order(rows: &[Example]) -> Vec<&str> {
+    // FNV-1a's high bits barely depend on a short id's last bytes (ids `hh-0`..`hh-39` all
+    // sorted after other sources' ids), so the hash goes through splitmix64's finaliser.
     let fnv = |s: &str| {
-        s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+        });
+        let h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^ (h >> 31)
     };
     let mut ids: Vec<(u64, &str)> = rows
         .iter()
@@ -360,11 +362,44 @@ pub fn subset_pairs(rows: Vec<Example>, n: usize) -> Vec<Example> {
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let keep: HashSet<String> = ids
+    ids.into_iter().map(|(_, id)| id).collect()
+}
+
+/// The rows of the `n` pairs first in hash order; all rows of a pair (both orders) stay
+/// together. `n = 0` keeps everything.
+pub fn subset_pairs(rows: Vec<Example>, n: usize) -> Vec<Example> {
+    if n == 0 {
+        return rows;
+    }
+    let keep: HashSet<String> = hash_order(&rows)
         .into_iter()
         .take(n)
-        .map(|(_, id)| id.to_string())
+        .map(str::to_string)
         .collect();
+    rows.into_iter()
+        .filter(|r| keep.contains(&r.pair_id))
+        .collect()
+}
+
+/// About `max_rows` rows: whole pairs in hash order until the count reaches `max_rows` (the last
+/// pair kept whole). `max_rows = 0` keeps everything.
+pub fn subset_rows(rows: Vec<Example>, max_rows: usize) -> Vec<Example> {
+    if max_rows == 0 || rows.len() <= max_rows {
+        return rows;
+    }
+    let mut per_pair: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        *per_pair.entry(r.pair_id.as_str()).or_default() += 1;
+    }
+    let mut keep = HashSet::new();
+    let mut taken = 0;
+    for id in hash_order(&rows) {
+        if taken >= max_rows {
+            break;
+        }
+        taken += per_pair[id];
+        keep.insert(id.to_string());
+    }
     rows.into_iter()
         .filter(|r| keep.contains(&r.pair_id))
         .collect()
@@ -407,6 +442,29 @@ mod tests {
         assert_eq!(ids(&subset_pairs(reversed, 7)), ids(&a));
         assert_eq!(subset_pairs(rows.clone(), 0).len(), 100);
         assert_eq!(subset_pairs(rows, 500).len(), 100);
+    }
+
+    #[test]
+    fn row_subsets_span_the_split_not_its_head() {
+        // Sources in blocks, as gram-data writes them: a head-of-file cut would hold one source.
+        let rows: Vec<Example> = ["hh", "llmbar", "pandalm"]
+            .iter()
+            .flat_map(|s| (0..40).map(move |i| format!("{s}-{i}")))
+            .flat_map(|id| [ex(&id, false), ex(&id, true)])
+            .collect();
+        let sub = subset_rows(rows.clone(), 41);
+        assert_eq!(sub.len(), 42, "41 rows rounded up to whole pairs");
+        for s in ["hh-", "llmbar-", "pandalm-"] {
+            assert!(sub.iter().any(|r| r.pair_id.starts_with(s)), "no {s} rows");
+        }
+        let ids = |v: &[Example]| v.iter().map(|r| r.pair_id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&sub),
+            ids(&subset_pairs(rows.clone(), 21)),
+            "the pairs subset_pairs takes"
+        );
+        assert_eq!(subset_rows(rows.clone(), 0).len(), 240);
+        assert_eq!(subset_rows(rows, 1000).len(), 240);
     }
 
     #[test]

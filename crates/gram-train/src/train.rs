@@ -167,7 +167,7 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
     if !valid_split.files.is_empty() {
         check_meta(&valid_split, &tokenizer, &labels, &settings.data)?;
     }
-    let (train, mut valid) = if settings.stage == Stage::Bt {
+    let (train, valid) = if settings.stage == Stage::Bt {
         let max = settings.bt_max_tokens.min(config.max_position_embeddings);
         let enc = gram_core::fit::Tokenizer::new(&tokenizer, Templates::auto(&tokenizer), max)?;
         let (t, _) = data::bt_pairs(&settings.data, "train", &enc)?;
@@ -200,14 +200,7 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
             ));
         }
     }
-    if settings.max_valid > 0 && valid.len() > settings.max_valid {
-        // Keep whole pairs: the first max_valid rows, extended to the end of the last pair.
-        let mut n = settings.max_valid;
-        while n < valid.len() && valid[n].pair_id == valid[n - 1].pair_id {
-            n += 1;
-        }
-        valid.truncate(n);
-    }
+    let valid = data::subset_rows(valid, settings.max_valid);
 
     // The run folder.
     if !opts.resume {
