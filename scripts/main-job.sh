@@ -4,7 +4,9 @@
 # real preference sets of ../shared/data with the model's own (GGUF-embedded) tokenizer and chat
 # template; load the model and run a GRAM judge prompt through it; fine-tune it briefly on the
 # stage-2 data (GRAM's A/B loss) and write the result as an HF folder; compile it to ONNX (checked
-# against burn); score real held-out pairs with onnxruntime (a Parquet job and an accuracy report).
+# against burn); score real held-out pairs with onnxruntime (a Parquet job and an accuracy report);
+# and score the same pairs with the shipped judge (exports/gram-smollm2-135m-lora, trained by
+# scripts/reproduce.sh, whose 12% test split holds this job's 5% one: these pairs are unseen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -41,6 +43,13 @@ TEST_SHARD="$(ls "$RUN"/data/stage2/test-*.parquet | head -n 1)"
     --limit "${GRAM_MAIN_EVAL_PAIRS:-16}" --json "$RUN/eval.json" --quiet
 
 echo
+echo "== 6. the shipped GRAM judge (a LoRA adapter over the same GGUF) on the same held-out pairs"
+"$BIN/gram-export" onnx --model exports/gram-smollm2-135m-lora --base "$GRAM_SMOLLM2_GGUF" \
+    --out "$RUN/export-shipped" --max-tokens 1024 --overwrite
+"$BIN/gram-score" eval --model "$RUN/export-shipped" --data "$RUN/data" --split test \
+    --limit "${GRAM_MAIN_EVAL_PAIRS:-16}" --json "$RUN/eval-shipped.json" --quiet
+
+echo
 echo "outputs:"
 echo "  model     $GRAM_SMOLLM2_GGUF"
 echo "  datasets  $RUN/data/stage1, $RUN/data/stage2"
@@ -49,4 +58,4 @@ echo "  stats     $RUN/data/stats.json"
 echo "  trained   $RUN/finetune/final (HF folder), metrics $RUN/finetune/metrics.jsonl, curves $RUN/finetune/curves.png"
 echo "  onnx      $RUN/export (model.onnx, tokenizer, gram-export.json)"
 echo "  scored    $RUN/scored.parquet (input columns + score_a, score_b, p_a_first, p_a_second)"
-echo "  accuracy  $RUN/eval.json"
+echo "  accuracy  $RUN/eval.json (briefly fine-tuned), $RUN/eval-shipped.json (shipped judge)"

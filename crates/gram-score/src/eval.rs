@@ -281,6 +281,21 @@ pub fn read_pairs(files: &[PathBuf]) -> Result<Vec<LabeledPair>> {
     Ok(out)
 }
 
+/// `limit` items spread evenly over `items` (a build folder writes its sources in blocks, so the
+/// first N would be one source); all of them when `limit` is None or not smaller.
+fn spread<T>(items: Vec<T>, limit: Option<usize>) -> Vec<T> {
+    let n = items.len();
+    match limit {
+        Some(l) if l < n => items
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| (i * l) % n < l)
+            .map(|(_, x)| x)
+            .collect(),
+        _ => items,
+    }
+}
+
 /// Scores the pairs and aggregates.
 pub fn evaluate(
     judge: &Judge,
@@ -288,10 +303,7 @@ pub fn evaluate(
     limit: Option<usize>,
     quiet: bool,
 ) -> Result<EvalReport> {
-    let mut pairs = read_pairs(&files)?;
-    if let Some(l) = limit {
-        pairs.truncate(l);
-    }
+    let pairs = spread(read_pairs(&files)?, limit);
     let t0 = std::time::Instant::now();
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
@@ -425,6 +437,24 @@ pub fn table(r: &EvalReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_spreads_over_blocks_of_sources() {
+        // 3 sources in blocks of 100, 70, 30.
+        let items: Vec<(usize, usize)> = (0..200)
+            .map(|i| (usize::from(i >= 100) + usize::from(i >= 170), i))
+            .collect();
+        for l in [1, 7, 16, 99, 199] {
+            let got = spread(items.clone(), Some(l));
+            assert_eq!(got.len(), l, "limit {l}");
+            assert!(got.windows(2).all(|w| w[0].1 < w[1].1), "order kept");
+        }
+        let got = spread(items.clone(), Some(16));
+        let per = |s| got.iter().filter(|x| x.0 == s).count();
+        assert_eq!((per(0), per(1), per(2)), (8, 6, 2), "{got:?}");
+        assert_eq!(spread(items.clone(), None).len(), 200);
+        assert_eq!(spread(items, Some(500)).len(), 200);
+    }
 
     #[test]
     fn bootstrap_interval_brackets_the_accuracy_and_narrows_with_more_pairs() {

@@ -95,7 +95,8 @@ enum Cmd {
         /// Where to save the JSON report (default: printed only).
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Evaluate only the first N pairs.
+        /// Evaluate N pairs spread evenly over the input (so every source of a build folder,
+        /// written one after another, is sampled).
         #[arg(long)]
         limit: Option<usize>,
         #[command(flatten)]
