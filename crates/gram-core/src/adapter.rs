@@ -396,38 +396,7 @@ fn add_low_rank(w: &mut F32Tensor, b: &F32Tensor, a: &F32Tensor, scale: f32) {
 /// `(lora config, task, base_model_name_or_path)` of an `adapter_config.json`.
 fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Task, Option<String>)> {
     let bad = |msg: String| Error::format(path, msg);
-    let unsupported = |what: &str, msg: String| Error::unsupported(path, what, msg);
-    let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
-    if peft_type != "LORA" {
-        return Err(unsupported(
-            "peft_type",
-            format!("`{peft_type}` (supported: LORA)"),
-        ));
-    }
-    for (key, what) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
-        if v.get(key).and_then(Value::as_bool) == Some(true) {
-            return Err(unsupported(
-                key,
-                format!("{what} adapters are not supported"),
-            ));
-        }
-    }
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if v.get(key)
-            .and_then(Value::as_object)
-            .is_some_and(|m| !m.is_empty())
-        {
-            return Err(unsupported(
-                key,
-                "per-module ranks or alphas are not supported".into(),
-            ));
-        }
-    }
-    if let Some(b) = v.get("bias").and_then(Value::as_str)
-        && b != "none"
-    {
-        return Err(unsupported("bias", format!("`{b}` (supported: none)")));
-    }
+    refuse_unsupported(v, path)?;
     let rank = v
         .get("r")
         .and_then(Value::as_u64)
@@ -436,7 +405,66 @@ fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Task, Option<Stri
         .get("lora_alpha")
         .and_then(Value::as_f64)
         .ok_or_else(|| bad("no number `lora_alpha`".into()))?;
-    let targets = match v.get("target_modules") {
+    let lora = LoraConfig {
+        rank,
+        alpha,
+        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        targets: parse_targets(v, path)?,
+        rslora: v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        layers: parse_layers(v, path)?,
+    };
+    let task = match v.get("task_type").and_then(Value::as_str) {
+        Some("SEQ_CLS") => Task::SeqCls,
+        None | Some("CAUSAL_LM") => Task::CausalLm,
+        Some(t) => {
+            return Err(Error::unsupported(
+                path,
+                "task_type",
+                format!("`{t}` (supported: CAUSAL_LM, SEQ_CLS)"),
+            ));
+        }
+    };
+    let base = v
+        .get("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok((lora, task, base))
+}
+
+/// Refuses the PEFT variants whose arithmetic the plain LoRA path would get wrong: other PEFT
+/// types, DoRA, transposed weights, per-module ranks, trained biases.
+fn refuse_unsupported(v: &Value, path: &Path) -> Result<()> {
+    let unsupported = |what: &str, msg: String| Err(Error::unsupported(path, what, msg));
+    let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return unsupported("peft_type", format!("`{peft_type}` (supported: LORA)"));
+    }
+    for (key, what) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
+        if v.get(key).and_then(Value::as_bool) == Some(true) {
+            return unsupported(key, format!("{what} adapters are not supported"));
+        }
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if v.get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
+            return unsupported(key, "per-module ranks or alphas are not supported".into());
+        }
+    }
+    match v.get("bias").and_then(Value::as_str) {
+        Some(b) if b != "none" => unsupported("bias", format!("`{b}` (supported: none)")),
+        _ => Ok(()),
+    }
+}
+
+/// `target_modules`: a list of projection names (PEFT's regex form is refused).
+fn parse_targets(v: &Value, path: &Path) -> Result<Vec<Target>> {
+    let bad = |msg: String| Error::format(path, msg);
+    match v.get("target_modules") {
         Some(Value::Array(a)) => a
             .iter()
             .map(|t| {
@@ -445,61 +473,37 @@ fn parse_config(v: &Value, path: &Path) -> Result<(LoraConfig, Task, Option<Stri
                     .ok_or_else(|| bad(format!("target_modules entry {t} is not a string")))?;
                 Target::parse(name).map_err(|m| bad(format!("target_modules: {m}")))
             })
-            .collect::<Result<Vec<_>>>()?,
-        Some(Value::String(s)) => {
-            return Err(unsupported(
-                "target_modules",
-                format!("a pattern (`{s}`); list the modules instead"),
-            ));
-        }
-        _ => return Err(bad("no `target_modules` list".into())),
-    };
-    let layers = match v.get("layers_to_transform") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .map(|x| {
-                    x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                        bad(format!(
-                            "layers_to_transform entry {x} is not a layer index"
-                        ))
-                    })
+            .collect(),
+        Some(Value::String(s)) => Err(Error::unsupported(
+            path,
+            "target_modules",
+            format!("a pattern (`{s}`); list the modules instead"),
+        )),
+        _ => Err(bad("no `target_modules` list".into())),
+    }
+}
+
+/// `layers_to_transform`: absent (every layer), one index, or a list.
+fn parse_layers(v: &Value, path: &Path) -> Result<Option<Vec<usize>>> {
+    let bad = |msg: String| Error::format(path, msg);
+    match v.get("layers_to_transform") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize])),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    bad(format!(
+                        "layers_to_transform entry {x} is not a layer index"
+                    ))
                 })
-                .collect::<Result<Vec<_>>>()?,
-        ),
-        Some(other) => {
-            return Err(bad(format!(
-                "layers_to_transform {other} is not a layer list"
-            )));
-        }
-    };
-    let task = match v.get("task_type").and_then(Value::as_str) {
-        Some("SEQ_CLS") => Task::SeqCls,
-        None | Some("CAUSAL_LM") => Task::CausalLm,
-        Some(t) => {
-            return Err(unsupported(
-                "task_type",
-                format!("`{t}` (supported: CAUSAL_LM, SEQ_CLS)"),
-            ));
-        }
-    };
-    let lora = LoraConfig {
-        rank,
-        alpha,
-        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        targets,
-        rslora: v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        layers,
-    };
-    let base = v
-        .get("base_model_name_or_path")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok((lora, task, base))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        Some(other) => Err(bad(format!(
+            "layers_to_transform {other} is not a layer list"
+        ))),
+    }
 }
 
 /// Sorts an adapter file's tensors into factor pairs (by module) and whole tensors; every

@@ -48,28 +48,28 @@ impl Lora {
 }
 
 /// The projection `target` of a layer.
+/// The projection `target` names in a decoder layer, borrowed with `&` or `&mut`: one table
+/// for both borrows.
+macro_rules! projection {
+    ($layer:expr, $target:expr, $($borrow:tt)+) => {
+        match $target {
+            Target::Q => $($borrow)+ $layer.self_attn.q_proj,
+            Target::K => $($borrow)+ $layer.self_attn.k_proj,
+            Target::V => $($borrow)+ $layer.self_attn.v_proj,
+            Target::O => $($borrow)+ $layer.self_attn.o_proj,
+            Target::Gate => $($borrow)+ $layer.mlp.gate_proj,
+            Target::Up => $($borrow)+ $layer.mlp.up_proj,
+            Target::Down => $($borrow)+ $layer.mlp.down_proj,
+        }
+    };
+}
+
 fn proj_mut(layer: &mut DecoderLayer, target: Target) -> &mut Proj {
-    match target {
-        Target::Q => &mut layer.self_attn.q_proj,
-        Target::K => &mut layer.self_attn.k_proj,
-        Target::V => &mut layer.self_attn.v_proj,
-        Target::O => &mut layer.self_attn.o_proj,
-        Target::Gate => &mut layer.mlp.gate_proj,
-        Target::Up => &mut layer.mlp.up_proj,
-        Target::Down => &mut layer.mlp.down_proj,
-    }
+    projection!(layer, target, &mut)
 }
 
 fn proj(layer: &DecoderLayer, target: Target) -> &Proj {
-    match target {
-        Target::Q => &layer.self_attn.q_proj,
-        Target::K => &layer.self_attn.k_proj,
-        Target::V => &layer.self_attn.v_proj,
-        Target::O => &layer.self_attn.o_proj,
-        Target::Gate => &layer.mlp.gate_proj,
-        Target::Up => &layer.mlp.up_proj,
-        Target::Down => &layer.mlp.down_proj,
-    }
+    projection!(layer, target, &)
 }
 
 fn to_tensor(t: &F32Tensor, device: &Device) -> Tensor<2> {
