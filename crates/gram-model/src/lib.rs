@@ -4,6 +4,7 @@
 pub mod device;
 pub mod error;
 mod fused;
+pub mod host_init;
 mod kernels;
 pub mod load;
 pub mod lora;

@@ -101,22 +101,6 @@ pub enum Init<'a> {
     From(&'a Adapter),
 }
 
-/// `n` values uniform in `±bound`, from `seed` and `name` (xorshift64*).
-fn host_uniform(n: usize, bound: f64, seed: u64, name: &str) -> Vec<f32> {
-    let mut s = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    }) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
-            ((2.0 * u - 1.0) * bound) as f32
-        })
-        .collect()
-}
-
 /// Attaches adapters of shape `cfg` to the decoder, starting as `init` says. `ids` gives each
 /// factor the parameter id it had when saved (keyed by PEFT name, see [`adapter_of`]).
 pub fn attach(
@@ -158,7 +142,7 @@ pub fn attach(
                 let bound = 1.0 / (d_in as f64).sqrt();
                 let a = F32Tensor {
                     shape: vec![d_in, rank],
-                    data: host_uniform(d_in * rank, bound, seed, &module),
+                    data: crate::host_init::uniform(d_in * rank, bound, seed, &module),
                 };
                 (to_tensor(&a, device), Tensor::zeros([rank, d_out], device))
             }

@@ -26,9 +26,19 @@ pub struct RewardModel {
     pub inv_freq: Vec<f32>,
 }
 
+/// A new value head for a model of hidden size `hidden`: `score.weight` `[1, hidden]` drawn
+/// N(0, 0.02) on the host from `seed`, so the CPU and wgpu backends start alike.
+pub fn new_head(hidden: usize, seed: u64) -> gram_core::F32Tensor {
+    gram_core::F32Tensor {
+        shape: vec![1, hidden],
+        data: crate::host_init::normal(hidden, 0.02, seed, SCORE_WEIGHT),
+    }
+}
+
 impl RewardModel {
     /// Builds the model from f32 tensors by HF name: a causal LM's (the head is then new,
-    /// initialised N(0, 0.02) from the device's seed) or a reward model's own. An LM head in the
+    /// initialised N(0, 0.02) from the device's seed; see [`new_head`] for one that is the same
+    /// on every backend) or a reward model's own. An LM head in the
     /// tensors is dropped.
     pub fn from_weights(
         config: &ModelConfig,

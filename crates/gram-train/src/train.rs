@@ -12,7 +12,7 @@ use burn::prelude::*;
 use gram_core::adapter::Task;
 use gram_core::{Adapter, Checkpoint, GramTokenizer, LabelIds, ModelConfig, Templates, Weights};
 use gram_model::model::Decoder;
-use gram_model::reward::{SCORE_WEIGHT, reward_config_json};
+use gram_model::reward::{SCORE_WEIGHT, new_head, reward_config_json};
 use gram_model::{CausalLm, ParamIds, RewardModel, from_weights_with_ids, hf_tensors, lora};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -92,6 +92,11 @@ pub fn run(settings: Settings, opts: &RunOptions) -> Result<Summary> {
             if let Some((_, a)) = &p.tuning.adapter {
                 weights.tensors.extend(a.saved.clone());
             }
+            let seed = p.settings.seed;
+            weights
+                .tensors
+                .entry(SCORE_WEIGHT.to_string())
+                .or_insert_with(|| new_head(p.config.hidden_size, seed));
             let mut model =
                 RewardModel::from_weights(&p.config, weights, ids.as_ref(), &p.origin, &device)?;
             attach_adapter(&mut model.model, &p, ids.as_ref(), &device)?;
