@@ -65,6 +65,13 @@ pub enum RopeScaling {
     },
 }
 
+/// The largest size of any one dimension a configuration may give (16M: vocabularies, widths
+/// and contexts of real models are far below it); past it, a config is taken as corrupt.
+pub const MAX_SIZE: usize = 1 << 24;
+
+/// The largest parameter count a configuration may describe (about 1.1 trillion).
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+
 /// Everything the model needs to know about a checkpoint's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -113,9 +120,20 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Parameter count implied by the shapes.
     pub fn num_parameters(&self) -> usize {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
+        usize::try_from(self.parameter_count()).unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::num_parameters`] in u128, which no configuration [`Self::validate`] passes can
+    /// overflow (every size is at most [`MAX_SIZE`]).
+    fn parameter_count(&self) -> u128 {
+        let n = |x: usize| x as u128;
+        let (h, i, v) = (
+            n(self.hidden_size),
+            n(self.intermediate_size),
+            n(self.vocab_size),
+        );
+        let q = n(self.num_attention_heads) * n(self.head_dim);
+        let kv = n(self.num_key_value_heads) * n(self.head_dim);
         let mut attn = h * q + 2 * h * kv + q * h;
         if self.qkv_bias {
             attn += q + 2 * kv;
@@ -124,7 +142,7 @@ impl ModelConfig {
             attn += h;
         }
         if self.qk_norm {
-            attn += 2 * self.head_dim;
+            attn += 2 * n(self.head_dim);
         }
         let mut mlp = 3 * h * i;
         if self.mlp_bias {
@@ -132,7 +150,7 @@ impl ModelConfig {
         }
         let layer = attn + mlp + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
+        v * h + n(self.num_hidden_layers) * layer + h + head
     }
 
     /// Checks the invariants the model relies on.
@@ -157,6 +175,28 @@ impl ModelConfig {
             return bad(format!(
                 "head_dim must be even and > 0, got {}",
                 self.head_dim
+            ));
+        }
+        for (name, size) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if size > MAX_SIZE {
+                return bad(format!(
+                    "{name} {size} is past the largest size loaded ({MAX_SIZE})"
+                ));
+            }
+        }
+        let count = self.parameter_count();
+        if count > MAX_PARAMETERS {
+            return bad(format!(
+                "the sizes describe {count} parameters, past the largest model loaded ({MAX_PARAMETERS})"
             ));
         }
         Ok(())

@@ -332,6 +332,18 @@ impl GgufFile {
                     c.u64(&name)?
                 });
             }
+            if dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .is_none_or(|n| u128::from(n) > crate::config::MAX_PARAMETERS)
+            {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}`: dimensions {dims:?} hold more values than any model loaded"
+                    ),
+                ));
+            }
             let ty = GgmlType::from_u32(c.u32(&name)?);
             let offset = c.u64(&name)?;
             tensors.push(TensorInfo {
@@ -355,9 +367,22 @@ impl GgufFile {
             data_start,
             bytes,
         };
-        // Check every tensor's extent now, so that truncation is reported before any compute.
-        for t in &f.tensors {
-            f.raw(t)?;
+        // Check every tensor's extent now, so that truncation is reported before any compute,
+        // and that no two tensors share bytes.
+        let mut extents = f
+            .tensors
+            .iter()
+            .map(|t| Ok((f.extent(t)?, t.name.as_str())))
+            .collect::<Result<Vec<_>>>()?;
+        extents.sort_unstable();
+        for w in extents.windows(2) {
+            let (((_, end), a), ((start, _), b)) = (w[0], w[1]);
+            if start < end {
+                return Err(Error::format(
+                    path,
+                    format!("tensors `{a}` and `{b}` overlap in the data section"),
+                ));
+            }
         }
         Ok(f)
     }
@@ -377,6 +402,12 @@ impl GgufFile {
     }
 
     fn raw(&self, t: &TensorInfo) -> Result<&[u8]> {
+        let (start, end) = self.extent(t)?;
+        Ok(&self.bytes[start as usize..end as usize])
+    }
+
+    /// The byte range `[start, end)` of a tensor's data in the file, checked against its size.
+    fn extent(&self, t: &TensorInfo) -> Result<(u64, u64)> {
         let (bs, bb) = t.ty.block().ok_or_else(|| {
             Error::unsupported(
                 &self.path,
@@ -388,7 +419,6 @@ impl GgufFile {
                 ),
             )
         })?;
-        let numel = t.numel();
         if !t.dims[0].is_multiple_of(bs as u64) {
             return Err(Error::format(
                 &self.path,
@@ -398,14 +428,14 @@ impl GgufFile {
                 ),
             ));
         }
-        let nbytes = (numel / bs as u64).checked_mul(bb as u64);
+        let nbytes = (t.numel() / bs as u64).checked_mul(bb as u64);
         let start = (self.data_start as u64).checked_add(t.offset);
         match (start, nbytes) {
             (Some(s), Some(n))
                 if s.checked_add(n)
                     .is_some_and(|e| e <= self.bytes.len() as u64) =>
             {
-                Ok(&self.bytes[s as usize..(s + n) as usize])
+                Ok((s, s + n))
             }
             _ => Err(Error::format(
                 &self.path,

@@ -827,3 +827,100 @@ fn label_logits_and_their_gradients_equal_the_full_head_columns() -> Result<()> 
     ensure!(tied_seen, "no hf-tiny model with a tied head");
     Ok(())
 }
+
+/// Runs `bin args` and returns its exit code and stderr.
+fn exit_of(bin: &str, args: &[&std::ffi::OsStr]) -> Result<(Option<i32>, String)> {
+    let o = std::process::Command::new(crate::common::bin(bin)?)
+        .args(args)
+        .output()?;
+    Ok((
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    ))
+}
+
+/// Every tool that opens a checkpoint refuses `model` with exit 1 and a message holding `want`
+/// (never 101, a panic).
+fn refused_by_every_tool(model: &Path, want: &str, out: &Path) -> Result<()> {
+    let m = model.as_os_str();
+    let o = out.as_os_str();
+    let pipeline = crate::common::repo_root().join("pipelines/llmbar.toml");
+    let runs: [(&str, Vec<&std::ffi::OsStr>); 3] = [
+        ("gram-model", vec!["inspect".as_ref(), m]),
+        (
+            "gram-export",
+            vec!["onnx".as_ref(), "--model".as_ref(), m, "--out".as_ref(), o],
+        ),
+        (
+            "gram-data",
+            vec![
+                "build".as_ref(),
+                pipeline.as_os_str(),
+                "--model".as_ref(),
+                m,
+                "--out".as_ref(),
+                o,
+            ],
+        ),
+    ];
+    for (bin, args) in runs {
+        let (code, e) = exit_of(bin, &args)?;
+        ensure!(
+            code == Some(1) && e.contains(want) && e.lines().count() == 1,
+            "{bin} on {}: exit {code:?}, {e}",
+            model.display()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn hostile_checkpoint_headers_are_format_errors_not_panics() -> Result<()> {
+    let dir = scratch("hostile")?;
+    let out = dir.join("out");
+    // config.json sizes whose products overflow.
+    let tiny = fixtures().join("hf-tiny/llama");
+    for (field, value) in [("vocab_size", 1u64 << 62), ("hidden_size", 1u64 << 40)] {
+        let d = dir.join(field);
+        copy_dir(&tiny, &d)?;
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("config.json"))?)?;
+        cfg[field] = value.into();
+        std::fs::write(d.join("config.json"), serde_json::to_vec(&cfg)?)?;
+        refused_by_every_tool(&d, field, &out)?;
+    }
+    // GGUF tensor infos: a flipped dimension byte, data past the end, two tensors sharing bytes.
+    let gguf = smollm2_gguf()?;
+    let bytes = std::fs::read(&gguf)?;
+    let parsed = GgufFile::open(&gguf)?;
+    let info_at = |name: &str| -> Result<usize> {
+        let mut key = (name.len() as u64).to_le_bytes().to_vec();
+        key.extend(name.as_bytes());
+        let at = bytes
+            .windows(key.len())
+            .position(|w| w == key.as_slice())
+            .context("tensor info")?;
+        Ok(at + key.len()) // n_dims (u32), dims (u64 each), type (u32), offset (u64)
+    };
+    let (t0, t1) = (&parsed.tensors[0], &parsed.tensors[1]);
+    let dims0 = info_at(&t0.name)? + 4;
+    let offset_of = |t: &gram_core::gguf::TensorInfo| -> Result<usize> {
+        Ok(info_at(&t.name)? + 4 + 8 * t.dims.len() + 4)
+    };
+    let file_len = (bytes.len() as u64).to_le_bytes();
+    let t0_offset = t0.offset.to_le_bytes();
+    let cases: [(&str, usize, &[u8], &str); 3] = [
+        ("flipped-dim", dims0 + 7, &[0x80], "dimensions"),
+        ("past-end", offset_of(t0)?, &file_len, "past the end"),
+        ("overlap", offset_of(t1)?, &t0_offset, "overlap"),
+    ];
+    for (name, at, patch, want) in cases {
+        let mut b = bytes.clone();
+        b[at..at + patch.len()].copy_from_slice(patch);
+        let f = dir.join(format!("{name}.gguf"));
+        std::fs::write(&f, &b)?;
+        refused_by_every_tool(&f, want, &out)?;
+    }
+    drop(bytes);
+    Ok(())
+}
