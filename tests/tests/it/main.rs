@@ -3,6 +3,7 @@
 mod common;
 mod data;
 mod export;
+mod fuzz;
 mod lora;
 mod model;
 mod score;
