@@ -106,3 +106,11 @@ timed "(c) eval" evaluate c "$(best_checkpoint "$OUT/runs/c2")" judge
 timed "(d) eval" evaluate d "$(best_checkpoint "$OUT/runs/d")" reward
 
 python3 scripts/reproduce_table.py "$OUT" "$best_lr" "$EPOCHS" "$PAIRS" "$BACKEND" | tee "$OUT/results.md"
+
+echo "== the GRAM judge (c) packaged to ship: bf16 PEFT adapter + model card"
+JUDGE="$OUT/gram-smollm2-135m-lora"
+best_c=$(best_checkpoint "$OUT/runs/c2")
+"$BIN/gram-export" adapter --model "$best_c" --out "$JUDGE" --base-name "$(basename "$GRAM_SMOLLM2_GGUF")" --overwrite
+python3 scripts/model_card.py "$OUT" "$best_c" "$JUDGE" > "$JUDGE/README.md.tmp"
+mv "$JUDGE/README.md.tmp" "$JUDGE/README.md"
+echo "   $JUDGE (copy it to exports/ to ship it)"
