@@ -29,6 +29,10 @@ use crate::stats::{SourceStats, Stats, reason_key};
 pub use crate::pairs::split_of;
 pub use crate::stats::print_stats;
 
+/// The default of [`BuildOptions::max_text_bytes`]: 1 MiB, far past any prompt or response
+/// that fits a model's context.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 1 << 20;
+
 /// Everything a build needs.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildOptions {
@@ -46,6 +50,9 @@ pub struct BuildOptions {
     pub max_tokens: usize,
     /// Reject pairs longer than this before truncation.
     pub drop_over: Option<usize>,
+    /// Reject pairs with a prompt or response longer than this many bytes, before any
+    /// normalising or tokenising (a runaway text would cost seconds and gigabytes).
+    pub max_text_bytes: usize,
     /// Fraction of prompts in the validation split.
     pub valid_frac: f64,
     /// Fraction of prompts in the test split.
@@ -74,6 +81,7 @@ impl Default for BuildOptions {
             chat: None,
             max_tokens: 2048,
             drop_over: None,
+            max_text_bytes: DEFAULT_MAX_TEXT_BYTES,
             valid_frac: 0.05,
             test_frac: 0.05,
             seed: 0,

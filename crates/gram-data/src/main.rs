@@ -46,6 +46,10 @@ enum Cmd {
         /// Reject pairs longer than this many tokens before truncation, instead of cutting them.
         #[arg(long)]
         drop_over: Option<usize>,
+        /// Reject pairs whose prompt or a response is longer than this many bytes (before
+        /// tokenising).
+        #[arg(long, default_value_t = gram_data::build::DEFAULT_MAX_TEXT_BYTES)]
+        max_text_bytes: usize,
         /// Use the model's chat template (default: when it has one).
         #[arg(long, conflicts_with = "raw")]
         chat: bool,
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         inputs,
         max_tokens,
         drop_over,
+        max_text_bytes,
         chat,
         raw,
         valid,
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         },
         max_tokens,
         drop_over,
+        max_text_bytes,
         valid_frac: valid,
         test_frac: test,
         seed,

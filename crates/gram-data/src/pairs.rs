@@ -87,6 +87,18 @@ pub(crate) fn check_pair(
         };
         return Err(rej(format!("{which} is missing"), &m));
     };
+    for (name, text) in [("prompt", prompt), ("response_a", a), ("response_b", b)] {
+        if text.len() > opts.max_text_bytes {
+            return Err(rej(
+                format!(
+                    "{name} is {} bytes, over --max-text-bytes {}",
+                    text.len(),
+                    opts.max_text_bytes
+                ),
+                &m,
+            ));
+        }
+    }
     let label = match m.label.as_deref().map(str::trim) {
         None => None,
         Some("a" | "A") => Some("a"),

@@ -299,20 +299,41 @@ fn is_gzip(path: &Path) -> Result<bool> {
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
-/// Opens a file, decompressing gzip; `counter` counts the (compressed) bytes read.
+/// Opens a file, decompressing gzip and skipping a UTF-8 byte-order mark; `counter` counts the
+/// (compressed) bytes read.
 fn open(path: &Path, counter: Arc<AtomicU64>) -> Result<Box<dyn Read + Send>> {
     let f = File::open(path).map_err(|e| Error::input(path, e))?;
     let counted = Counting {
         inner: f,
         n: counter,
     };
-    if is_gzip(path)? {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(
-            counted,
-        ))))
+    let text: Box<dyn Read + Send> = if is_gzip(path)? {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(counted)))
     } else {
-        Ok(Box::new(counted))
+        Box::new(counted)
+    };
+    // A UTF-8 byte-order mark (editors on Windows write one) is not part of the first row.
+    let mut r = BufReader::with_capacity(1 << 16, text);
+    let mut head = [0u8; 3];
+    let mut n = 0;
+    while n < 3 {
+        let k = r.read(&mut head[n..]).map_err(|e| {
+            Error::input(
+                path,
+                format!("unreadable (truncated or corrupt gzip?): {e}"),
+            )
+        })?;
+        if k == 0 {
+            break;
+        }
+        n += k;
     }
+    let rest: Box<dyn Read + Send> = if head[..n] == [0xEF, 0xBB, 0xBF] {
+        Box::new(r)
+    } else {
+        Box::new(std::io::Cursor::new(head[..n].to_vec()).chain(r))
+    };
+    Ok(rest)
 }
 
 /// Reads one source file in chunks of about `chunk_rows` rows, calling `sink` for each.

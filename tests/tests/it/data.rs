@@ -602,3 +602,53 @@ fn csv_and_parquet_sources_and_truncation() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn byte_order_marks_are_skipped_and_runaway_texts_rejected() -> Result<()> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    let with_bom = |body: &str| [BOM, body.as_bytes()].concat();
+    let jsonl = "{\"prompt\": \"p1\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n\
+                 {\"prompt\": \"p2\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n";
+    let json = "[{\"prompt\": \"p1\", \"chosen\": \"yes\", \"rejected\": \"no\"},\
+                 {\"prompt\": \"p2\", \"chosen\": \"yes\", \"rejected\": \"no\"}]";
+    let csv = "prompt,chosen,rejected\np1,yes,no\np2,yes,no\n";
+    for (format, file, body) in [
+        ("jsonl", "in.jsonl", jsonl),
+        ("json", "in.json", json),
+        ("csv", "in.csv", csv),
+    ] {
+        let (ok, err, out) = run_bad(
+            &format!("bom-{format}"),
+            format,
+            COLS,
+            SQL,
+            file,
+            &with_bom(body),
+        )?;
+        ensure!(ok, "{format} with a BOM: {err}");
+        let s = stats(&out)?;
+        ensure!(
+            n(&s["pairs_written"]) == 2 && n(&s["rejected"]) == 0,
+            "{format} with a BOM: {s} {:?}",
+            reasons(&out)?
+        );
+    }
+    // A response of 1.5 MB: rejected with its size, before tokenising; the other row is kept.
+    let huge = format!(
+        "{{\"prompt\": \"p1\", \"chosen\": \"{}\", \"rejected\": \"no\"}}\n{{\"prompt\": \"p2\", \"chosen\": \"yes\", \"rejected\": \"no\"}}\n",
+        "x".repeat(1_500_000)
+    );
+    let (ok, err, out) = run_bad("huge", "jsonl", COLS, SQL, "in.jsonl", huge.as_bytes())?;
+    ensure!(ok, "{err}");
+    let r = reasons(&out)?;
+    ensure!(
+        r.len() == 1
+            && r[0].0 == 1
+            && r[0]
+                .1
+                .contains("response_a is 1500000 bytes, over --max-text-bytes"),
+        "{r:?}"
+    );
+    ensure!(n(&stats(&out)?["pairs_written"]) == 1);
+    Ok(())
+}
