@@ -14,6 +14,7 @@
 #   bash scripts/reproduce.sh                    # the full run (CPU)
 #   REPRO_QUICK=1 bash scripts/reproduce.sh      # a few steps of everything: checks the pipeline
 #   REPRO_BACKEND=wgpu bash scripts/reproduce.sh # training on a GPU through wgpu
+#   REPRO_RESUME=1 bash scripts/reproduce.sh     # after a stop: keeps the steps that finished
 #
 # Settings: scripts/recipes/{pretrain,finetune,bt}.toml; REPRO_PAIRS, REPRO_EPOCHS, REPRO_LRS
 # override the budget. Output: $GRAM_CACHE/reproduce/ (results.md, results.json, runs, exports).
@@ -37,9 +38,14 @@ else
     PILOT_STEPS=12; EVAL_LIMIT=""; VALID=160
 fi
 mkdir -p "$OUT"
-TIMES="$OUT/times.tsv"; : > "$TIMES"
-timed() { # name command...: runs it, appends "name<TAB>seconds" to times.tsv
-    local name=$1; shift
+TIMES="$OUT/times.tsv"
+if [ -n "${REPRO_RESUME:-}" ]; then touch "$TIMES"; else : > "$TIMES"; fi
+timed() { # name command...: runs it, appends "name<TAB>seconds" to times.tsv (a step already
+    local name=$1; shift  # there is kept when resuming: it finished in an earlier run)
+    if cut -f1 "$TIMES" | grep -qxF -- "$name"; then
+        echo "   $name: finished earlier, kept"
+        return
+    fi
     local t0; t0=$(date +%s)
     "$@"
     echo -e "$name\t$(( $(date +%s) - t0 ))" >> "$TIMES"
