@@ -134,6 +134,10 @@ fn fit<const N: usize>(
 struct PrefixCache {
     prefix: String,
     ids: Vec<u32>,
+    /// How many of `ids` every judge prompt's ids start with, whatever the question's first
+    /// bytes: the ids of the prefix up to its last line. That line's own ids can merge with the
+    /// question's first characters ("\n" + "\n\n..." is one token), the split before it cannot.
+    stable: usize,
     /// Byte offset in `prefix` where a pre-token starts (the start of its last line): the
     /// pre-tokenisation of `prefix[window..] + row text` decides the split for the whole text.
     window: usize,
@@ -186,10 +190,17 @@ impl PrefixCache {
             return None;
         }
         let ids = templates.encode(&prefix, true).ok()?;
+        // The window starts a pre-token, so the prefix's ids end with its last line's own ids.
+        let last_line = templates.encode(&prefix[window..], false).ok()?;
+        if last_line.is_empty() || !ids.ends_with(&last_line) || ids.len() == last_line.len() {
+            return None;
+        }
+        let stable = ids.len() - last_line.len();
         // Probes: the concatenation must reproduce whole-text ids (this also rules out tokenizers
         // that add a prefix space or append special tokens).
         let cache = Self {
             prefix,
+            stable,
             ids,
             window,
             added,
@@ -205,6 +216,9 @@ impl PrefixCache {
             let full = templates
                 .encode(&format!("{}{probe}", cache.prefix), true)
                 .ok()?;
+            if !full.starts_with(cache.stable_ids()) {
+                return None;
+            }
             if cache
                 .encode(tok, &format!("{}{probe}", cache.prefix))
                 .is_some_and(|ids| ids != full)
@@ -213,6 +227,10 @@ impl PrefixCache {
             }
         }
         Some(cache)
+    }
+
+    fn stable_ids(&self) -> &[u32] {
+        &self.ids[..self.stable]
     }
 
     /// Ids of `text` (which must start with the prefix) if the split at the prefix's end is
@@ -322,10 +340,11 @@ impl<'t> Tokenizer<'t> {
         self.judge_prefix.is_some()
     }
 
-    /// The ids of the judge prefix (chat template, system prompt, judge instruction,
-    /// `[User Question]`), when every judge prompt's ids provably start with them.
+    /// The ids every judge prompt starts with, whatever its question (chat template, system
+    /// prompt, judge instruction; not the `[User Question]` line, whose last token can merge with
+    /// the question's first characters). None when the tokenizer gives no such guarantee.
     pub fn judge_prefix_ids(&self) -> Option<&[u32]> {
-        self.judge_prefix.as_ref().map(|c| c.ids.as_slice())
+        self.judge_prefix.as_ref().map(PrefixCache::stable_ids)
     }
 
     /// Stage-2 ids by tokenising the whole judge prompt (the reference for the cached path).
@@ -356,6 +375,8 @@ mod tests {
                 " leading",
                 "\n\nblank lines",
                 "  two spaces",
+                "\t\ttwo tabs",
+                "\n",
                 "\ttab",
                 "123",
                 "(paren)",
@@ -371,6 +392,11 @@ mod tests {
                     let got = t.stage2(x, a, b)?.ids;
                     let want = t.stage2_uncached(x, a, b)?;
                     assert_eq!(got, want, "{style:?} x={x:?} a={a:?} b={b:?}");
+                    let p = t.judge_prefix_ids().unwrap_or_default();
+                    assert!(
+                        p.len() > 20 && got.len() > p.len() && got.starts_with(p),
+                        "{style:?} x={x:?}: the ids do not start with the judge prefix"
+                    );
                 }
             }
         }

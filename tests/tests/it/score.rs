@@ -1,9 +1,7 @@
 //! gram-score on a tiny exported judge (random weights, SmolLM2's tokenizer): batch jobs keep
 //! every row in order, resume after SIGKILL to the same scores, are position-independent; best-
-//! of-n and reference modes; eval; the HTTP server under concurrent clients and bad requests.
+//! of-n and reference modes; eval.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
@@ -26,7 +24,7 @@ const WORDS: &[&str] = &[
 ];
 
 /// Deterministic word salad of `n` words.
-fn words(seed: &mut u64, n: usize) -> String {
+pub(crate) fn words(seed: &mut u64, n: usize) -> String {
     (0..n)
         .map(|_| {
             *seed = seed
@@ -39,7 +37,7 @@ fn words(seed: &mut u64, n: usize) -> String {
 }
 
 /// The tiny judge export, made once: `gram-train init` (2 layers, width 64) + `gram-export onnx`.
-fn judge() -> Result<&'static PathBuf> {
+pub(crate) fn judge() -> Result<&'static PathBuf> {
     static J: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     J.get_or_init(|| make_judge().map_err(|e| format!("{e:#}")))
         .as_ref()
@@ -84,10 +82,16 @@ fn pairs_parquet(path: &Path, n: usize, null_row: Option<usize>, swap: bool) -> 
     let (mut p, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         let len = 5 + i % 60;
-        p.push(Some(format!(
-            "Question {i}: {}?",
-            words(&mut seed, 4 + i % 7)
-        )));
+        let q = format!("Question {i}: {}?", words(&mut seed, 4 + i % 7));
+        // Every 25 rows, a prompt whose first characters merge with the judge template's last
+        // line when tokenised (the graph's cached prefix must not include that line).
+        p.push(Some(match i % 25 {
+            3 => String::new(),
+            8 => format!("\n\n{q}"),
+            13 => format!("  {q}"),
+            18 => format!("\t\t{q}"),
+            _ => q,
+        }));
         let x = words(&mut seed, len);
         let y = words(&mut seed, 3 + (i * 7) % 50);
         let (x, y) = if swap { (y, x) } else { (x, y) };
@@ -476,200 +480,6 @@ fn reference_and_best_of_n_modes() -> Result<()> {
         "{out:?}"
     );
     std::fs::remove_dir_all(&root)?;
-    Ok(())
-}
-
-/// One HTTP/1.1 request on loopback; returns (status, body).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: &str,
-) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status: u16 = resp
-        .split_whitespace()
-        .nth(1)
-        .context("no status")?
-        .parse()?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn server_answers_concurrent_clients_and_rejects_bad_requests() -> Result<()> {
-    let mut child = Command::new(bin("gram-score")?)
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--max-wait-ms",
-            "20",
-            "--reference",
-            "The default reference.",
-            "--model",
-        ])
-        .arg(judge()?)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let server = Server(child);
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let addr = loop {
-        let line = lines
-            .next()
-            .context("the server exited before listening")??;
-        if let Some(a) = line.split("http://").nth(1) {
-            break a.trim().to_string();
-        }
-    };
-    // Keep draining its stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-
-    let (st, body) = http(&addr, "GET", "/health", "text/plain", "")?;
-    ensure!(st == 200 && body.contains("\"ok\""), "health: {st} {body}");
-
-    // The expected rewards, from the library in this process.
-    let judge = gram_score::Judge::open(
-        judge()?,
-        gram_score::Threads::split(1),
-        gram_score::BatchLimits::default(),
-    )?;
-    let clients = 8;
-    let per_client = 6;
-    let t0 = Instant::now();
-    let results: Vec<Result<usize>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..clients)
-            .map(|c| {
-                let addr = addr.clone();
-                let judge = &judge;
-                s.spawn(move || -> Result<usize> {
-                    let mut seed = 1000 + c as u64;
-                    for r in 0..per_client {
-                        let n = 1 + (c + r) % 4;
-                        let prompts: Vec<String> = (0..n).map(|_| words(&mut seed, 5)).collect();
-                        let resp: Vec<String> = (0..n).map(|_| words(&mut seed, 3 + r)).collect();
-                        let refs: Vec<String> = (0..n).map(|_| words(&mut seed, 4)).collect();
-                        let query: Vec<String> = prompts.iter().zip(&resp).map(|(p, x)| format!("{p}{x}")).collect();
-                        let body = serde_json::json!({"query": query, "prompts": prompts, "references": refs}).to_string();
-                        let (st, out) = http(&addr, "POST", "/get_reward", "application/json", &body)?;
-                        ensure!(st == 200, "client {c} request {r}: {st} {out}");
-                        let v: serde_json::Value = serde_json::from_str(&out)?;
-                        let got: Vec<f64> = v["rewards"].as_array().context("rewards")?.iter().filter_map(serde_json::Value::as_f64).collect();
-                        let pairs: Vec<(&str, &str, &str)> = (0..n).map(|i| (prompts[i].as_str(), resp[i].as_str(), refs[i].as_str())).collect();
-                        let want = judge.score_pairs(&pairs)?;
-                        ensure!(got.len() == n, "client {c}: {} rewards for {n}", got.len());
-                        for (g, w) in got.iter().zip(want) {
-                            let w = w.map_err(|e| anyhow::anyhow!(e))?.score_a;
-                            ensure!((g - f64::from(w)).abs() <= 1e-5, "client {c}: reward {g} vs {w}");
-                        }
-                    }
-                    Ok(per_client)
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
-            })
-            .collect()
-    });
-    let mut done = 0;
-    for r in results {
-        done += r?;
-    }
-    println!(
-        "server: {done} requests from {clients} concurrent clients, 0 errors, {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-
-    // The server's default reference and the typed pairs endpoint.
-    let (st, out) = http(
-        &addr,
-        "POST",
-        "/get_reward",
-        "application/json",
-        r#"{"query": ["Q? A."], "prompts": ["Q?"]}"#,
-    )?;
-    ensure!(st == 200 && out.contains("rewards"), "{st} {out}");
-    let (st, out) = http(
-        &addr,
-        "POST",
-        "/score/pairs",
-        "application/json",
-        r#"{"pairs": [{"prompt": "Q?", "response_a": "yes", "response_b": "no"}]}"#,
-    )?;
-    ensure!(st == 200 && out.contains("score_a"), "{st} {out}");
-
-    let bad: &[(&str, &str, &str, &str)] = &[
-        ("POST", "/get_reward", "application/json", "{not json"),
-        (
-            "POST",
-            "/get_reward",
-            "application/json",
-            r#"{"prompts": ["x"]}"#,
-        ),
-        (
-            "POST",
-            "/get_reward",
-            "application/json",
-            r#"{"query": ["a", "b"], "prompts": ["a"]}"#,
-        ),
-        (
-            "POST",
-            "/get_reward",
-            "application/json",
-            r#"{"query": ["abc"], "prompts": ["zzz"]}"#,
-        ),
-        ("POST", "/get_reward", "text/plain", r#"{"query": ["a"]}"#),
-        (
-            "POST",
-            "/get_reward",
-            "application/json",
-            r#"{"query": "not a list"}"#,
-        ),
-        (
-            "POST",
-            "/score/pairs",
-            "application/json",
-            r#"{"pairs": [{"prompt": "x"}]}"#,
-        ),
-        ("GET", "/get_reward", "application/json", ""),
-        ("POST", "/nope", "application/json", "{}"),
-    ];
-    for (m, p, ct, body) in bad {
-        let (st, out) = http(&addr, m, p, ct, body)?;
-        ensure!(
-            (400..500).contains(&st),
-            "{m} {p} {body:?}: status {st} {out}"
-        );
-    }
-    let (st, _) = http(&addr, "GET", "/health", "text/plain", "")?;
-    ensure!(st == 200, "the server did not survive bad requests");
-    drop(server);
     Ok(())
 }
 
