@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use gram_score::jobs::{self, JobOptions, Method, Mode};
-use gram_score::serve::ServeOptions;
+use gram_score::serve::{ReferenceFrom, ServeOptions};
 use gram_score::{BatchLimits, Error, Judge, Threads};
 
 /// Score responses with a GRAM judge exported by `gram-export onnx` (onnxruntime on the CPU).
@@ -102,11 +102,18 @@ enum Cmd {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// HTTP reward server: POST /get_reward (OpenRLHF), POST /score/pairs, GET /health.
+    /// HTTP reward server: POST /get_reward (OpenRLHF), POST /score/pairs, GET /health, GET /metrics.
+    ///
+    /// Logs one line per request on stderr (RUST_LOG sets the level, default info; --log-format
+    /// json for machines). Ctrl-C or SIGTERM stops accepting, answers the requests in flight,
+    /// and exits 0.
     ///
     /// Examples:
     ///   gram-score serve --model exports/judge --addr 127.0.0.1:5000 --reference "A helpful answer."
+    ///   gram-score serve --model exports/judge --reference-from labels --strip-chat-template models/policy
     ///   curl -s localhost:5000/get_reward -d '{"query":["Q? A."],"prompts":["Q?"],"references":["B."]}' -H 'content-type: application/json'
+    ///
+    /// Environment: RUST_LOG (log filter), ORT_DYLIB_PATH (the onnxruntime library).
     #[command(verbatim_doc_comment)]
     Serve {
         /// Export folder.
@@ -115,21 +122,62 @@ enum Cmd {
         /// Address to listen on (port 0: any free port; the chosen one is printed).
         #[arg(long, default_value = "127.0.0.1:5000")]
         addr: std::net::SocketAddr,
-        /// Reference response for /get_reward requests without `references`.
+        /// Reference response for /get_reward items without one of their own.
         #[arg(long)]
         reference: Option<String>,
-        /// Most pairs scored in one batch across concurrent requests.
+        /// Where each /get_reward item's reference comes from: `references` (the request's
+        /// `references`, else --reference) or `labels` (OpenRLHF's `labels[i]`).
+        #[arg(long, value_enum, default_value = "references")]
+        reference_from: ReferenceFrom,
+        /// Strip this model's chat-template markup (turn markers, end of turn) from queries and
+        /// prompts before scoring: a model or tokenizer folder, or a GGUF file.
+        #[arg(long, value_name = "MODEL_OR_TOKENIZER")]
+        strip_chat_template: Option<PathBuf>,
+        /// Most pairs scored in one batch; each waiting request gets an equal share of a batch.
         #[arg(long, default_value_t = 64)]
         max_batch: usize,
         /// Milliseconds to wait for more requests before scoring a partial batch.
         #[arg(long, default_value_t = 5)]
         max_wait_ms: u64,
-        /// Most items in one request.
-        #[arg(long, default_value_t = 1024)]
+        /// Most items in one request (requests are cut into batches whatever their size).
+        #[arg(long, default_value_t = 65_536)]
         max_items: usize,
+        /// Largest request body, in MiB.
+        #[arg(long, default_value_t = 256)]
+        max_body_mb: usize,
+        /// Seconds a client has to send a request's headers, and then its body.
+        #[arg(long, default_value_t = 30)]
+        read_timeout_s: u64,
+        /// Most connections open at once (more wait to be accepted).
+        #[arg(long, default_value_t = 512)]
+        max_connections: usize,
+        /// Log lines as text or as JSON objects.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
         #[command(flatten)]
         run: RunArgs,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default: `default` for our crates, warn for the rest).
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("warn,gram_score={default}"))
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
 }
 
 #[derive(Args)]
@@ -294,18 +342,39 @@ fn main() -> ExitCode {
             model,
             addr,
             reference,
+            reference_from,
+            strip_chat_template,
             max_batch,
             max_wait_ms,
             max_items,
+            max_body_mb,
+            read_timeout_s,
+            max_connections,
+            log_format,
             run,
         } => {
+            init_logging(log_format, "info");
+            let strip = strip_chat_template
+                .map(|p| gram_score::serve::split::ChatMarkup::from_path(&p))
+                .transpose()?;
             let judge = Arc::new(run.open(&model)?);
+            let timeout = std::time::Duration::from_secs(read_timeout_s.max(1));
             let opts = ServeOptions {
                 addr,
                 reference,
-                max_batch,
-                max_wait: std::time::Duration::from_millis(max_wait_ms),
+                reference_from,
+                strip,
+                batch: gram_score::serve::batcher::Limits {
+                    max_batch,
+                    max_wait: std::time::Duration::from_millis(max_wait_ms),
+                },
                 max_items,
+                max_body_bytes: max_body_mb.saturating_mul(1 << 20),
+                body_timeout: timeout,
+                conn: gram_score::serve::listen::ConnLimits {
+                    max_connections,
+                    header_timeout: timeout,
+                },
             };
             let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
             rt.block_on(gram_score::serve::serve(judge, opts))

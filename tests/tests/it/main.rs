@@ -7,4 +7,5 @@ mod fuzz;
 mod lora;
 mod model;
 mod score;
+mod serve;
 mod train;
