@@ -81,7 +81,7 @@ run_pair() { # name onnx-dir torch-args...
         # tens of percent within minutes): each run's efficiency against the better of the two.
         local before after
         before=$("$VENV/bin/python" benches/score/gemm_peak.py --threads "$THREADS")
-        "$BIN/gram-score" pairwise --model "$onnx" --input "$WORK/pairs.parquet" --output "$WORK/$name.out.parquet" \
+        "$BIN/gram-score" pairwise --model "$onnx" --input "$WORK/pairs.parquet" --out "$WORK/$name.out.parquet" \
             --quiet --restart --report "$WORK/$name.report.json" >/dev/null
         after=$("$VENV/bin/python" benches/score/gemm_peak.py --threads "$THREADS")
         python3 -c "import json,sys;r=json.load(open(sys.argv[1]));r['gemm_adjacent']=max(json.loads(sys.argv[2])['gemm_gflops'],json.loads(sys.argv[3])['gemm_gflops']);print(json.dumps(r))" \

@@ -37,7 +37,7 @@ echo "== 4. gram-export onnx: the fine-tuned model as an ONNX judge, checked aga
 echo
 echo "== 5. gram-score: held-out pairs (stage-2 test split) through onnxruntime"
 TEST_SHARD="$(ls "$RUN"/data/stage2/test-*.parquet | head -n 1)"
-"$BIN/gram-score" pairwise --model "$RUN/export" --input "$TEST_SHARD" --output "$RUN/scored.parquet" \
+"$BIN/gram-score" pairwise --model "$RUN/export" --input "$TEST_SHARD" --out "$RUN/scored.parquet" --overwrite \
     --limit "${GRAM_MAIN_SCORE_ROWS:-16}" --restart --quiet
 "$BIN/gram-score" eval --model "$RUN/export" --data "$RUN/data" --split test \
     --limit "${GRAM_MAIN_EVAL_PAIRS:-16}" --json "$RUN/eval.json" --quiet

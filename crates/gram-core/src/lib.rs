@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod chat;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
@@ -46,24 +47,4 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
-}
-
-/// Lets a closed output pipe end the process quietly, as it ends `cat` or `grep`: Rust starts
-/// programs with SIGPIPE ignored, so `gram-model inspect m.gguf | head -3` made `println!`
-/// panic on the broken pipe. Every binary calls this first. No-op off Unix.
-pub fn quiet_on_closed_pipe() {
-    #[cfg(unix)]
-    #[allow(unsafe_code)]
-    // SAFETY: restores the default disposition of one signal before any other thread exists;
-    // `signal` has no memory-safety preconditions for SIGPIPE with SIG_DFL.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
-/// Prints `error: ...` in one line and gives the exit status every GRAM-rs binary uses: 1 for
-/// a problem with the user's input, 2 for an internal error.
-pub fn exit_with(err: &dyn std::fmt::Display, user_error: bool) -> std::process::ExitCode {
-    eprintln!("error: {err}");
-    std::process::ExitCode::from(if user_error { 1 } else { 2 })
 }

@@ -8,7 +8,7 @@ use gram_data::build::{BuildOptions, build, print_stats};
 
 /// Turn raw preference files into GRAM's datasets.
 #[derive(Parser)]
-#[command(name = "gram-data", version, about)]
+#[command(name = "gram-data", version, about, after_help = gram_core::env_help!())]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -80,6 +80,9 @@ enum Cmd {
         /// No progress bar.
         #[arg(long, short)]
         quiet: bool,
+        /// Worker threads for reading and tokenising (default: RAYON_NUM_THREADS, else one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -90,8 +93,8 @@ enum Cmd {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    gram_core::quiet_on_closed_pipe();
-    let cli = Cli::parse();
+    gram_core::cli::quiet_on_closed_pipe();
+    let cli = gram_core::cli::parse::<Cli>();
     let Cmd::Build {
         pipelines,
         out,
@@ -110,7 +113,9 @@ fn main() -> ExitCode {
         chunk_rows,
         overwrite,
         quiet,
+        threads,
     } = cli.cmd;
+    gram_core::cli::set_threads(threads);
     let opts = BuildOptions {
         pipelines,
         inputs,
@@ -133,13 +138,13 @@ fn main() -> ExitCode {
         shard_rows,
         chunk_rows,
         overwrite,
-        progress: !quiet && std::env::var_os("NO_PROGRESS").is_none(),
+        progress: gram_core::cli::progress(quiet),
     };
     match build(&opts) {
         Ok(stats) => {
             print_stats(&stats, &out);
             ExitCode::SUCCESS
         }
-        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
+        Err(e) => gram_core::cli::exit_with(&e, e.is_user_error()),
     }
 }

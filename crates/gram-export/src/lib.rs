@@ -150,7 +150,7 @@ fn judge_prefix(
             path: path.clone(),
             msg: e.to_string(),
         })?;
-    let mut session = gram_score::runtime::open_session(&path, 0)?;
+    let mut session = gram_score::runtime::open_session(&path, gram_core::cli::threads())?;
     let n = ids.len();
     let batch = gram_score::runtime::Batch {
         rows: 1,

@@ -12,7 +12,11 @@ use gram_export::{ExportOptions, Result, export};
 
 /// Compile a trained (or imported) model for deployment.
 #[derive(Parser)]
-#[command(name = "gram-export", version, about)]
+#[command(name = "gram-export", version, about, after_help = gram_core::env_help!(
+    "  ORT_DYLIB_PATH       the onnxruntime library --verify and the judge prefix use",
+    "                       (default: the copy scripts/setup.sh puts in GRAM_CACHE)",
+    "  GRAM_CACHE           that cache (default: ~/.cache/gram-rs)",
+))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -61,7 +65,7 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
         /// Output folder (appears complete or not at all).
-        #[arg(long)]
+        #[arg(long, short)]
         out: PathBuf,
         /// How the tensors are stored.
         #[arg(long, value_enum, default_value = "bf16")]
@@ -101,7 +105,7 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// Output folder (appears complete or not at all).
-        #[arg(long)]
+        #[arg(long, short)]
         out: PathBuf,
         /// What the graph outputs.
         #[arg(long, value_enum, default_value = "judge")]
@@ -134,12 +138,15 @@ enum Cmd {
         /// shared_ids, shared_mask [pairs, shared] + input_ids, attention_mask [2 x pairs, rest]).
         #[arg(long)]
         no_pair_sharing: bool,
+        /// Worker threads (default: RAYON_NUM_THREADS, else one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
 fn main() -> ExitCode {
-    gram_core::quiet_on_closed_pipe();
-    let result = match Cli::parse().cmd {
+    gram_core::cli::quiet_on_closed_pipe();
+    let result = match gram_core::cli::parse::<Cli>().cmd {
         Cmd::Adapter {
             model,
             out,
@@ -170,32 +177,36 @@ fn main() -> ExitCode {
             external_data_over,
             no_prefix_cache,
             no_pair_sharing,
-        } => onnx(ExportOptions {
-            model,
-            base,
-            tokenizer,
-            out,
-            head: match head {
-                HeadArg::Judge => HeadKind::Judge,
-                HeadArg::Lm => HeadKind::Lm,
-                HeadArg::Reward => HeadKind::Reward,
-            },
-            style: style.map(|s| match s {
-                StyleArg::Chat => PromptStyle::Chat,
-                StyleArg::Raw => PromptStyle::Raw,
-            }),
-            max_tokens,
-            verify,
-            tolerance,
-            overwrite,
-            external_data_over,
-            prefix: !no_prefix_cache,
-            pairs: !no_pair_sharing,
-        }),
+            threads,
+        } => {
+            gram_core::cli::set_threads(threads);
+            onnx(ExportOptions {
+                model,
+                base,
+                tokenizer,
+                out,
+                head: match head {
+                    HeadArg::Judge => HeadKind::Judge,
+                    HeadArg::Lm => HeadKind::Lm,
+                    HeadArg::Reward => HeadKind::Reward,
+                },
+                style: style.map(|s| match s {
+                    StyleArg::Chat => PromptStyle::Chat,
+                    StyleArg::Raw => PromptStyle::Raw,
+                }),
+                max_tokens,
+                verify,
+                tolerance,
+                overwrite,
+                external_data_over,
+                prefix: !no_prefix_cache,
+                pairs: !no_pair_sharing,
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
+        Err(e) => gram_core::cli::exit_with(&e, e.is_user_error()),
     }
 }
 

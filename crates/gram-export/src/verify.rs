@@ -80,7 +80,7 @@ pub fn verify(
             })
             .collect::<Result<Vec<_>>>()?,
     };
-    let mut session = open_session(&dir.join(&manifest.model_file), 0)?;
+    let mut session = open_session(&dir.join(&manifest.model_file), gram_core::cli::threads())?;
     let (shape, ort) = if manifest.reads_pairs() {
         let pairs: Vec<(&[u32], &[u32])> = rest.chunks(2).map(|p| (p[0], p[1])).collect();
         PairBatch::new(&pairs, manifest.pad_id).run(&mut session, &manifest.output)?

@@ -12,9 +12,13 @@ use clap::{Parser, Subcommand};
 use gram_core::{Checkpoint, LabelIds, RopeScaling, chat::Message};
 use gram_model::Backend;
 
+const ENV_HELP: &str = gram_core::env_help!(
+    "  CUBECL_WGPU_DEFAULT_DEVICE  the wgpu device --backend wgpu takes (Cpu: lavapipe)"
+);
+
 /// Inspect GRAM-rs checkpoints.
 #[derive(Parser)]
-#[command(name = "gram-model", version, about, long_about = None)]
+#[command(name = "gram-model", version, about, long_about = None, after_help = ENV_HELP)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -26,12 +30,17 @@ enum Cmd {
     ///
     /// Examples:
     ///   gram-model inspect ./Qwen3-0.6B
+    ///   gram-model inspect --model ./Qwen3-0.6B
     ///   gram-model inspect SmolLM2-135M-Instruct.Q4_1.gguf --text "The capital of France is"
     ///   gram-model inspect ./model --chat --text "Say hi" --top 10
     #[command(verbatim_doc_comment)]
     Inspect {
         /// An HF model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file.
-        checkpoint: PathBuf,
+        #[arg(required_unless_present = "model")]
+        checkpoint: Option<PathBuf>,
+        /// The same, as a flag (as the other tools take it).
+        #[arg(long, conflicts_with = "checkpoint")]
+        model: Option<PathBuf>,
         /// Text whose next token to predict (repeatable).
         #[arg(long)]
         text: Vec<String>,
@@ -44,12 +53,15 @@ enum Cmd {
         /// Where to run the forward pass.
         #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
+        /// Worker threads on the CPU (default: RAYON_NUM_THREADS, else one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
 fn main() -> ExitCode {
-    gram_core::quiet_on_closed_pipe();
-    let cli = Cli::parse();
+    gram_core::cli::quiet_on_closed_pipe();
+    let cli = gram_core::cli::parse::<Cli>();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -59,7 +71,7 @@ fn main() -> ExitCode {
                     || c.downcast_ref::<gram_model::Error>()
                         .is_some_and(|e| !matches!(e, gram_model::Error::Internal(_)))
             });
-            gram_core::exit_with(&format!("{e:#}"), user)
+            gram_core::cli::exit_with(&format!("{e:#}"), user)
         }
     }
 }
@@ -68,11 +80,19 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect {
             checkpoint,
+            model,
             text,
             chat,
             top,
             backend,
-        } => inspect(&checkpoint, &text, chat, top, backend),
+            threads,
+        } => {
+            gram_core::cli::set_threads(threads);
+            let path = checkpoint
+                .or(model)
+                .context("give the checkpoint (or --model)")?;
+            inspect(&path, &text, chat, top, backend)
+        }
     }
 }
 

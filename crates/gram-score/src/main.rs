@@ -14,7 +14,14 @@ use gram_score::{BatchLimits, Error, Judge, Threads};
 /// Scores follow the GRAM paper: each pair is judged in both orders and the two probabilities
 /// averaged, so score(a) = 1 - score(b) whatever the order.
 #[derive(Parser)]
-#[command(name = "gram-score", version, about)]
+#[command(name = "gram-score", version, about, after_help = gram_core::env_help!(
+    "  ORT_DYLIB_PATH       the onnxruntime library (default: the copy scripts/setup.sh puts",
+    "                       in GRAM_CACHE)",
+    "  GRAM_CACHE           that cache (default: ~/.cache/gram-rs)",
+    "  RUST_LOG             serve: log filter (default: info for gram-score, warn for the rest)",
+    "  GRAM_ORT_PROFILE     file prefix: write onnxruntime's per-operator profile there",
+    "  GRAM_ORT_OPTIMIZED   file.onnx: write the graph as onnxruntime optimised it",
+))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -188,9 +195,17 @@ struct JobArgs {
     /// Input Parquet file.
     #[arg(long)]
     input: PathBuf,
-    /// Output Parquet file (written when the job is complete; parts in OUTPUT.parts until then).
-    #[arg(long)]
+    /// Output Parquet file (written when the job is complete; parts in OUT.parts until then).
+    #[arg(
+        long = "out",
+        short = 'o',
+        visible_alias = "output",
+        value_name = "OUT"
+    )]
     output: PathBuf,
+    /// Replace OUT if it exists (without it an existing OUT is an error).
+    #[arg(long)]
+    overwrite: bool,
     /// Column of the prompt.
     #[arg(long, default_value = "prompt")]
     prompt_col: String,
@@ -203,7 +218,7 @@ struct JobArgs {
     /// Rows per chunk: the unit of progress and of resuming a killed job.
     #[arg(long, default_value_t = 1024)]
     chunk_rows: usize,
-    /// Discard the parts of an earlier, different job at OUTPUT.parts instead of refusing.
+    /// Discard the parts of an earlier, different job at OUT.parts instead of refusing.
     #[arg(long)]
     restart: bool,
     #[command(flatten)]
@@ -212,7 +227,11 @@ struct JobArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// onnxruntime sessions run in parallel (default: one per core, each single-threaded).
+    /// Cores to use (default: RAYON_NUM_THREADS, else all of them).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// onnxruntime sessions run in parallel, sharing the --threads cores (default: one per
+    /// core, each single-threaded).
     #[arg(long)]
     sessions: Option<usize>,
     /// Most sequences in one batch.
@@ -222,16 +241,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 1024)]
     batch_tokens: usize,
     /// No progress bar.
-    #[arg(long)]
+    #[arg(long, short)]
     quiet: bool,
 }
 
 impl RunArgs {
     fn open(&self, model: &std::path::Path) -> gram_score::Result<Judge> {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let threads = Threads::split(self.sessions.unwrap_or(cores));
+        let cores = gram_core::cli::set_threads(self.threads);
+        let threads = Threads::split(self.sessions.unwrap_or(cores), cores);
         Judge::open(
             model,
             threads,
@@ -244,6 +261,12 @@ impl RunArgs {
 }
 
 fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
+    if job.output.exists() && !job.overwrite {
+        return Err(Error::Input(format!(
+            "{} exists; --overwrite replaces it",
+            job.output.display()
+        )));
+    }
     let judge = job.run.open(&job.model)?;
     let opts = JobOptions {
         input: job.input,
@@ -251,7 +274,7 @@ fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
         limit: job.limit,
         chunk_rows: job.chunk_rows,
         restart: job.restart,
-        quiet: job.run.quiet,
+        quiet: !gram_core::cli::progress(job.run.quiet),
     };
     let r = jobs::run(&judge, &mode, &opts)?;
     println!(
@@ -277,11 +300,11 @@ fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = gram_core::cli::parse::<Cli>();
     // The server keeps Rust's default (SIGPIPE ignored): a client that hangs up must never end
     // it. The batch commands print tables that users pipe into `head`.
     if !matches!(cli.cmd, Cmd::Serve { .. }) {
-        gram_core::quiet_on_closed_pipe();
+        gram_core::cli::quiet_on_closed_pipe();
     }
     let res: gram_score::Result<()> = (|| match cli.cmd {
         Cmd::Pairwise { job, a_col, b_col } => {
@@ -328,7 +351,12 @@ fn main() -> ExitCode {
         } => {
             let judge = run.open(&model)?;
             let files = gram_score::eval::input_files(&data, &split)?;
-            let report = gram_score::eval::evaluate(&judge, files, limit, run.quiet)?;
+            let report = gram_score::eval::evaluate(
+                &judge,
+                files,
+                limit,
+                !gram_core::cli::progress(run.quiet),
+            )?;
             print!("{}", gram_score::eval::table(&report));
             if let Some(p) = json {
                 let bytes = serde_json::to_vec_pretty(&report)
@@ -382,6 +410,6 @@ fn main() -> ExitCode {
     })();
     match res {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
+        Err(e) => gram_core::cli::exit_with(&e, e.is_user_error()),
     }
 }

@@ -66,11 +66,8 @@ pub struct Threads {
 }
 
 impl Threads {
-    /// `sessions` sessions sharing the machine's cores.
-    pub fn split(sessions: usize) -> Self {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+    /// `sessions` sessions sharing `cores` cores.
+    pub fn split(sessions: usize, cores: usize) -> Self {
         let sessions = sessions.max(1);
         Self {
             sessions,

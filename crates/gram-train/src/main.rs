@@ -9,7 +9,9 @@ use gram_train::{RunOptions, Settings, Stage};
 
 /// Train GRAM reward models (stage 1, stage 2) and a Bradley-Terry baseline with burn.
 #[derive(Parser)]
-#[command(name = "gram-train", version, about)]
+#[command(name = "gram-train", version, about, after_help = gram_core::env_help!(
+    "  CUBECL_WGPU_DEFAULT_DEVICE  the wgpu device --backend wgpu takes (Cpu: lavapipe)"
+))]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -208,6 +210,10 @@ struct TrainArgs {
     /// No progress bar (log lines instead).
     #[arg(long, short)]
     quiet: bool,
+    /// Worker threads of the CPU backend and the data loader (default: RAYON_NUM_THREADS, else
+    /// one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 macro_rules! set {
@@ -294,9 +300,9 @@ fn keep_freed_memory() {
 fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
-    gram_core::quiet_on_closed_pipe();
+    gram_core::cli::quiet_on_closed_pipe();
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = gram_core::cli::parse::<Cli>();
     let res: Result<(), gram_train::Error> = (|| {
         let (stage, args) = match cli.cmd {
             Cmd::Pretrain(a) => (Stage::Pretrain, a),
@@ -344,6 +350,7 @@ fn main() -> ExitCode {
                 return Ok(());
             }
         };
+        gram_core::cli::set_threads(args.threads);
         let (settings, opts) = args
             .settings(stage)
             .map_err(|e| gram_train::Error::Input(format!("{e:#}")))?;
@@ -367,6 +374,6 @@ fn main() -> ExitCode {
     })();
     match res {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => gram_core::exit_with(&e, e.is_user_error()),
+        Err(e) => gram_core::cli::exit_with(&e, e.is_user_error()),
     }
 }

@@ -860,8 +860,7 @@ fn train_loop<M: Saveable>(
 }
 
 fn progress_enabled() -> bool {
-    std::env::var_os("NO_PROGRESS").is_none()
-        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    gram_core::cli::progress(false) && std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! GRAM-rs end-to-end tests, one module per area (one test binary, so burn links once).
 
+mod cli;
 mod common;
 mod data;
 mod export;

@@ -219,6 +219,18 @@ fn pairwise_keeps_every_row_resumes_after_kill_and_is_position_independent() -> 
         !root.join("full.parquet.parts").exists(),
         "parts left behind"
     );
+    // An existing output is never replaced without --overwrite.
+    let before = std::fs::metadata(&full)?.modified()?;
+    let again = score_cmd("pairwise", &input, &full)?.output()?;
+    ensure!(
+        again.status.code() == Some(1)
+            && String::from_utf8_lossy(&again.stderr).contains("--overwrite")
+            && std::fs::metadata(&full)?.modified()? == before,
+        "re-running onto {}: {:?} {}",
+        full.display(),
+        again.status,
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     // Killed mid-way, then re-run: the same scores, nothing duplicated or lost.
     let resumed = root.join("resumed.parquet");
@@ -278,10 +290,13 @@ fn pairwise_keeps_every_row_resumes_after_kill_and_is_position_independent() -> 
     println!("resumed vs uninterrupted: max |diff| {max:.2e}");
     ensure!(max <= 1e-5, "resumed scores differ by {max}");
 
-    // A re-run with other options refuses to mix parts.
+    // A re-run with other options refuses to mix parts (--overwrite replaces a finished
+    // output, only --restart discards parts).
     std::fs::create_dir_all(&parts)?;
     std::fs::write(parts.join("job.json"), "{}")?;
-    let out = score_cmd("pairwise", &input, &resumed)?.output()?;
+    let out = score_cmd("pairwise", &input, &resumed)?
+        .arg("--overwrite")
+        .output()?;
     ensure!(
         out.status.code() == Some(1) && String::from_utf8_lossy(&out.stderr).contains("--restart"),
         "{out:?}"
@@ -573,7 +588,7 @@ fn eval_reports_accuracy_per_source() -> Result<()> {
     // The same decisions recomputed from the library's both-order scores, one per pair id.
     let judge = gram_score::Judge::open(
         judge()?,
-        gram_score::Threads::split(1),
+        gram_score::Threads::split(1, 1),
         gram_score::BatchLimits::default(),
     )?;
     let pairs: Vec<(&str, &str, &str)> = (0..n)
@@ -744,7 +759,7 @@ fn eval_ranks_pairs_with_a_reward_model_export_and_gives_intervals() -> Result<(
     // The same decisions from the library's rewards: the preferred response's is higher.
     let judge = gram_score::Judge::open(
         &dir,
-        gram_score::Threads::split(1),
+        gram_score::Threads::split(1, 1),
         gram_score::BatchLimits::default(),
     )?;
     let pairs: Vec<(&str, &str, &str)> = (0..n)

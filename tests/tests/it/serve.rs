@@ -113,7 +113,7 @@ fn floats(v: &Value) -> Vec<Option<f64>> {
 fn expected(pairs: &[(&str, &str, &str)]) -> Result<Vec<f64>> {
     let judge = gram_score::Judge::open(
         judge()?,
-        gram_score::Threads::split(1),
+        gram_score::Threads::split(1, 1),
         gram_score::BatchLimits::default(),
     )?;
     judge
