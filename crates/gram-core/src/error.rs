@@ -97,6 +97,47 @@ impl Error {
     }
 }
 
+/// A checkpoint file's bytes: memory-mapped from disk (pages are read as tensors are touched,
+/// and the file is never copied whole into memory), or owned when parsed from memory.
+pub enum FileBytes {
+    /// Bytes in memory.
+    Owned(Vec<u8>),
+    /// A read-only map of the file.
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Owned(v) => v,
+            Self::Mapped(m) => m,
+        }
+    }
+}
+
+impl From<Vec<u8>> for FileBytes {
+    fn from(v: Vec<u8>) -> Self {
+        Self::Owned(v)
+    }
+}
+
+/// Maps a file read-only, naming it in the error (an empty file gives empty bytes).
+pub fn map_file(path: &std::path::Path) -> Result<FileBytes> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Ok(FileBytes::Owned(Vec::new()));
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: the map is read-only and lives as long as the parsed file. Like every reader that
+    // maps model files (safetensors' and llama.cpp's own), it assumes no one truncates or
+    // rewrites the checkpoint while it is open; gram-train writes checkpoints to a temporary
+    // name and renames them, which leaves a mapped file untouched.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(FileBytes::Mapped(map))
+}
+
 /// Reads a whole file, naming it in the error.
 pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))

@@ -152,7 +152,7 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file, its bytes kept in memory.
+/// A parsed GGUF file over its bytes (memory-mapped when opened from disk).
 pub struct GgufFile {
     /// The file.
     pub path: PathBuf,
@@ -163,7 +163,7 @@ pub struct GgufFile {
     /// Tensor directory, in file order.
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
-    bytes: Vec<u8>,
+    bytes: crate::error::FileBytes,
 }
 
 struct Cursor<'a> {
@@ -278,12 +278,12 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     /// Reads and parses a GGUF file.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = crate::error::read_file(path)?;
-        Self::parse(bytes, path)
+        Self::parse(crate::error::map_file(path)?, path)
     }
 
     /// Parses GGUF bytes; `path` names them in errors.
-    pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self> {
+    pub fn parse(bytes: impl Into<crate::error::FileBytes>, path: &Path) -> Result<Self> {
+        let bytes = bytes.into();
         let mut c = Cursor {
             b: &bytes,
             pos: 0,

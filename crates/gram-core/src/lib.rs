@@ -27,6 +27,13 @@ pub use weights::{F32Tensor, Weights};
 use std::io::Write;
 use std::path::Path;
 
+/// How every Parquet file GRAM-rs writes is stored (ZSTD-compressed pages); callers add their
+/// own metadata.
+pub fn parquet_props() -> parquet::file::properties::WriterPropertiesBuilder {
+    parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename, so a
 /// crash leaves either the old file or the new one, never half of one.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -166,20 +166,25 @@ impl GramTokenizer {
         format!("{h:016x}")
     }
 
-    /// Saves `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` into `dir`.
+    /// Saves `tokenizer.json`, `tokenizer_config.json` (with the chat template) and
+    /// `chat_template.jinja` into `dir`.
     pub fn save_dir(&self, dir: &Path) -> Result<()> {
         let json = self
             .tokenizer
             .to_string(true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         crate::atomic_write(&dir.join("tokenizer.json"), json.as_bytes())?;
-        let cfg = json!({
+        let mut cfg = json!({
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": false,
         });
+        // Also here for readers older than transformers 5, which look nowhere else.
+        if let (Some(t), Some(c)) = (&self.chat_template, cfg.as_object_mut()) {
+            c.insert("chat_template".into(), t.source().into());
+        }
         let text =
             serde_json::to_string_pretty(&cfg).map_err(|e| Error::Internal(e.to_string()))?;
         crate::atomic_write(&dir.join("tokenizer_config.json"), text.as_bytes())?;

@@ -76,7 +76,7 @@ impl Weights {
         let mut out = Weights::default();
         let mut dtypes = std::collections::BTreeSet::new();
         for f in &files {
-            let bytes = read_file(f)?;
+            let bytes = crate::error::map_file(f)?;
             read_safetensors_into(&bytes, f, &mut out.tensors, &mut dtypes)?;
         }
         out.stored_dtype = dtypes.into_iter().collect::<Vec<_>>().join("+");
@@ -86,7 +86,7 @@ impl Weights {
 
     /// Reads one safetensors file.
     pub fn from_safetensors_file(path: &Path) -> Result<Self> {
-        let bytes = read_file(path)?;
+        let bytes = crate::error::map_file(path)?;
         let mut out = Weights::default();
         let mut dtypes = std::collections::BTreeSet::new();
         read_safetensors_into(&bytes, path, &mut out.tensors, &mut dtypes)?;

@@ -100,8 +100,7 @@ impl Shards {
             "gram.schema".into(),
             dataset.tag(),
         ));
-        let props = WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        let props = gram_core::parquet_props()
             .set_key_value_metadata(Some(kv))
             .build();
         Self {

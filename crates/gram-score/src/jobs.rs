@@ -1,4 +1,5 @@
-//! Batch scoring jobs: Parquet in, Parquet out, every input column kept and the scores added.
+//! Batch scoring jobs: Parquet or JSON Lines in, Parquet (ZSTD) out, every input column kept and
+//! the scores added.
 //!
 //! The input is read in chunks of `chunk_rows`; each finished chunk is written as its own part
 //! file (`OUTPUT.parts/part-NNNNNN.parquet`, temp + rename) next to a `job.json` that pins the
@@ -250,19 +251,13 @@ fn check_schema(schema: &Schema, mode: &Mode, file: &Path) -> Result<()> {
 pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
     let t0 = std::time::Instant::now();
     let input = &opts.input;
-    let file = File::open(input).map_err(|e| Error::file(input, e))?;
-    let meta = file.metadata().map_err(|e| Error::file(input, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::file(input, format!("not a readable Parquet file: {e}")))?;
-    let mut rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
-    let builder = match opts.limit {
-        Some(l) => {
-            rows = rows.min(l);
-            builder.with_limit(l)
-        }
-        None => builder,
-    };
-    let in_schema = builder.schema().clone();
+    let meta = std::fs::metadata(input).map_err(|e| Error::file(input, e))?;
+    let chunk_rows = opts.chunk_rows.max(1);
+    let crate::input::Input {
+        schema: in_schema,
+        rows,
+        batches: reader,
+    } = crate::input::open(input, opts.limit, chunk_rows)?;
     check_schema(&in_schema, mode, input)?;
     let mut fields: Vec<Field> = in_schema
         .fields()
@@ -274,11 +269,6 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         fields,
         in_schema.metadata().clone(),
     ));
-    let chunk_rows = opts.chunk_rows.max(1);
-    let reader = builder
-        .with_batch_size(chunk_rows)
-        .build()
-        .map_err(|e| Error::file(input, e))?;
 
     let key = JobKey {
         input: std::fs::canonicalize(input).unwrap_or_else(|_| input.clone()),
@@ -320,8 +310,7 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
     let bar = progress(rows as u64, opts.quiet);
     let (mut scored, mut failed, mut resumed) = (0usize, 0usize, 0usize);
     for (k, batch) in reader.enumerate() {
-        let batch = batch
-            .map_err(|e| Error::file(input, format!("reading rows {}..: {e}", k * chunk_rows)))?;
+        let batch = batch?;
         let part = parts.join(format!("part-{k:06}.parquet"));
         if part.exists() {
             resumed += 1;
@@ -375,7 +364,8 @@ fn write_parquet(
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let res = (|| -> std::result::Result<(), String> {
         let f = File::create(&tmp).map_err(|e| e.to_string())?;
-        let mut w = ArrowWriter::try_new(f, schema, None).map_err(|e| e.to_string())?;
+        let mut w = ArrowWriter::try_new(f, schema, Some(gram_core::parquet_props().build()))
+            .map_err(|e| e.to_string())?;
         for b in batches {
             w.write(&b).map_err(|e| e.to_string())?;
         }
@@ -416,7 +406,8 @@ fn finish(
     let res = (|| -> Result<()> {
         let f = File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
         let mut w =
-            ArrowWriter::try_new(f, schema.clone(), None).map_err(|e| Error::file(&tmp, e))?;
+            ArrowWriter::try_new(f, schema.clone(), Some(gram_core::parquet_props().build()))
+                .map_err(|e| Error::file(&tmp, e))?;
         for r in readers {
             let (p, r) = r?;
             for b in r {

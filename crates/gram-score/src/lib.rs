@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod eval;
+pub mod input;
 pub mod jobs;
 pub mod judge;
 pub mod runtime;

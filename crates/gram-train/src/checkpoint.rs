@@ -68,6 +68,8 @@ pub struct SaveModel<'a> {
     pub tokenizer: &'a GramTokenizer,
     /// gram.json (none for an untrained model).
     pub card: Option<ModelCard>,
+    /// How the model's tensors are stored (a LoRA adapter stays f32; its merged model follows).
+    pub dtype: StoreDtype,
 }
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
@@ -96,7 +98,15 @@ pub fn write_model(dir: &Path, mut m: SaveModel<'_>) -> Result<ParamIds> {
 /// Writes an HF model folder into `dir` (created); returns the parameter ids.
 fn write_hf(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    write_json(&dir.join("config.json"), &m.config_json)?;
+    let mut config = m.config_json.clone();
+    if let Some(c) = config.as_object_mut() {
+        let name = match m.dtype {
+            StoreDtype::F32 => "float32",
+            StoreDtype::Bf16 => "bfloat16",
+        };
+        c.insert("torch_dtype".into(), name.into());
+    }
+    write_json(&dir.join("config.json"), &config)?;
     let mut ids = ParamIds::new();
     let mut weights = BTreeMap::new();
     for (name, (t, id)) in m.tensors {
@@ -104,7 +114,12 @@ fn write_hf(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
         weights.insert(name, t);
     }
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    gram_core::weights::write_safetensors(&dir.join("model.safetensors"), &weights, Some(meta))?;
+    gram_core::weights::write_safetensors_as(
+        &dir.join("model.safetensors"),
+        &weights,
+        Some(meta),
+        m.dtype,
+    )?;
     m.tokenizer.save_dir(dir)?;
     if let Some(card) = &m.card {
         write_json(&dir.join("gram.json"), card)?;

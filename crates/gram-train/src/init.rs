@@ -54,6 +54,7 @@ pub fn init_model(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Res
             tokenizer: &tok,
             card: None,
             adapter: None,
+            dtype: gram_core::weights::StoreDtype::F32,
         },
     )?;
     if out.exists() {

@@ -201,6 +201,10 @@ struct TrainArgs {
     /// Activation checkpointing: keep layer inputs, recompute the rest in the backward pass.
     #[arg(long)]
     recompute: bool,
+    /// How final/ stores its weights: auto (as the starting checkpoint: bf16 stays bf16), f32,
+    /// bf16. Checkpoints are f32.
+    #[arg(long, value_enum)]
+    save_dtype: Option<gram_train::settings::SaveDtype>,
     /// Continue the run in --out from its latest checkpoint, with its saved settings.
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
@@ -253,7 +257,8 @@ impl TrainArgs {
             bt_max_tokens,
             lora_rank,
             lora_targets,
-            lora_dropout
+            lora_dropout,
+            save_dtype
         );
         for (field, value) in [
             (&mut s.max_steps, self.max_steps),

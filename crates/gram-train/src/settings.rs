@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How `final/` stores its weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveDtype {
+    /// As the starting checkpoint: bf16 when all its tensors were bf16, else f32.
+    #[default]
+    Auto,
+    /// float32.
+    F32,
+    /// bfloat16 (half the bytes).
+    Bf16,
+}
+
 /// Which objective a run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +124,8 @@ pub struct Settings {
     /// Activation checkpointing: keep each decoder layer's input, recompute the rest in the
     /// backward pass (less memory, one more forward of the layers).
     pub recompute: bool,
+    /// How `final/` stores its weights (checkpoints are always f32, to resume exactly).
+    pub save_dtype: SaveDtype,
 }
 
 impl Default for Settings {
@@ -148,6 +163,7 @@ impl Default for Settings {
             adapter: None,
             train_layers: None,
             recompute: false,
+            save_dtype: SaveDtype::Auto,
         }
     }
 }

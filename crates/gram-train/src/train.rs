@@ -10,6 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use gram_core::adapter::Task;
+use gram_core::weights::StoreDtype;
 use gram_core::{Adapter, Checkpoint, GramTokenizer, LabelIds, ModelConfig, Templates, Weights};
 use gram_model::model::Decoder;
 use gram_model::reward::{SCORE_WEIGHT, new_head, reward_config_json};
@@ -63,6 +64,8 @@ struct Prepared {
     train: Vec<Example>,
     valid: Vec<Example>,
     weights: Weights,
+    /// How the starting checkpoint stored its tensors (e.g. `bf16`, `f32+f16`, `Q4_1`).
+    base_dtype: String,
     origin: String,
     tuning: Tuning,
     resume: Option<(PathBuf, TrainState)>,
@@ -227,6 +230,7 @@ fn prepare(mut settings: Settings, opts: &RunOptions) -> Result<Prepared> {
     }
     let weights = ckpt.weights()?;
     Ok(Prepared {
+        base_dtype: weights.stored_dtype.clone(),
         origin: start.display().to_string(),
         settings,
         config,
@@ -738,7 +742,9 @@ impl<'a> Trainer<'a> {
     fn finish<M: Saveable>(self, model: &M) -> Result<Summary> {
         self.bar.finish();
         let run = &self.p.settings.out;
-        let final_model = checkpoint::save_final(run, save_model(self.p, model, self.state.step)?)?;
+        let mut m = save_model(self.p, model, self.state.step)?;
+        m.dtype = final_dtype(self.p.settings.save_dtype, &self.p.base_dtype);
+        let final_model = checkpoint::save_final(run, m)?;
         let plot = run.join("curves.png");
         if let Err(e) =
             crate::plot::plot_metrics(&run.join("metrics.jsonl"), &plot, self.p.settings.stage)
@@ -764,6 +770,18 @@ impl<'a> Trainer<'a> {
 
 /// What a checkpoint or the final folder holds of `model` at `step`: the model, or for a LoRA
 /// run the adapter and the merged model.
+/// What `final/` is stored as: `auto` keeps a bf16 checkpoint's bf16, anything else is f32.
+fn final_dtype(want: crate::settings::SaveDtype, base: &str) -> StoreDtype {
+    use crate::settings::SaveDtype;
+    match want {
+        SaveDtype::F32 => StoreDtype::F32,
+        SaveDtype::Bf16 => StoreDtype::Bf16,
+        // An adapter loaded over the base adds " + LoRA r=N" to its description.
+        SaveDtype::Auto if base.split(" + LoRA").next() == Some("bf16") => StoreDtype::Bf16,
+        SaveDtype::Auto => StoreDtype::F32,
+    }
+}
+
 fn save_model<'p, M: Saveable>(p: &'p Prepared, model: &M, step: usize) -> Result<SaveModel<'p>> {
     let s = &p.settings;
     let mut tensors = hf_tensors(model)?;
@@ -781,6 +799,7 @@ fn save_model<'p, M: Saveable>(p: &'p Prepared, model: &M, step: usize) -> Resul
         tensors,
         adapter,
         tokenizer: &p.tokenizer,
+        dtype: StoreDtype::F32,
         card: Some(ModelCard {
             trainer: format!("gram-train {}", env!("CARGO_PKG_VERSION")),
             stage: s.stage,
@@ -866,6 +885,22 @@ fn progress_enabled() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn final_weights_keep_a_bf16_start_in_bf16() {
+        use crate::settings::SaveDtype;
+        assert_eq!(final_dtype(SaveDtype::Auto, "bf16"), StoreDtype::Bf16);
+        for base in ["f32", "f16", "bf16+f32", "Q4_1+F32", "bf16 + LoRA r=8"] {
+            let want = if base == "bf16 + LoRA r=8" {
+                StoreDtype::Bf16
+            } else {
+                StoreDtype::F32
+            };
+            assert_eq!(final_dtype(SaveDtype::Auto, base), want, "{base}");
+        }
+        assert_eq!(final_dtype(SaveDtype::F32, "bf16"), StoreDtype::F32);
+        assert_eq!(final_dtype(SaveDtype::Bf16, "f32"), StoreDtype::Bf16);
+    }
     use burn::nn::LinearConfig;
 
     #[test]

@@ -434,6 +434,7 @@ fn reference_and_best_of_n_modes() -> Result<()> {
     let rout = root.join("ref-out.parquet");
     ok(score_cmd("reference", &rin, &rout)?.args(["--reference", reference]))?;
     let rewards = f32s(&read(&rout)?, "reward")?;
+    let (prompts_again, responses_again) = (prompts.clone(), responses.clone());
     let pin = root.join("pw.parquet");
     let schema = Arc::new(Schema::new(vec![
         Field::new("prompt", DataType::Utf8, false),
@@ -460,6 +461,47 @@ fn reference_and_best_of_n_modes() -> Result<()> {
         .map(|(x, y)| (x.unwrap_or(f32::NAN) - y.unwrap_or(f32::NAN)).abs())
         .fold(0f32, f32::max);
     ensure!(max <= 1e-5, "reward vs pairwise score: {max}");
+
+    // The same rows as JSON Lines (a blank line among them) give the same rewards, and every
+    // output is ZSTD-compressed Parquet.
+    let jin = root.join("ref.jsonl");
+    let mut lines: Vec<String> = prompts_again
+        .iter()
+        .zip(&responses_again)
+        .map(|(p, r)| serde_json::json!({"prompt": p, "response": r}).to_string())
+        .collect();
+    lines.insert(3, String::new());
+    std::fs::write(&jin, lines.join("\n") + "\n")?;
+    let jout = root.join("ref-jsonl-out.parquet");
+    ok(score_cmd("reference", &jin, &jout)?.args(["--reference", reference]))?;
+    ensure!(
+        f32s(&read(&jout)?, "reward")? == rewards,
+        "JSON Lines input scored differently"
+    );
+    let meta = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&jout)?)?
+        .metadata()
+        .clone();
+    let codec = meta.row_group(0).column(0).compression();
+    ensure!(
+        matches!(codec, parquet::basic::Compression::ZSTD(_)),
+        "output compression {codec:?}"
+    );
+    std::fs::write(
+        root.join("bad.jsonl"),
+        "{\"prompt\": \"x\", \"response\": \"y\"}\n{oops\n",
+    )?;
+    let out = score_cmd(
+        "reference",
+        &root.join("bad.jsonl"),
+        &root.join("y.parquet"),
+    )?
+    .args(["--reference", reference])
+    .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && err.lines().count() == 1 && err.contains("bad.jsonl"),
+        "bad JSON Lines: {err}"
+    );
 
     // Bad input: a missing column is one line naming the file and the column.
     let out = score_cmd("pairwise", &rin, &root.join("x.parquet"))?.output()?;
