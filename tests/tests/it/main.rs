@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod data;
+mod deps;
 mod export;
 mod fuzz;
 mod lora;
