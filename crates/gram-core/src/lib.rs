@@ -34,6 +34,40 @@ pub fn parquet_props() -> parquet::file::properties::WriterPropertiesBuilder {
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
 }
 
+/// Builds a folder through `fill` in a temporary folder beside `out` (`.NAME.tmp-PID`), then
+/// renames it into place, replacing what `out` held: `out` appears complete or not at all, and
+/// a failed `fill` leaves no trace. Whether `out` may be replaced is the caller's to decide.
+pub fn publish_dir<T, E: From<Error>>(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = out
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let value = match fill(&tmp) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    Ok(value)
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename, so a
 /// crash leaves either the old file or the new one, never half of one.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -350,3 +350,32 @@ pub fn from_gguf(g: &GgufFile) -> Result<GramTokenizer> {
         source: path.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_folders_carry_the_chat_template_in_both_places() -> Result<()> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/smollm2");
+        let tok = GramTokenizer::from_dir(&src)?;
+        let template = tok.chat_template.as_ref().map(|t| t.source().to_string());
+        assert!(
+            template.is_some(),
+            "the SmolLM2 fixture has a chat template"
+        );
+        let dir = std::env::temp_dir().join(format!("gram-core-tok-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        tok.save_dir(&dir)?;
+        let cfg: Json = serde_json::from_slice(&read_file(&dir.join("tokenizer_config.json"))?)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        assert_eq!(cfg["chat_template"].as_str(), template.as_deref());
+        let jinja = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        assert_eq!(jinja.as_deref(), template.as_deref());
+        // And it loads back the same.
+        let again = GramTokenizer::from_dir(&dir)?;
+        assert_eq!(again.fingerprint(), tok.fingerprint());
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}

@@ -310,36 +310,9 @@ fn check_out(out: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// Builds a folder with `fill` in a temp folder beside `out`, then renames it into place: `out`
-/// appears complete or not at all, and a failed `fill` leaves no trace.
+/// `fill` builds the folder `out` (see [`gram_core::publish_dir`]) unless it exists without
+/// `--overwrite`.
 fn publish_dir<T>(out: &Path, overwrite: bool, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     check_out(out, overwrite)?;
-    let io = |path: &Path, e: std::io::Error| Error::File {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    };
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "export".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    let value = match fill(&tmp) {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| io(out, e))?;
-    Ok(value)
+    gram_core::publish_dir(out, fill)
 }

@@ -127,21 +127,6 @@ fn write_hf(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
     Ok(ids)
 }
 
-fn fresh_tmp(parent: &Path, name: &str) -> Result<PathBuf> {
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    Ok(tmp)
-}
-
-fn rename_into_place(tmp: &Path, dest: &Path) -> Result<()> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-    }
-    std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))
-}
-
 /// Saves checkpoint `step-NNNNNN` under `run/checkpoints`, points `run/latest` at it, and
 /// deletes all but the newest `keep`.
 pub fn save_checkpoint(
@@ -154,15 +139,15 @@ pub fn save_checkpoint(
     let parent = run.join("checkpoints");
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let name = format!("step-{:07}", state.step);
-    let tmp = fresh_tmp(&parent, &name)?;
-    state.param_ids = write_model(&tmp, model)?;
-    let opt_path = tmp.join("optimizer.bpk");
-    optim
-        .save(&opt_path)
-        .map_err(|e| Error::Internal(format!("saving {}: {e}", opt_path.display())))?;
-    write_json(&tmp.join("trainer_state.json"), &state)?;
     let dest = parent.join(&name);
-    rename_into_place(&tmp, &dest)?;
+    gram_core::publish_dir(&dest, |tmp| -> Result<()> {
+        state.param_ids = write_model(tmp, model)?;
+        let opt_path = tmp.join("optimizer.bpk");
+        optim
+            .save(&opt_path)
+            .map_err(|e| Error::Internal(format!("saving {}: {e}", opt_path.display())))?;
+        write_json(&tmp.join("trainer_state.json"), &state)
+    })?;
     gram_core::atomic_write(
         &run.join("latest"),
         format!("checkpoints/{name}\n").as_bytes(),
@@ -196,10 +181,8 @@ fn prune(parent: &Path, keep: usize) -> Result<()> {
 
 /// Writes the finished model as `run/final` (an HF folder, no optimiser state).
 pub fn save_final(run: &Path, model: SaveModel<'_>) -> Result<PathBuf> {
-    let tmp = fresh_tmp(run, "final")?;
-    write_model(&tmp, model)?;
     let dest = run.join("final");
-    rename_into_place(&tmp, &dest)?;
+    gram_core::publish_dir(&dest, |tmp| write_model(tmp, model).map(drop))?;
     Ok(dest)
 }
 

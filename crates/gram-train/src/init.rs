@@ -38,28 +38,18 @@ pub fn init_model(config: &Path, tokenizer: &Path, out: &Path, seed: u64) -> Res
     let device = Device::flex();
     device.seed(seed);
     let model = CausalLm::init(&cfg, &device);
-    let tmp = out.with_file_name(format!(
-        ".{}.tmp-{}",
-        out.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    write_model(
-        &tmp,
-        SaveModel {
-            config_json: cfg.to_hf_json(),
-            tensors: hf_tensors(&model)?,
-            tokenizer: &tok,
-            card: None,
-            adapter: None,
-            dtype: gram_core::weights::StoreDtype::F32,
-        },
-    )?;
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    gram_core::publish_dir(out, |tmp| {
+        write_model(
+            tmp,
+            SaveModel {
+                config_json: cfg.to_hf_json(),
+                tensors: hf_tensors(&model)?,
+                tokenizer: &tok,
+                card: None,
+                adapter: None,
+                dtype: gram_core::weights::StoreDtype::F32,
+            },
+        )
+    })?;
     Ok(out.to_path_buf())
 }
