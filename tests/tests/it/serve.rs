@@ -556,3 +556,36 @@ fn slow_and_idle_clients_are_cut_off() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn chat_markup_is_stripped_before_splitting() -> Result<()> {
+    let policy = crate::common::fixtures().join("smollm2");
+    let server = start(&[
+        "--strip-chat-template",
+        &policy.display().to_string(),
+        "--reference",
+        "Rome.",
+    ])?;
+    // What OpenRLHF sends for a chat policy: the rendered prompt, and the same with the
+    // decoded response and end-of-turn appended.
+    let tok = gram_core::GramTokenizer::from_dir(&policy)?;
+    let template = tok
+        .chat_template
+        .as_ref()
+        .context("SmolLM2 has a chat template")?;
+    let prompt = template.render(&[gram_core::chat::Message::user("Name a river.")], true)?;
+    let query = format!("{prompt}The Nile.<|im_end|>\n");
+    let (st, v) = post(
+        &server.addr,
+        "/get_reward",
+        &json!({"query": [query], "prompts": [prompt]}),
+    )?;
+    ensure!(st == 200, "{st} {v}");
+    let got = floats(&v["rewards"])[0].context("no reward")?;
+    let want = expected(&[("Name a river.", "The Nile.", "Rome.")])?[0];
+    ensure!(
+        (got - want).abs() <= 1e-5,
+        "stripped reward {got}, plain texts give {want}"
+    );
+    Ok(())
+}
