@@ -281,7 +281,7 @@ mod tests {
             (values(out), [g(&q), g(&k), g(&v), gw].concat())
         };
         let (out_f, grad_f) = run();
-        let (out_c, grad_c) = composed(&run);
+        let (out_c, grad_c) = composed(run);
         let (out_f2, _) = run();
         assert_eq!(
             out_f, out_f2,

@@ -87,6 +87,9 @@ pub struct Judge {
     counters: Counters,
 }
 
+/// A reward export's `(r_a, r_b, truncated)` for one pair.
+pub type RewardPair = (f32, f32, bool);
+
 /// (item, output) pairs a batch produced.
 type Scored<T = [f32; 2]> = Vec<(usize, T)>;
 
@@ -354,7 +357,7 @@ impl Judge {
     pub fn pair_rewards(
         &self,
         pairs: &[(&str, &str, &str)],
-    ) -> Result<Vec<std::result::Result<(f32, f32, bool), String>>> {
+    ) -> Result<Vec<std::result::Result<RewardPair, String>>> {
         if self.manifest.head != HeadKind::Reward {
             return Err(Error::Input(format!(
                 "{}: not a reward model export (--head reward)",

@@ -17,10 +17,12 @@ fn declared(manifest: &str) -> Vec<String> {
             inside = line == "[dependencies]" || line.ends_with(".dependencies]");
             continue;
         }
-        if inside && let Some((name, _)) = line.split_once(['.', '=', ' ']) {
-            if !name.is_empty() && !name.starts_with('#') {
-                out.push(name.trim().to_string());
-            }
+        if inside
+            && let Some((name, _)) = line.split_once(['.', '=', ' '])
+            && !name.is_empty()
+            && !name.starts_with('#')
+        {
+            out.push(name.trim().to_string());
         }
     }
     out
