@@ -467,154 +467,194 @@ fn score_chunk(
         .iter()
         .map(|c| string_column(batch, c, file))
         .collect::<Result<Vec<_>>>()?;
-    let mut errors: Vec<Option<String>> = vec![None; n];
-    let mut truncated = vec![false; n];
-    let out: Vec<ArrayRef> = match mode {
-        Mode::Pairwise { .. } | Mode::Reference { .. } => {
-            let fixed = match mode {
-                Mode::Reference { fixed, .. } => fixed.as_deref(),
-                _ => None,
-            };
-            let mut pairs = Vec::new();
-            let mut which = Vec::new();
-            for (i, error) in errors.iter_mut().enumerate() {
-                match texts(&cols, i, &names, first_row) {
-                    Ok(t) => {
-                        let b = fixed.unwrap_or_else(|| t.get(2).copied().unwrap_or(""));
-                        pairs.push((t[0], t[1], b));
-                        which.push(i);
-                    }
-                    Err(e) => *error = Some(e),
-                }
-            }
-            let scores = judge.score_pairs(&pairs)?;
-            let mut got: Vec<Option<PairScore>> = vec![None; n];
-            for (&i, s) in which.iter().zip(scores) {
-                match s {
-                    Ok(s) => {
-                        truncated[i] = s.truncated;
-                        got[i] = Some(s);
-                    }
-                    Err(e) => errors[i] = Some(format!("row {}: {e}", first_row + i)),
-                }
-            }
-            let col = |f: &dyn Fn(&PairScore) -> f32| -> ArrayRef {
-                Arc::new(
-                    got.iter()
-                        .map(|s| s.as_ref().map(f))
-                        .collect::<Float32Array>(),
-                )
-            };
-            match mode {
-                Mode::Pairwise { .. } => vec![
-                    col(&|s| s.score_a),
-                    col(&|s| 1.0 - s.score_a),
-                    col(&|s| s.p_ab),
-                    col(&|s| 1.0 - s.p_ba),
-                ],
-                _ => vec![
-                    col(&|s| s.score_a),
-                    col(&|s| s.p_ab),
-                    col(&|s| 1.0 - s.p_ba),
-                ],
-            }
-        }
+    let mut c = Chunk {
+        cols: &cols,
+        names: &names,
+        first_row,
+        errors: vec![None; n],
+        truncated: vec![false; n],
+    };
+    let mut out = match mode {
+        Mode::Pairwise { .. } | Mode::Reference { .. } => c.score_pairs(judge, mode)?,
         Mode::BestOfN {
             responses, method, ..
         } => {
-            let list = batch
-                .column_by_name(responses)
-                .ok_or_else(|| Error::file(file, format!("no column `{responses}`")))?;
-            let list = cast(
-                list,
-                &DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
-            )
-            .map_err(|e| Error::file(file, format!("column `{responses}`: {e}")))?;
-            let list = list
-                .as_any()
-                .downcast_ref::<ListArray>()
-                .ok_or_else(|| Error::file(file, format!("column `{responses}` is not a list")))?;
-            let mut rows: Vec<Option<(&str, Vec<String>)>> = Vec::with_capacity(n);
-            for (i, error) in errors.iter_mut().enumerate() {
-                let t = match texts(&cols, i, &names, first_row) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        *error = Some(e);
-                        rows.push(None);
-                        continue;
-                    }
-                };
-                if list.is_null(i) {
-                    *error = Some(format!("row {}: `{responses}` is null", first_row + i));
-                    rows.push(None);
-                    continue;
-                }
-                let v = list.value(i);
-                let s = v.as_any().downcast_ref::<StringArray>();
-                let cands: std::result::Result<Vec<String>, String> = match s {
-                    Some(s) => (0..s.len())
-                        .map(|j| {
-                            if s.is_null(j) {
-                                Err(format!("row {}: response {j} is null", first_row + i))
-                            } else {
-                                Ok(s.value(j).to_string())
-                            }
-                        })
-                        .collect(),
-                    None => Err(format!("row {}: responses are not strings", first_row + i)),
-                };
-                match cands {
-                    Ok(c) if c.is_empty() => {
-                        *error = Some(format!("row {}: no responses", first_row + i));
-                        rows.push(None);
-                    }
-                    Ok(c) => rows.push(Some((t[0], c))),
-                    Err(e) => {
-                        *error = Some(e);
-                        rows.push(None);
-                    }
-                }
-            }
-            let results = best_of_n(judge, &rows, *method)?;
-            let mut best = Vec::with_capacity(n);
-            let mut comps = Vec::with_capacity(n);
-            let mut scores = ListBuilder::new(Float32Builder::new());
-            for (i, r) in results.into_iter().enumerate() {
-                match r {
-                    Some(Ok(r)) => {
-                        best.push(Some(r.best as i32));
-                        comps.push(r.comparisons as i32);
-                        truncated[i] = r.truncated;
-                        for s in r.scores {
-                            scores.values().append_option(s);
-                        }
-                        scores.append(true);
-                    }
-                    Some(Err(e)) => {
-                        errors[i] = Some(format!("row {}: {e}", first_row + i));
-                        best.push(None);
-                        comps.push(0);
-                        scores.append(false);
-                    }
-                    None => {
-                        best.push(None);
-                        comps.push(0);
-                        scores.append(false);
-                    }
-                }
-            }
-            vec![
-                Arc::new(Int32Array::from(best)),
-                Arc::new(scores.finish()),
-                Arc::new(Int32Array::from(comps)),
-            ]
+            let list = list_column(batch, responses, file)?;
+            c.best_of_n(judge, &list, responses, *method)?
         }
     };
-    let failed = errors.iter().filter(|e| e.is_some()).count();
-    let mut out = out;
-    out.push(Arc::new(BooleanArray::from(truncated)));
-    out.push(Arc::new(errors.into_iter().collect::<StringArray>()));
+    let failed = c.errors.iter().filter(|e| e.is_some()).count();
+    out.push(Arc::new(BooleanArray::from(c.truncated)));
+    out.push(Arc::new(c.errors.into_iter().collect::<StringArray>()));
     Ok((out, failed))
+}
+
+/// A chunk's text columns and, row by row, what went wrong and what was cut.
+struct Chunk<'a> {
+    cols: &'a [StringArray],
+    names: &'a [&'a str],
+    first_row: usize,
+    errors: Vec<Option<String>>,
+    truncated: Vec<bool>,
+}
+
+/// The list-of-strings column `name`.
+fn list_column(batch: &RecordBatch, name: &str, file: &Path) -> Result<ListArray> {
+    let list = batch
+        .column_by_name(name)
+        .ok_or_else(|| Error::file(file, format!("no column `{name}`")))?;
+    let list = cast(
+        list,
+        &DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+    )
+    .map_err(|e| Error::file(file, format!("column `{name}`: {e}")))?;
+    list.as_any()
+        .downcast_ref::<ListArray>()
+        .cloned()
+        .ok_or_else(|| Error::file(file, format!("column `{name}` is not a list")))
+}
+
+impl Chunk<'_> {
+    fn row(&self, i: usize) -> usize {
+        self.first_row + i
+    }
+
+    /// Pairwise (score_a, score_b, p_a_first, p_a_second) or reference (reward,
+    /// p_response_first, p_response_second) columns.
+    fn score_pairs(&mut self, judge: &Judge, mode: &Mode) -> Result<Vec<ArrayRef>> {
+        let n = self.errors.len();
+        let fixed = match mode {
+            Mode::Reference { fixed, .. } => fixed.as_deref(),
+            _ => None,
+        };
+        let mut pairs = Vec::new();
+        let mut which = Vec::new();
+        for i in 0..n {
+            match texts(self.cols, i, self.names, self.first_row) {
+                Ok(t) => {
+                    let b = fixed.unwrap_or_else(|| t.get(2).copied().unwrap_or(""));
+                    pairs.push((t[0], t[1], b));
+                    which.push(i);
+                }
+                Err(e) => self.errors[i] = Some(e),
+            }
+        }
+        let scores = judge.score_pairs(&pairs)?;
+        let mut got: Vec<Option<PairScore>> = vec![None; n];
+        for (&i, s) in which.iter().zip(scores) {
+            match s {
+                Ok(s) => {
+                    self.truncated[i] = s.truncated;
+                    got[i] = Some(s);
+                }
+                Err(e) => self.errors[i] = Some(format!("row {}: {e}", self.row(i))),
+            }
+        }
+        let col = |f: &dyn Fn(&PairScore) -> f32| -> ArrayRef {
+            Arc::new(
+                got.iter()
+                    .map(|s| s.as_ref().map(f))
+                    .collect::<Float32Array>(),
+            )
+        };
+        Ok(match mode {
+            Mode::Pairwise { .. } => vec![
+                col(&|s| s.score_a),
+                col(&|s| 1.0 - s.score_a),
+                col(&|s| s.p_ab),
+                col(&|s| 1.0 - s.p_ba),
+            ],
+            _ => vec![
+                col(&|s| s.score_a),
+                col(&|s| s.p_ab),
+                col(&|s| 1.0 - s.p_ba),
+            ],
+        })
+    }
+
+    /// Row `i`'s candidates, or why it has none.
+    fn candidates(
+        &self,
+        list: &ListArray,
+        responses: &str,
+        i: usize,
+    ) -> std::result::Result<Vec<String>, String> {
+        let row = self.row(i);
+        if list.is_null(i) {
+            return Err(format!("row {row}: `{responses}` is null"));
+        }
+        let v = list.value(i);
+        let s = v
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| format!("row {row}: responses are not strings"))?;
+        let c = (0..s.len())
+            .map(|j| {
+                if s.is_null(j) {
+                    Err(format!("row {row}: response {j} is null"))
+                } else {
+                    Ok(s.value(j).to_string())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if c.is_empty() {
+            return Err(format!("row {row}: no responses"));
+        }
+        Ok(c)
+    }
+
+    /// best_index, scores, comparisons columns.
+    fn best_of_n(
+        &mut self,
+        judge: &Judge,
+        list: &ListArray,
+        responses: &str,
+        method: Method,
+    ) -> Result<Vec<ArrayRef>> {
+        let n = self.errors.len();
+        let mut rows: Vec<Option<(&str, Vec<String>)>> = Vec::with_capacity(n);
+        for i in 0..n {
+            let row = texts(self.cols, i, self.names, self.first_row)
+                .and_then(|t| Ok((t[0], self.candidates(list, responses, i)?)));
+            match row {
+                Ok(r) => rows.push(Some(r)),
+                Err(e) => {
+                    self.errors[i] = Some(e);
+                    rows.push(None);
+                }
+            }
+        }
+        let results = best_of_n(judge, &rows, method)?;
+        let mut best = Vec::with_capacity(n);
+        let mut comps = Vec::with_capacity(n);
+        let mut scores = ListBuilder::new(Float32Builder::new());
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(Ok(r)) => {
+                    best.push(Some(r.best as i32));
+                    comps.push(r.comparisons as i32);
+                    self.truncated[i] = r.truncated;
+                    for s in r.scores {
+                        scores.values().append_option(s);
+                    }
+                    scores.append(true);
+                }
+                other => {
+                    if let Some(Err(e)) = other {
+                        self.errors[i] = Some(format!("row {}: {e}", self.row(i)));
+                    }
+                    best.push(None);
+                    comps.push(0);
+                    scores.append(false);
+                }
+            }
+        }
+        Ok(vec![
+            Arc::new(Int32Array::from(best)),
+            Arc::new(scores.finish()),
+            Arc::new(Int32Array::from(comps)),
+        ])
+    }
 }
 
 /// The result of one best-of-n row.
@@ -724,4 +764,37 @@ pub fn best_of_n(
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_of_n_rows_without_usable_candidates_say_why() {
+        let mut b = ListBuilder::new(arrow::array::StringBuilder::new());
+        b.append(false); // null list
+        b.append(true); // empty list
+        b.values().append_value("a");
+        b.values().append_null();
+        b.append(true); // a null candidate
+        b.values().append_value("x");
+        b.values().append_value("y");
+        b.append(true);
+        let list = b.finish();
+        let c = Chunk {
+            cols: &[],
+            names: &[],
+            first_row: 10,
+            errors: vec![None; 4],
+            truncated: vec![false; 4],
+        };
+        let got: Vec<_> = (0..4)
+            .map(|i| c.candidates(&list, "responses", i))
+            .collect();
+        assert_eq!(got[0], Err("row 10: `responses` is null".to_string()));
+        assert_eq!(got[1], Err("row 11: no responses".to_string()));
+        assert_eq!(got[2], Err("row 12: response 1 is null".to_string()));
+        assert_eq!(got[3], Ok(vec!["x".to_string(), "y".to_string()]));
+    }
 }

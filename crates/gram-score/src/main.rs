@@ -122,48 +122,80 @@ enum Cmd {
     ///
     /// Environment: RUST_LOG (log filter), ORT_DYLIB_PATH (the onnxruntime library).
     #[command(verbatim_doc_comment)]
-    Serve {
-        /// Export folder.
-        #[arg(long)]
-        model: PathBuf,
-        /// Address to listen on (port 0: any free port; the chosen one is printed).
-        #[arg(long, default_value = "127.0.0.1:5000")]
-        addr: std::net::SocketAddr,
-        /// Reference response for /get_reward items without one of their own.
-        #[arg(long)]
-        reference: Option<String>,
-        /// Where each /get_reward item's reference comes from: `references` (the request's
-        /// `references`, else --reference) or `labels` (OpenRLHF's `labels[i]`).
-        #[arg(long, value_enum, default_value = "references")]
-        reference_from: ReferenceFrom,
-        /// Strip this model's chat-template markup (turn markers, end of turn) from queries and
-        /// prompts before scoring: a model or tokenizer folder, or a GGUF file.
-        #[arg(long, value_name = "MODEL_OR_TOKENIZER")]
-        strip_chat_template: Option<PathBuf>,
-        /// Most pairs scored in one batch; each waiting request gets an equal share of a batch.
-        #[arg(long, default_value_t = 64)]
-        max_batch: usize,
-        /// Milliseconds to wait for more requests before scoring a partial batch.
-        #[arg(long, default_value_t = 5)]
-        max_wait_ms: u64,
-        /// Most items in one request (requests are cut into batches whatever their size).
-        #[arg(long, default_value_t = 65_536)]
-        max_items: usize,
-        /// Largest request body, in MiB.
-        #[arg(long, default_value_t = 256)]
-        max_body_mb: usize,
-        /// Seconds a client has to send a request's headers, and then its body.
-        #[arg(long, default_value_t = 30)]
-        read_timeout_s: u64,
-        /// Most connections open at once (more wait to be accepted).
-        #[arg(long, default_value_t = 512)]
-        max_connections: usize,
-        /// Log lines as text or as JSON objects.
-        #[arg(long, value_enum, default_value = "text")]
-        log_format: LogFormat,
-        #[command(flatten)]
-        run: RunArgs,
-    },
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Export folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (port 0: any free port; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    addr: std::net::SocketAddr,
+    /// Reference response for /get_reward items without one of their own.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Where each /get_reward item's reference comes from: `references` (the request's
+    /// `references`, else --reference) or `labels` (OpenRLHF's `labels[i]`).
+    #[arg(long, value_enum, default_value = "references")]
+    reference_from: ReferenceFrom,
+    /// Strip this model's chat-template markup (turn markers, end of turn) from queries and
+    /// prompts before scoring: a model or tokenizer folder, or a GGUF file.
+    #[arg(long, value_name = "MODEL_OR_TOKENIZER")]
+    strip_chat_template: Option<PathBuf>,
+    /// Most pairs scored in one batch; each waiting request gets an equal share of a batch.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// Milliseconds to wait for more requests before scoring a partial batch.
+    #[arg(long, default_value_t = 5)]
+    max_wait_ms: u64,
+    /// Most items in one request (requests are cut into batches whatever their size).
+    #[arg(long, default_value_t = 65_536)]
+    max_items: usize,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 256)]
+    max_body_mb: usize,
+    /// Seconds a client has to send a request's headers, and then its body.
+    #[arg(long, default_value_t = 30)]
+    read_timeout_s: u64,
+    /// Most connections open at once (more wait to be accepted).
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn serve(a: ServeArgs) -> gram_score::Result<()> {
+    init_logging(a.log_format, "info");
+    let strip = a
+        .strip_chat_template
+        .map(|p| gram_score::serve::split::ChatMarkup::from_path(&p))
+        .transpose()?;
+    let judge = Arc::new(a.run.open(&a.model)?);
+    let timeout = std::time::Duration::from_secs(a.read_timeout_s.max(1));
+    let opts = ServeOptions {
+        addr: a.addr,
+        reference: a.reference,
+        reference_from: a.reference_from,
+        strip,
+        batch: gram_score::serve::batcher::Limits {
+            max_batch: a.max_batch,
+            max_wait: std::time::Duration::from_millis(a.max_wait_ms),
+        },
+        max_items: a.max_items,
+        max_body_bytes: a.max_body_mb.saturating_mul(1 << 20),
+        body_timeout: timeout,
+        conn: gram_score::serve::listen::ConnLimits {
+            max_connections: a.max_connections,
+            header_timeout: timeout,
+        },
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
+    rt.block_on(gram_score::serve::serve(judge, opts))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -303,7 +335,7 @@ fn main() -> ExitCode {
     let cli = gram_core::cli::parse::<Cli>();
     // The server keeps Rust's default (SIGPIPE ignored): a client that hangs up must never end
     // it. The batch commands print tables that users pipe into `head`.
-    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
         gram_core::cli::quiet_on_closed_pipe();
     }
     let res: gram_score::Result<()> = (|| match cli.cmd {
@@ -366,47 +398,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Cmd::Serve {
-            model,
-            addr,
-            reference,
-            reference_from,
-            strip_chat_template,
-            max_batch,
-            max_wait_ms,
-            max_items,
-            max_body_mb,
-            read_timeout_s,
-            max_connections,
-            log_format,
-            run,
-        } => {
-            init_logging(log_format, "info");
-            let strip = strip_chat_template
-                .map(|p| gram_score::serve::split::ChatMarkup::from_path(&p))
-                .transpose()?;
-            let judge = Arc::new(run.open(&model)?);
-            let timeout = std::time::Duration::from_secs(read_timeout_s.max(1));
-            let opts = ServeOptions {
-                addr,
-                reference,
-                reference_from,
-                strip,
-                batch: gram_score::serve::batcher::Limits {
-                    max_batch,
-                    max_wait: std::time::Duration::from_millis(max_wait_ms),
-                },
-                max_items,
-                max_body_bytes: max_body_mb.saturating_mul(1 << 20),
-                body_timeout: timeout,
-                conn: gram_score::serve::listen::ConnLimits {
-                    max_connections,
-                    header_timeout: timeout,
-                },
-            };
-            let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
-            rt.block_on(gram_score::serve::serve(judge, opts))
-        }
+        Cmd::Serve(args) => serve(args),
     })();
     match res {
         Ok(()) => ExitCode::SUCCESS,
