@@ -182,54 +182,40 @@ fn judge_prefix(
 /// on that folder, then one rename into place.
 pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
     check_out(&opts.out, opts.overwrite)?;
-    let ckpt = Checkpoint::open_with_base(&opts.model, opts.base.as_deref())?;
-    let config = ckpt.config.clone();
-    let tok = match &opts.tokenizer {
-        Some(p) => gram_core::GramTokenizer::from_path(p)?,
-        None => ckpt.tokenizer()?,
-    };
-    let labels = LabelIds::resolve(&tok)?;
-    let style = match opts.style {
-        Some(s) => Templates::new(&tok, s)?.style(),
-        None => Templates::auto(&tok).style(),
-    };
-    let max_tokens = opts.max_tokens.unwrap_or(config.max_position_embeddings);
-    if max_tokens == 0 || max_tokens > config.max_position_embeddings {
-        return Err(Error::Usage(format!(
-            "--max-tokens {max_tokens}: the model's context is {} tokens",
-            config.max_position_embeddings
-        )));
-    }
-    let weights = ckpt.weights()?;
+    let plan = Plan::resolve(opts)?;
+    let weights = plan.ckpt.weights()?;
+    let config = &plan.ckpt.config;
     let inv_freq =
         gram_model::rope::inv_freq(config.head_dim, config.rope_theta, &config.rope_scaling);
-    let head = match opts.head {
-        HeadKind::Judge if opts.pairs => Head::PairJudge(vec![labels.a, labels.b]),
-        HeadKind::Judge => Head::Judge(vec![labels.a, labels.b]),
-        HeadKind::Lm => Head::Lm,
-        HeadKind::Reward => Head::Reward,
-    };
     publish_dir(&opts.out, opts.overwrite, |tmp| {
+        let (tok, style, max_tokens) = (&plan.tok, plan.style, plan.max_tokens);
         let prefix = match opts.head {
             HeadKind::Judge if opts.prefix => {
-                judge_prefix(&config, &weights, &inv_freq, &tok, style, max_tokens, tmp)?
+                judge_prefix(config, &weights, &inv_freq, tok, style, max_tokens, tmp)?
             }
             _ => None,
         };
-        let graph = decoder::build(&config, &weights.tensors, &inv_freq, &head, prefix.as_ref())?;
+        let graph = decoder::build(
+            config,
+            &weights.tensors,
+            &inv_freq,
+            &plan.head,
+            prefix.as_ref(),
+        )?;
         let nodes = graph.num_nodes();
         let source = std::fs::canonicalize(&opts.model).unwrap_or_else(|_| opts.model.clone());
+        let (a, b) = (plan.labels.a, plan.labels.b);
         let meta = [
             ("gram.head", format!("{:?}", opts.head).to_lowercase()),
             ("gram.source", source.display().to_string()),
-            ("gram.label_ids", format!("{},{}", labels.a, labels.b)),
+            ("gram.label_ids", format!("{a},{b}")),
         ];
         let doc = format!(
             "GRAM {} exported by gram-export from {}",
             config.architecture.model_type(),
             source.display()
         );
-        let mut files = graph
+        graph
             .write(tmp, "model.onnx", &meta, &doc, opts.external_data_over)
             .map_err(|e| Error::File {
                 path: tmp.join("model.onnx"),
@@ -237,66 +223,123 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             })?;
         drop(weights);
         tok.save_dir(tmp)?;
-        let mut manifest = ExportManifest {
-            format_version: FORMAT_VERSION,
-            model_file: "model.onnx".into(),
-            head: opts.head,
-            inputs: match head {
-                Head::PairJudge(_) => {
-                    vec!["shared_ids", "shared_mask", "input_ids", "attention_mask"]
-                }
-                _ => vec!["input_ids", "attention_mask"],
-            }
-            .into_iter()
-            .map(String::from)
-            .collect(),
-            output: match opts.head {
-                HeadKind::Judge => "judge_logits".into(),
-                HeadKind::Lm => "logits".into(),
-                HeadKind::Reward => "rewards".into(),
-            },
-            prompt_style: style,
-            label_ids: labels,
-            max_tokens,
-            pad_id: tok.pad_id(),
-            opset: graph::OPSET,
-            architecture: config.architecture.model_type().into(),
-            num_parameters: config.num_parameters(),
-            source,
-            tokenizer_fingerprint: tok.fingerprint(),
-            prefix_tokens: prefix.as_ref().map(|p| p.ids.clone()),
-            verified_max_abs_diff: None,
-        };
-        let write_manifest = |m: &ExportManifest| -> Result<()> {
-            let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::Usage(e.to_string()))?;
-            Ok(gram_core::atomic_write(&tmp.join(MANIFEST), &bytes)?)
-        };
-        write_manifest(&manifest)?;
+        let mut manifest = plan.manifest(opts.head, source, prefix.as_ref());
+        write_manifest(tmp, &manifest)?;
         let verify = if opts.verify {
-            let r = verify::verify(&ckpt, &tok, tmp, &manifest, opts.tolerance)?;
+            let r = verify::verify(&plan.ckpt, tok, tmp, &manifest, opts.tolerance)?;
             manifest.verified_max_abs_diff = Some(r.max_abs_diff);
-            write_manifest(&manifest)?;
+            write_manifest(tmp, &manifest)?;
             Some(r)
         } else {
             None
         };
-        files.push(MANIFEST.into());
-        let mut all: Vec<String> = std::fs::read_dir(tmp)
-            .map_err(|e| Error::File {
-                path: tmp.to_path_buf(),
-                msg: e.to_string(),
-            })?
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect();
-        all.sort();
-        let files = all;
         Ok(ExportReport {
             manifest,
             nodes,
-            files,
+            files: list_files(tmp)?,
             verify,
         })
     })
+}
+
+/// What an export reads, resolved and checked before anything is computed or written.
+struct Plan {
+    ckpt: Checkpoint,
+    tok: gram_core::GramTokenizer,
+    labels: LabelIds,
+    style: PromptStyle,
+    max_tokens: usize,
+    head: Head,
+}
+
+impl Plan {
+    fn resolve(opts: &ExportOptions) -> Result<Self> {
+        let ckpt = Checkpoint::open_with_base(&opts.model, opts.base.as_deref())?;
+        let tok = match &opts.tokenizer {
+            Some(p) => gram_core::GramTokenizer::from_path(p)?,
+            None => ckpt.tokenizer()?,
+        };
+        let labels = LabelIds::resolve(&tok)?;
+        let style = match opts.style {
+            Some(s) => Templates::new(&tok, s)?.style(),
+            None => Templates::auto(&tok).style(),
+        };
+        let context = ckpt.config.max_position_embeddings;
+        let max_tokens = opts.max_tokens.unwrap_or(context);
+        if max_tokens == 0 || max_tokens > context {
+            return Err(Error::Usage(format!(
+                "--max-tokens {max_tokens}: the model's context is {context} tokens"
+            )));
+        }
+        let head = match opts.head {
+            HeadKind::Judge if opts.pairs => Head::PairJudge(vec![labels.a, labels.b]),
+            HeadKind::Judge => Head::Judge(vec![labels.a, labels.b]),
+            HeadKind::Lm => Head::Lm,
+            HeadKind::Reward => Head::Reward,
+        };
+        Ok(Self {
+            ckpt,
+            tok,
+            labels,
+            style,
+            max_tokens,
+            head,
+        })
+    }
+
+    /// The manifest of the graph this plan builds (not yet verified).
+    fn manifest(
+        &self,
+        kind: HeadKind,
+        source: PathBuf,
+        prefix: Option<&decoder::PrefixKv>,
+    ) -> ExportManifest {
+        let config = &self.ckpt.config;
+        let inputs: &[&str] = match self.head {
+            Head::PairJudge(_) => &["shared_ids", "shared_mask", "input_ids", "attention_mask"],
+            _ => &["input_ids", "attention_mask"],
+        };
+        ExportManifest {
+            format_version: FORMAT_VERSION,
+            model_file: "model.onnx".into(),
+            head: kind,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            output: match kind {
+                HeadKind::Judge => "judge_logits".into(),
+                HeadKind::Lm => "logits".into(),
+                HeadKind::Reward => "rewards".into(),
+            },
+            prompt_style: self.style,
+            label_ids: self.labels,
+            max_tokens: self.max_tokens,
+            pad_id: self.tok.pad_id(),
+            opset: graph::OPSET,
+            architecture: config.architecture.model_type().into(),
+            num_parameters: config.num_parameters(),
+            source,
+            tokenizer_fingerprint: self.tok.fingerprint(),
+            prefix_tokens: prefix.map(|p| p.ids.clone()),
+            verified_max_abs_diff: None,
+        }
+    }
+}
+
+fn write_manifest(dir: &Path, m: &ExportManifest) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::Usage(e.to_string()))?;
+    Ok(gram_core::atomic_write(&dir.join(MANIFEST), &bytes)?)
+}
+
+/// The names of the files in `dir`, sorted.
+fn list_files(dir: &Path) -> Result<Vec<String>> {
+    let mut all: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::File {
+            path: dir.to_path_buf(),
+            msg: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    all.sort();
+    Ok(all)
 }
 
 /// Refuses an existing `out` unless `overwrite` (checked before any work).
