@@ -9,17 +9,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-200000}"
-bash scripts/setup.sh >/dev/null
-source "${GRAM_CACHE:-$HOME/.cache/gram-rs}/env.sh"
 # The dev profile optimises every dependency (opt-level 3; see Cargo.toml), so the hot loops
 # (tokenizers, arrow, parquet, datafusion) run optimised without a second, release build of burn.
-cargo build --bins -q
-BIN="$CARGO_TARGET_DIR/debug/gram-data"
+source benches/common.sh
+BIN="$BIN/gram-data"
 WORK="$GRAM_CACHE/bench-data"; mkdir -p "$WORK"
 IN="$WORK/synthetic-$ROWS.jsonl"
 [ -s "$IN" ] || python3 benches/data/gen_synthetic.py "$IN" "$ROWS"
 VENV="$GRAM_CACHE/bench-venv"
-[ -x "$VENV/bin/python" ] || { python3 -m venv "$VENV"; "$VENV/bin/pip" -q install datasets tokenizers; }
+bench_venv "$VENV" "datasets, tokenizers" datasets tokenizers
 TOK=../shared/fixtures/smollm2
 rm -rf "$WORK/rust" "$WORK/python"
 /usr/bin/time -f '%e %M' -o "$WORK/rust.time" "$BIN" build pipelines/chosen-rejected.toml --input "$IN" \

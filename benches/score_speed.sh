@@ -29,15 +29,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
 PAIRS="${2:-96}"
-bash scripts/setup.sh >/dev/null
-source "${GRAM_CACHE:-$HOME/.cache/gram-rs}/env.sh"
-cargo build --bins -q
-BIN="$CARGO_TARGET_DIR/debug"
+source benches/common.sh
 VENV="$GRAM_CACHE/torch-venv"
-if ! "$VENV/bin/python" -c 'import torch, transformers, pyarrow, gguf, accelerate' 2>/dev/null; then
-    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" -q install --find-links "$GRAM_CACHE/wheels" torch==2.15.0 transformers==5.24.0 pyarrow gguf accelerate
-fi
+bench_venv "$VENV" "torch, transformers, pyarrow, gguf, accelerate" torch==2.15.0 transformers==5.24.0 pyarrow gguf accelerate
 THREADS=$(nproc)
 MODELS="${MODELS:-llama-40m smollm2}"
 WORK="$GRAM_CACHE/bench-score"; mkdir -p "$WORK"

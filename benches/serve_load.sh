@@ -16,15 +16,9 @@ cd "$(dirname "$0")/.."
 PAIRS="${1:-64}"
 ITEMS="${2:-2}"
 LEVELS="${LEVELS:-1 8 32}"
-bash scripts/setup.sh >/dev/null
-source "${GRAM_CACHE:-$HOME/.cache/gram-rs}/env.sh"
-cargo build --bins -q
-BIN="$CARGO_TARGET_DIR/debug"
+source benches/common.sh
 VENV="$GRAM_CACHE/torch-venv"
-if ! "$VENV/bin/python" -c 'import pyarrow' 2>/dev/null; then
-    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" -q install pyarrow
-fi
+bench_venv "$VENV" pyarrow pyarrow
 WORK="$GRAM_CACHE/bench-serve"; mkdir -p "$WORK"
 
 [ -d "$WORK/data" ] || "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml \

@@ -18,15 +18,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-3}"
-bash scripts/setup.sh >/dev/null
-source "${GRAM_CACHE:-$HOME/.cache/gram-rs}/env.sh"
-cargo build --bins -q
-BIN="$CARGO_TARGET_DIR/debug/gram-train"
+source benches/common.sh
+BIN="$BIN/gram-train"
 VENV="$GRAM_CACHE/torch-venv"
-if ! "$VENV/bin/python" -c 'import torch, transformers, peft' 2>/dev/null; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" -q install --find-links "$GRAM_CACHE/wheels" torch==2.15.0 transformers==5.24.0 peft==0.21.2
-fi
+bench_venv "$VENV" "torch, transformers, peft" torch==2.15.0 transformers==5.24.0 peft==0.21.2
 THREADS=$(nproc)
 WORK="$GRAM_CACHE/bench-train"; mkdir -p "$WORK"; rm -f "$WORK"/*.jsonl
 run_pair() { # name config batch seq [extra flags for both sides]; STEPS, WARMUP per case
