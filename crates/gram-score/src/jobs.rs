@@ -562,12 +562,12 @@ impl Chunk<'_> {
                 col(&|s| s.score_a),
                 col(&|s| 1.0 - s.score_a),
                 col(&|s| s.p_ab),
-                col(&|s| 1.0 - s.p_ba),
+                col(&PairScore::p_a_second),
             ],
             _ => vec![
                 col(&|s| s.score_a),
                 col(&|s| s.p_ab),
-                col(&|s| 1.0 - s.p_ba),
+                col(&PairScore::p_a_second),
             ],
         })
     }

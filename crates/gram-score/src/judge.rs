@@ -45,6 +45,13 @@ pub struct PairScore {
     pub truncated: bool,
 }
 
+impl PairScore {
+    /// P(a wins) with a shown second: 1 - P(A) with b shown first.
+    pub fn p_a_second(&self) -> f32 {
+        1.0 - self.p_ba
+    }
+}
+
 /// Work done so far, for throughput and FLOP accounting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct RunStats {

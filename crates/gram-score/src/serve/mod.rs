@@ -38,7 +38,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::judge::Judge;
+use crate::judge::{Judge, PairScore};
 use batcher::{Done, ItemResult, Job, Pair};
 use metrics::Metrics;
 use split::ChatMarkup;
@@ -198,14 +198,22 @@ impl AppState {
         &self,
         items: Vec<Result<Pair, String>>,
     ) -> Result<(Vec<ItemResult>, Work), ApiError> {
-        let pairs: Vec<Pair> = items
-            .iter()
-            .filter_map(|i| i.as_ref().ok().cloned())
-            .collect();
         let mut work = Work {
             items: items.len(),
             ..Work::default()
         };
+        // The pairs move to the batcher; each item keeps only its reason when it has no pair.
+        let mut pairs: Vec<Pair> = Vec::with_capacity(items.len());
+        let reasons: Vec<Option<String>> = items
+            .into_iter()
+            .map(|i| match i {
+                Ok(p) => {
+                    pairs.push(p);
+                    None
+                }
+                Err(e) => Some(e),
+            })
+            .collect();
         let mut scored = if pairs.is_empty() {
             Vec::new().into_iter()
         } else {
@@ -232,14 +240,13 @@ impl AppState {
             })?;
             scores.into_iter()
         };
-        let out: Vec<ItemResult> = items
+        let out: Vec<ItemResult> = reasons
             .into_iter()
-            .map(|i| {
-                i.and_then(|_| {
-                    scored
-                        .next()
-                        .unwrap_or_else(|| Err("no score came back".into()))
-                })
+            .map(|r| match r {
+                Some(e) => Err(e),
+                None => scored
+                    .next()
+                    .unwrap_or_else(|| Err("no score came back".into())),
             })
             .collect();
         let failed = out.iter().filter(|r| r.is_err()).count() as u64;
@@ -319,7 +326,7 @@ async fn get_reward(
         let s = r.as_ref().ok();
         rewards.push(s.map(|s| s.score_a));
         logs.p_first.push(s.map(|s| s.p_ab));
-        logs.p_second.push(s.map(|s| 1.0 - s.p_ba));
+        logs.p_second.push(s.map(PairScore::p_a_second));
         logs.truncated.push(s.map(|s| s.truncated));
         logs.error.push(r.err());
     }
@@ -328,9 +335,14 @@ async fn get_reward(
         rewards,
         extra_logs: logs,
     };
+    Ok(with_work(body, work))
+}
+
+/// A JSON answer carrying the work behind it for the request's log line.
+fn with_work(body: impl Serialize, work: Work) -> Response {
     let mut resp = Json(body).into_response();
     resp.extensions_mut().insert(work);
-    Ok(resp)
+    resp
 }
 
 async fn score_pairs(
@@ -353,15 +365,13 @@ async fn score_pairs(
             PairOut {
                 score_a: s.map(|s| s.score_a),
                 p_a_first: s.map(|s| s.p_ab),
-                p_a_second: s.map(|s| 1.0 - s.p_ba),
+                p_a_second: s.map(PairScore::p_a_second),
                 truncated: s.map(|s| s.truncated),
                 error: r.err(),
             }
         })
         .collect();
-    let mut resp = Json(PairsResponse { scores }).into_response();
-    resp.extensions_mut().insert(work);
-    Ok(resp)
+    Ok(with_work(PairsResponse { scores }, work))
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
