@@ -98,7 +98,7 @@ pub fn write_model(dir: &Path, mut m: SaveModel<'_>) -> Result<ParamIds> {
 /// Writes an HF model folder into `dir` (created); returns the parameter ids.
 fn write_hf(dir: &Path, m: SaveModel<'_>) -> Result<ParamIds> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut config = m.config_json.clone();
+    let mut config = m.config_json;
     if let Some(c) = config.as_object_mut() {
         let name = match m.dtype {
             StoreDtype::F32 => "float32",
