@@ -15,16 +15,25 @@
 #   REPRO_QUICK=1 bash scripts/reproduce.sh      # a few steps of everything: checks the pipeline
 #   REPRO_BACKEND=wgpu bash scripts/reproduce.sh # training on a GPU through wgpu
 #   REPRO_RESUME=1 bash scripts/reproduce.sh     # after a stop: keeps the steps that finished
+#   REPRO_BIN=dir REPRO_DATA=dir REPRO_UNTIL=train bash scripts/reproduce.sh
+#       # on a machine without the toolchain (a GPU box): prebuilt gram-* binaries and an already
+#       # built dataset, training only; copy REPRO_OUT back and rerun with REPRO_RESUME=1 to evaluate
 #
 # Settings: scripts/recipes/{pretrain,finetune,bt}.toml; REPRO_PAIRS, REPRO_EPOCHS, REPRO_LRS
 # override the budget. Output: $GRAM_CACHE/reproduce/ (results.md, results.json, runs, exports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh >/dev/null
-# shellcheck disable=SC1091
-source "${GRAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gram-rs}/env.sh"
-cargo build --bins -q
-BIN="$CARGO_TARGET_DIR/debug"
+if [ -n "${REPRO_BIN:-}" ]; then
+    BIN="$(cd "$REPRO_BIN" && pwd)"
+    : "${GRAM_SMOLLM2_GGUF:?with REPRO_BIN, GRAM_SMOLLM2_GGUF must name the model file}"
+    GRAM_CACHE="${GRAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gram-rs}"
+else
+    bash scripts/setup.sh >/dev/null
+    # shellcheck disable=SC1091
+    source "${GRAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gram-rs}/env.sh"
+    cargo build --bins -q
+    BIN="$CARGO_TARGET_DIR/debug"
+fi
 OUT="${REPRO_OUT:-$GRAM_CACHE/reproduce}"
 BACKEND="${REPRO_BACKEND:-cpu}"
 if [ -n "${REPRO_QUICK:-}" ]; then
@@ -70,9 +79,15 @@ print(f"{run}/checkpoints/step-{best['step']:07d}")
 PY
 }
 
-echo "== data: gram-data build of the three shared sets (test 12%, valid 10% of prompts)"
-timed data "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml pipelines/llmbar.toml \
-    --model "$GRAM_SMOLLM2_GGUF" --out "$OUT/data" --max-tokens 512 --valid 0.10 --test 0.12 --overwrite --quiet
+if [ -n "${REPRO_DATA:-}" ]; then
+    echo "== data: the dataset already built in $REPRO_DATA"
+    [ "$(cd "$REPRO_DATA" && pwd)" = "$(mkdir -p "$OUT/data" && cd "$OUT/data" && pwd)" ] \
+        || { rm -rf "$OUT/data"; cp -r "$REPRO_DATA" "$OUT/data"; }
+else
+    echo "== data: gram-data build of the three shared sets (test 12%, valid 10% of prompts)"
+    timed data "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml pipelines/llmbar.toml \
+        --model "$GRAM_SMOLLM2_GGUF" --out "$OUT/data" --max-tokens 512 --valid 0.10 --test 0.12 --overwrite --quiet
+fi
 
 echo "== learning rate: a ${PILOT_STEPS}-step stage-2 pilot per candidate, judged on valid"
 best_lr=""; best_acc=-1
@@ -96,6 +111,10 @@ timed "(c) stage 2" train finetune finetune "$OUT/runs/c2" --lr "$best_lr" "${pe
     --adapter "$OUT/runs/c1/final"
 echo "== (d) Bradley-Terry on the same pairs"
 timed "(d) bt" train bt bt "$OUT/runs/d" --lr "$best_lr" "${per_epoch[@]}"
+if [ "${REPRO_UNTIL:-}" = train ]; then
+    echo "== stopping after training (REPRO_UNTIL=train): $OUT"
+    exit 0
+fi
 
 echo "== export and evaluate on the test split"
 evaluate() { # name model head

@@ -50,7 +50,8 @@ if subsets:
     for s in subsets:
         print(f"| {s} | " + " | ".join(cell(evals[k]["by_subset"].get(s)) for k, _, _ in rows) + " |")
 total = sum(times.values())
-print(f"\nWhole script: {total // 3600} h {total % 3600 // 60} min (data {times.get('data', 0)} s, "
+data = f"data {times['data']} s" if "data" in times else "data built beforehand (REPRO_DATA)"
+print(f"\nWhole script: {total // 3600} h {total % 3600 // 60} min ({data}, "
       f"learning-rate pilots {sum(v for k, v in times.items() if k.startswith('pilot'))} s).")
 json.dump({"lr": lr, "epochs": int(epochs), "pairs": int(pairs), "backend": backend, "times_s": times,
            "eval": evals}, open(f"{out}/results.json", "w"), indent=1)
