@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use gram_core::GramTokenizer;
 use gram_core::fit::Tokenizer;
 use gram_core::schema::Dataset;
-use gram_core::{GramTokenizer, PromptStyle, Templates};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -180,16 +180,10 @@ fn load_tokenizer(opts: &BuildOptions) -> Result<Option<GramTokenizer>> {
 
 /// The fitting tokenizer (templates and token budget) over `tok`.
 fn fitting<'t>(opts: &BuildOptions, tok: &'t GramTokenizer) -> Result<Tokenizer<'t>> {
-    let model = |source| Error::Model {
+    crate::udf::fitting(tok, opts.chat, opts.max_tokens).map_err(|source| Error::Model {
         context: format!("preparing the templates of {}", tok_path(opts)),
         source,
-    };
-    let templates = match opts.chat {
-        Some(true) => Templates::new(tok, PromptStyle::Chat).map_err(model)?,
-        Some(false) => Templates::new(tok, PromptStyle::Raw).map_err(model)?,
-        None => Templates::auto(tok),
-    };
-    Tokenizer::new(tok, templates, opts.max_tokens).map_err(model)
+    })
 }
 
 fn tok_path(opts: &BuildOptions) -> String {

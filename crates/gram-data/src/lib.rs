@@ -11,5 +11,6 @@ mod shards;
 pub mod spec;
 mod stage;
 pub mod stats;
+pub mod udf;
 
 pub use error::{Error, Result};
