@@ -1,6 +1,7 @@
 //! GRAM-rs end-to-end tests, one module per area (one test binary, so burn links once).
 
 mod cli;
+mod cluster;
 mod common;
 mod data;
 mod deps;
