@@ -2,69 +2,35 @@
 //!
 //! A plan that calls the project's functions (`gram_split`, `gram_tokens`: see
 //! [`gram_data::udf`]) runs wherever the session that plans it and the processes that execute
-//! it know those functions. [`session_state`] is that session: Ballista's defaults plus
-//! [`functions`]; the `gram-scheduler` and `gram-executor` binaries serve it, and
-//! [`standalone`] runs a scheduler and executors inside the calling process (tests, one box).
+//! it know those functions. [`session_state`] (gram-data's) is that session: Ballista's
+//! defaults plus [`functions`]; the `gram-scheduler` and `gram-executor` binaries serve it.
+//! Clients connect with gram-data's [`remote`] (or run [`standalone`] in one process).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ballista::prelude::SessionContextExt;
 use ballista_core::extension::SessionConfigExt;
-use datafusion::common::Result as DfResult;
-use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::ScalarUDF;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::SessionConfig;
+pub use gram_data::cluster::{
+    Target, functions, remote, session_state, standalone, with_functions,
+};
 
-/// Every function the project's plans call.
-pub fn functions() -> Vec<Arc<ScalarUDF>> {
-    gram_data::udf::functions()
-}
-
-/// Ballista's session for `config`, with the project's functions registered.
-pub fn session_state(config: SessionConfig) -> DfResult<SessionState> {
-    use datafusion::execution::FunctionRegistry;
-    let mut state = ballista_core::utils::default_session_builder(config)?;
-    for f in functions() {
-        state.register_udf(f)?;
-    }
-    Ok(state)
-}
-
-/// A session whose queries run on a scheduler and an executor started in this process.
-pub async fn standalone() -> DfResult<SessionContext> {
-    let state = session_state(SessionConfig::new_with_ballista())?;
-    Ok(with_functions(
-        SessionContext::standalone_with_state(state).await?,
-    ))
-}
-
-/// A session whose queries run on the cluster whose scheduler listens at `url`
-/// (`df://HOST:PORT`).
-pub async fn remote(url: &str) -> DfResult<SessionContext> {
-    let state = session_state(SessionConfig::new_with_ballista())?;
-    Ok(with_functions(
-        SessionContext::remote_with_state(url, state).await?,
-    ))
-}
-
-/// `ctx` with the project's functions registered. Ballista's client session is rebuilt from
-/// the state it is given with Ballista's own function list, so the client registers ours again
-/// (the scheduler and executors keep the state's).
-pub fn with_functions(ctx: SessionContext) -> SessionContext {
-    for f in functions() {
-        ctx.register_udf((*f).clone());
-    }
-    ctx
-}
-
-/// Runs a scheduler on `addr` until the process is stopped.
-pub async fn run_scheduler(addr: SocketAddr) -> ballista_core::error::Result<()> {
+/// Runs a scheduler on `addr` until the process is stopped. An executor that has not sent a
+/// heartbeat for `executor_timeout` seconds is taken for dead and its tasks run again elsewhere.
+pub async fn run_scheduler(
+    addr: SocketAddr,
+    executor_timeout: u64,
+) -> ballista_core::error::Result<()> {
     use ballista_scheduler::cluster::BallistaCluster;
     use ballista_scheduler::config::SchedulerConfig;
+    let executor_timeout = executor_timeout.max(2);
     let config = SchedulerConfig {
         bind_host: addr.ip().to_string(),
         bind_port: addr.port(),
+        executor_timeout_seconds: executor_timeout,
+        // Ballista checks for dead executors this often; it must be shorter than the timeout.
+        expire_dead_executor_interval_seconds: (executor_timeout / 3).clamp(1, 15),
+        no_executors_grace_period_seconds: executor_timeout,
         ..Default::default()
     }
     .with_override_session_builder(Arc::new(session_state));
@@ -87,6 +53,8 @@ pub struct ExecutorOptions {
     pub task_slots: usize,
     /// Folder of shuffle files (default: a temporary folder).
     pub work_dir: Option<String>,
+    /// Seconds between heartbeats to the scheduler.
+    pub heartbeat: u64,
 }
 
 /// Runs an executor until the process is stopped.
@@ -104,6 +72,7 @@ pub async fn run_executor(o: ExecutorOptions) -> ballista_core::error::Result<()
         vcores: o.task_slots,
         work_dir: o.work_dir,
         override_function_registry: Some(Arc::new(registry)),
+        executor_heartbeat_interval_seconds: o.heartbeat.max(1),
         ..Default::default()
     };
     start_executor_process(Arc::new(config)).await

@@ -19,7 +19,8 @@ use serde::Serialize;
 use crate::dedup::Seen;
 use crate::error::{Error, OrInternal, Result};
 use crate::map::{MappedPair, Mapper};
-use crate::pairs::{Pair, check_pair};
+use crate::pairs::check_pair;
+use crate::plan::Staged;
 use crate::read::{Chunk, Reject, read_file};
 use crate::shards::{Outputs, SPLITS};
 use crate::spec::Spec;
@@ -69,6 +70,9 @@ pub struct BuildOptions {
     pub overwrite: bool,
     /// Show a progress bar.
     pub progress: bool,
+    /// Tokenise in a DataFusion plan on this target (a Ballista cluster) instead of in the
+    /// reading loop; None: in the loop.
+    pub cluster: Option<crate::cluster::Target>,
 }
 
 impl Default for BuildOptions {
@@ -90,6 +94,7 @@ impl Default for BuildOptions {
             chunk_rows: 4096,
             overwrite: false,
             progress: true,
+            cluster: None,
         }
     }
 }
@@ -198,6 +203,9 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
     check_options(opts)?;
     // Everything that can be checked is checked before any data is read.
     let sources = Sources::load(opts)?;
+    if let Some(target) = &opts.cluster {
+        crate::plan::check_reachable(target)?;
+    }
     let tok = load_tokenizer(opts)?;
     let tokenizer = tok.as_ref().map(|t| fitting(opts, t)).transpose()?;
 
@@ -227,6 +235,7 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
         total_bytes,
     )
     .and_then(|run| run.sources(&sources))
+    .and_then(Run::planned)
     .and_then(|run| run.finish(&tmp));
     let stats = match result {
         Ok(s) => s,
@@ -317,6 +326,22 @@ impl Progress {
     }
 }
 
+/// A progress bar over the pairs the tokenising plan has returned.
+fn planned_bar(show: bool, pairs: u64, target: &crate::cluster::Target) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(pairs);
+    let template = format!(
+        "{{spinner}} tokenising on {target}: {{pos}}/{{len}} pairs {{wide_bar}} eta {{eta}}"
+    );
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
 /// The rows of one chunk after mapping: each pair with its index within its input row, and the
 /// rejects so far (unreadable rows, and rows the mapping turned into no pair).
 struct Mapped {
@@ -375,6 +400,8 @@ struct Run<'a> {
     stats: Stats,
     seen: Seen,
     progress: Progress,
+    /// With `--cluster`: the checked pairs, staged for the tokenising plan.
+    staged: Option<Staged>,
     t0: Instant,
 }
 
@@ -392,6 +419,10 @@ impl<'a> Run<'a> {
             opts.shard_rows,
             &Self::file_metadata(opts, tok, tokenizer)?,
         )?;
+        let staged = match opts.cluster {
+            Some(_) => Some(Staged::new(tmp.join(".pairs"))?),
+            None => None,
+        };
         Ok(Self {
             opts,
             tok,
@@ -400,6 +431,7 @@ impl<'a> Run<'a> {
             stats: Stats::default(),
             seen: Seen::default(),
             progress: Progress::new(opts.progress, total_bytes, t0),
+            staged,
             t0,
         })
     }
@@ -484,54 +516,101 @@ impl<'a> Run<'a> {
                 Err(r) => rejects.push(r),
             }
         }
-        let (s1, s2) = self.tokenise(&checked, st, &mut rejects);
+        let (mut s1, mut s2) = (Vec::new(), Vec::new());
+        match &mut self.staged {
+            Some(staged) => staged.write(&checked, self.opts)?,
+            None => {
+                let (opts, tokenizer) = (self.opts, self.tokenizer);
+                let made: Vec<_> = checked
+                    .into_par_iter()
+                    .map(|p| {
+                        let m = stage_rows(&p, opts, tokenizer);
+                        (p, m)
+                    })
+                    .collect();
+                for m in made {
+                    tally(m, st, (&mut s1, &mut s2), &mut rejects);
+                }
+            }
+        }
         st.pairs_rejected += (rejects.len() - row_rejects) as u64;
-        for r in &rejects {
+        self.write_rows(&spec.name, st, &s1, &s2, &rejects)
+    }
+
+    /// Writes stage rows and a source's rejects, and counts the rejects' reasons.
+    fn write_rows(
+        &mut self,
+        source: &str,
+        st: &mut SourceStats,
+        s1: &[StageRow],
+        s2: &[StageRow],
+        rejects: &[Reject],
+    ) -> Result<()> {
+        for r in rejects {
             *st.reject_reasons.entry(reason_key(&r.reason)).or_default() += 1;
         }
-        self.write_stage(Dataset::Stage1, &s1)?;
-        self.write_stage(Dataset::Stage2, &s2)?;
+        self.write_stage(Dataset::Stage1, s1)?;
+        self.write_stage(Dataset::Stage2, s2)?;
         if !rejects.is_empty() {
-            self.out
-                .write_rejects(&rejects_batch(&spec.name, &rejects)?)?;
+            self.out.write_rejects(&rejects_batch(source, rejects)?)?;
         }
         self.stats.rejected += rejects.len() as u64;
         Ok(())
     }
 
-    /// Stage rows of the checked pairs, tokenised in parallel; a pair that cannot be tokenised
-    /// within the limits is rejected.
-    fn tokenise(
-        &self,
-        pairs: &[Pair],
-        st: &mut SourceStats,
-        rejects: &mut Vec<Reject>,
-    ) -> (Vec<StageRow>, Vec<StageRow>) {
-        let (opts, tokenizer) = (self.opts, self.tokenizer);
-        let made: Vec<_> = pairs
-            .par_iter()
-            .map(|p| stage_rows(p, opts, tokenizer))
-            .collect();
-        let (mut s1, mut s2) = (Vec::new(), Vec::new());
-        for (p, m) in pairs.iter().zip(made) {
-            match m {
-                Ok((a, b)) => {
-                    st.pairs_written += 1;
-                    *st.splits.entry(p.split.to_string()).or_default() += 1;
-                    let label = p.label.unwrap_or("none").to_string();
-                    *st.labels.entry(label).or_default() += 1;
-                    s1.extend(a);
-                    s2.extend(b);
-                }
-                Err(e) => rejects.push(Reject {
-                    file: p.file.clone(),
-                    row: p.row,
-                    reason: format!("pair {}: {e}", p.id),
-                    raw: None,
-                }),
-            }
+    /// With `--cluster`: tokenises the staged pairs in one plan on the target and writes what
+    /// comes back as the loop would have (then removes the staged files).
+    fn planned(mut self) -> Result<Self> {
+        let (Some(staged), Some(target)) = (self.staged.take(), self.opts.cluster.clone()) else {
+            return Ok(self);
+        };
+        let model = match &self.opts.model {
+            Some(m) => Some(std::fs::canonicalize(m).map_err(|e| Error::input(m, e))?),
+            None => None,
+        };
+        let sql = crate::plan::sql(self.opts, model.as_deref())?;
+        let labels = self.tokenizer.map(|t| (t.labels.a, t.labels.b));
+        let t0 = Instant::now();
+        if staged.pairs > 0 {
+            let bar = planned_bar(self.opts.progress, staged.pairs, &target);
+            let opts = self.opts;
+            crate::plan::run(&target, &staged.dir, &sql, |batch| {
+                let made = crate::plan::rows_of(&batch, opts, labels)?;
+                bar.inc(made.len() as u64);
+                self.planned_rows(made)
+            })?;
+            bar.finish_and_clear();
         }
-        (s1, s2)
+        std::fs::remove_dir_all(&staged.dir).map_err(|e| Error::output(&staged.dir, e))?;
+        self.stats.plan_seconds = Some(t0.elapsed().as_secs_f64());
+        Ok(self)
+    }
+
+    /// One result batch of the tokenising plan: counted into its sources and written.
+    fn planned_rows(&mut self, made: Vec<crate::plan::Made>) -> Result<()> {
+        let mut by_source: std::collections::BTreeMap<String, Vec<crate::plan::Made>> =
+            std::collections::BTreeMap::new();
+        for m in made {
+            by_source.entry(m.0.source.clone()).or_default().push(m);
+        }
+        for (source, made) in by_source {
+            let mut st = self
+                .stats
+                .sources
+                .remove(&source)
+                .or_internal("a planned pair of an unknown source")?;
+            let (mut s1, mut s2, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
+            let written = st.pairs_written;
+            for m in made {
+                tally(m, &mut st, (&mut s1, &mut s2), &mut rejects);
+            }
+            self.stats.pairs_written += st.pairs_written - written;
+            st.pairs_rejected += rejects.len() as u64;
+            let result = self.write_rows(&source, &mut st, &s1, &s2, &rejects);
+            self.stats.sources.insert(source, st);
+            result?;
+        }
+        Ok(())
     }
 
     /// Writes stage rows by split and counts them.
@@ -588,6 +667,31 @@ impl<'a> Run<'a> {
             gram_core::atomic_write(&path, text.as_bytes()).map_err(|e| Error::output(&path, e))?;
         }
         Ok(self.stats)
+    }
+}
+
+/// Counts a pair's outcome into its source's stats and sorts it into stage rows or a reject.
+fn tally(
+    (p, made): crate::plan::Made,
+    st: &mut SourceStats,
+    (s1, s2): (&mut Vec<StageRow>, &mut Vec<StageRow>),
+    rejects: &mut Vec<Reject>,
+) {
+    match made {
+        Ok((a, b)) => {
+            st.pairs_written += 1;
+            *st.splits.entry(p.split.to_string()).or_default() += 1;
+            let label = p.label.unwrap_or("none").to_string();
+            *st.labels.entry(label).or_default() += 1;
+            s1.extend(a);
+            s2.extend(b);
+        }
+        Err(e) => rejects.push(Reject {
+            file: p.file,
+            row: p.row,
+            reason: format!("pair {}: {e}", p.id),
+            raw: None,
+        }),
     }
 }
 

@@ -46,6 +46,15 @@ pub enum Error {
         /// The OS's or the writer's error.
         msg: String,
     },
+    /// A plan that could not be run where `--cluster` sent it: the scheduler cannot be reached,
+    /// or an executor cannot read the staged pairs or the model.
+    #[error("--cluster {target}: {msg}")]
+    Cluster {
+        /// The target as given.
+        target: String,
+        /// DataFusion's or Ballista's error.
+        msg: String,
+    },
     /// A broken invariant: a bug in gram-data, not in the input.
     #[error("internal error (please report): {0}")]
     Internal(String),

@@ -2,10 +2,12 @@
 //! datasets (tokenised, split, Parquet), with rejects and stats. No burn.
 
 pub mod build;
+pub mod cluster;
 mod dedup;
 pub mod error;
 pub mod map;
 mod pairs;
+mod plan;
 pub mod read;
 mod shards;
 pub mod spec;

@@ -26,6 +26,8 @@ enum Cmd {
     ///   gram-data build pipelines/hh-rlhf-harmless.toml --model ./SmolLM2 --out data/hh
     ///   gram-data build pipelines/*.toml --model model.gguf --out data/all --max-tokens 1024
     ///   gram-data build pipelines/chosen-rejected.toml --input 'my/*.jsonl' --out data/mine
+    ///   gram-data build pipelines/*.toml --model /shared/model.gguf --out /shared/data/all \
+    ///       --cluster df://scheduler:50050
     #[command(verbatim_doc_comment)]
     Build {
         /// Pipeline spec files.
@@ -83,6 +85,12 @@ enum Cmd {
         /// Worker threads for reading and tokenising (default: RAYON_NUM_THREADS, else one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Tokenise in one DataFusion plan run by a Ballista cluster (df://HOST:PORT, a
+        /// gram-scheduler), by a scheduler and executor in this process (`standalone`), or by
+        /// this process (`local`). On a cluster, OUT's parent folder and the model must be on
+        /// paths every executor reads (a shared file system); the pairs are staged there.
+        #[arg(long, value_parser = gram_data::cluster::Target::parse)]
+        cluster: Option<gram_data::cluster::Target>,
     },
 }
 
@@ -114,6 +122,7 @@ fn main() -> ExitCode {
         overwrite,
         quiet,
         threads,
+        cluster,
     } = cli.cmd;
     gram_core::cli::set_threads(threads);
     let opts = BuildOptions {
@@ -139,6 +148,7 @@ fn main() -> ExitCode {
         chunk_rows,
         overwrite,
         progress: gram_core::cli::progress(quiet),
+        cluster,
     };
     match build(&opts) {
         Ok(stats) => {

@@ -128,14 +128,60 @@ pub(crate) fn rejects_batch(source: &str, rejects: &[Reject]) -> Result<RecordBa
     .or_internal("building a rejects batch")
 }
 
+/// Which token ids of a pair: its stage-1 example (in the pair's seeded order), or a stage-2
+/// example with the responses as given (`swapped: false`) or exchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Example {
+    Stage1,
+    Stage2 { swapped: bool },
+}
+
+/// The seeded order of a pair's stage-1 example (and of its one stage-2 example with
+/// `--one-order`): true when the responses are exchanged.
+pub(crate) fn swapped(p: &Pair, opts: &BuildOptions) -> bool {
+    hash64(&[&opts.seed.to_le_bytes(), p.id.as_bytes()]) & 1 == 1
+}
+
+/// The stage-2 orders a pair with a label is presented in.
+pub(crate) fn stage2_orders(p: &Pair, opts: &BuildOptions) -> Vec<bool> {
+    if opts.both_orders {
+        vec![false, true]
+    } else {
+        vec![swapped(p, opts)]
+    }
+}
+
 /// Stage-1 row (every pair, labels dropped, one seeded order) and stage-2 rows (labeled pairs,
-/// both orders by default), or why the pair cannot be tokenised within the limits.
+/// both orders by default), or why the pair cannot be tokenised within the limits, tokenised
+/// here by `tz` (none: text only).
 pub(crate) fn stage_rows(
     p: &Pair,
     opts: &BuildOptions,
     tz: Option<&Tokenizer<'_>>,
 ) -> std::result::Result<(Vec<StageRow>, Vec<StageRow>), String> {
-    let swap = hash64(&[&opts.seed.to_le_bytes(), p.id.as_bytes()]) & 1 == 1;
+    let labels = tz.map(|t| (t.labels.a, t.labels.b));
+    assemble(p, opts, labels, |example, a, b| {
+        let Some(t) = tz else { return Ok(None) };
+        match example {
+            Example::Stage1 => t.stage1(&p.prompt, a, b),
+            Example::Stage2 { .. } => t.stage2(&p.prompt, a, b),
+        }
+        .map(Some)
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// A pair's stage rows from its examples' token ids, wherever those were made: `tokens` gives
+/// an example's ids (None: text only) or why it cannot be made; `labels` are the ids of `A`
+/// and `B`. The first example that fails (in the order stage 1, stage 2 as given, exchanged)
+/// rejects the pair.
+pub(crate) fn assemble(
+    p: &Pair,
+    opts: &BuildOptions,
+    labels: Option<(u32, u32)>,
+    mut tokens: impl FnMut(Example, &str, &str) -> std::result::Result<Option<Tokens>, String>,
+) -> std::result::Result<(Vec<StageRow>, Vec<StageRow>), String> {
+    let swap = swapped(p, opts);
     let order = |swapped: bool| {
         if swapped {
             (p.b.clone(), p.a.clone())
@@ -143,24 +189,17 @@ pub(crate) fn stage_rows(
             (p.a.clone(), p.b.clone())
         }
     };
-    let check_len = |t: &Tokens| -> std::result::Result<(), String> {
-        match opts.drop_over {
-            Some(limit) if t.full_len > limit => Err(format!(
+    let check_len = |t: Option<Tokens>| -> std::result::Result<Option<Tokens>, String> {
+        match (opts.drop_over, &t) {
+            (Some(limit), Some(x)) if x.full_len > limit => Err(format!(
                 "{} tokens before truncation > --drop-over {limit}",
-                t.full_len
+                x.full_len
             )),
-            _ => Ok(()),
+            _ => Ok(t),
         }
     };
     let (a1, b1) = order(swap);
-    let t1 = match tz {
-        Some(t) => {
-            let x = t.stage1(&p.prompt, &a1, &b1).map_err(|e| e.to_string())?;
-            check_len(&x)?;
-            Some(x)
-        }
-        None => None,
-    };
+    let t1 = check_len(tokens(Example::Stage1, &a1, &b1)?)?;
     let s1 = vec![StageRow {
         id: format!("{}-s1", p.id),
         pair_id: p.id.clone(),
@@ -177,28 +216,17 @@ pub(crate) fn stage_rows(
     }];
     let mut s2 = Vec::new();
     if let Some(l) = p.label.filter(|l| *l != "tie") {
-        let orders: Vec<bool> = if opts.both_orders {
-            vec![false, true]
-        } else {
-            vec![swap]
-        };
-        for swapped in orders {
+        for swapped in stage2_orders(p, opts) {
             let (a, b) = order(swapped);
             // After a swap the preferred response sits in the other slot.
             let label = match (l, swapped) {
                 ("a", false) | ("b", true) => "a",
                 _ => "b",
             };
-            let (tokens, label_token) = match tz {
-                Some(t) => {
-                    let x = t.stage2(&p.prompt, &a, &b).map_err(|e| e.to_string())?;
-                    check_len(&x)?;
-                    (
-                        Some(x),
-                        Some(if label == "a" { t.labels.a } else { t.labels.b }),
-                    )
-                }
-                None => (None, None),
+            let tokens = check_len(tokens(Example::Stage2 { swapped }, &a, &b)?)?;
+            let label_token = match (&tokens, labels) {
+                (Some(_), Some((la, lb))) => Some(if label == "a" { la } else { lb }),
+                _ => None,
             };
             s2.push(StageRow {
                 id: format!("{}-s2{}", p.id, if swapped { "ba" } else { "ab" }),

@@ -97,6 +97,10 @@ pub struct Stats {
     pub lossless: bool,
     /// Seconds the build took.
     pub seconds: f64,
+    /// With `--cluster`: seconds of the tokenising plan (from submitting it to its last row
+    /// written), part of `seconds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_seconds: Option<f64>,
 }
 
 /// The key a reject reason is counted under in the stats.
@@ -170,4 +174,7 @@ pub fn print_stats(s: &Stats, out: &Path) {
         s.seconds,
         out.display()
     );
+    if let Some(p) = s.plan_seconds {
+        eprintln!("of which the tokenising plan (--cluster): {p:.1} s");
+    }
 }

@@ -1,6 +1,8 @@
 //! The build's row-wise functions (`gram_split`, `gram_tokens`) as DataFusion functions, run in
 //! a plain DataFusion session and on Ballista (a scheduler and an executor in this process):
-//! both give, row for row, the splits and token ids `gram-data build` wrote.
+//! both give, row for row, the splits and token ids `gram-data build` wrote. And
+//! `gram-data build --cluster` (`local`, `standalone`, and `df://` with the scheduler and
+//! executor binaries) writes the same datasets, rejects and stats as a build without it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -149,11 +151,175 @@ fn split_and_tokens_functions_match_the_build_in_process_and_on_ballista() -> Re
     })
 }
 
+/// Runs `gram-data build` on `pipelines` into `out` with `extra` arguments.
+fn gram_data_build(pipelines: &[&str], out: &Path, extra: &[&str]) -> Result<()> {
+    let root = repo_root();
+    let model = fixtures().join("smollm2");
+    let o = std::process::Command::new(bin("gram-data")?)
+        .arg("build")
+        .args(pipelines.iter().map(|p| root.join("pipelines").join(p)))
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .arg("--quiet")
+        .output()?;
+    ensure!(
+        o.status.success(),
+        "gram-data build {extra:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+/// Every row of a build's folder as text, whole: stage rows by (folder, file's split prefix,
+/// id); rejects sorted; the stats without their time.
+type Built = (BTreeMap<String, String>, Vec<String>, serde_json::Value);
+
+fn built(dir: &Path) -> Result<Built> {
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let read = |path: &Path| -> Result<Vec<RecordBatch>> {
+        let f = std::fs::File::open(path)?;
+        let r =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)?.build()?;
+        Ok(r.collect::<std::result::Result<_, _>>()?)
+    };
+    let line = |b: &RecordBatch, i: usize| -> Result<String> {
+        let mut cells = Vec::new();
+        for (f, c) in b.schema().fields().iter().zip(b.columns()) {
+            let fmt = ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default())?;
+            cells.push(format!("{}={}", f.name(), fmt.value(i)));
+        }
+        Ok(cells.join(" | "))
+    };
+    let mut rows = BTreeMap::new();
+    for stage in ["stage1", "stage2"] {
+        for e in std::fs::read_dir(dir.join(stage))? {
+            let path = e?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).context("name")?;
+            let split = name.split('-').next().context("shard name")?.to_string();
+            for b in read(&path)? {
+                let ids = b.column_by_name("id").context("id")?.as_string::<i32>();
+                for i in 0..b.num_rows() {
+                    let key = format!("{stage}/{split}/{}", ids.value(i));
+                    ensure!(
+                        rows.insert(key.clone(), line(&b, i)?).is_none(),
+                        "{key} twice"
+                    );
+                }
+            }
+        }
+    }
+    let mut rejects = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("rejects"))
+        {
+            for b in read(&path)? {
+                for i in 0..b.num_rows() {
+                    rejects.push(line(&b, i)?);
+                }
+            }
+        }
+    }
+    rejects.sort();
+    let mut stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("stats.json"))?)?;
+    for timing in ["seconds", "plan_seconds"] {
+        stats.as_object_mut().context("stats")?.remove(timing);
+    }
+    ensure!(
+        !dir.join(".pairs").exists(),
+        "the staged pairs were left in {}",
+        dir.display()
+    );
+    Ok((rows, rejects, stats))
+}
+
+/// `b` equals the reference build `a`, row for row.
+fn same_build(a: &Built, b: &Built, what: &str) -> Result<()> {
+    ensure!(
+        a.0.len() == b.0.len(),
+        "{what}: {} stage rows, reference {}",
+        b.0.len(),
+        a.0.len()
+    );
+    for (k, v) in &a.0 {
+        let other = b.0.get(k).with_context(|| format!("{what}: no row {k}"))?;
+        ensure!(other == v, "{what}: row {k} differs:\n  {v}\n  {other}");
+    }
+    ensure!(
+        a.1 == b.1,
+        "{what}: rejects differ ({} vs {} rows)",
+        a.1.len(),
+        b.1.len()
+    );
+    ensure!(a.2 == b.2, "{what}: stats differ:\n  {}\n  {}", a.2, b.2);
+    println!(
+        "{what}: {} stage rows, {} rejects equal to the build without --cluster",
+        a.0.len(),
+        a.1.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
+    let dir = scratch("cluster-build")?;
+    let sets = ["hh-rlhf-harmless.toml", "pandalm.toml", "llmbar.toml"];
+    // Truncation and --drop-over rejects both happen at these limits.
+    let limits = [
+        "--max-tokens",
+        "512",
+        "--drop-over",
+        "700",
+        "--chunk-rows",
+        "1000",
+    ];
+    gram_data_build(&sets, &dir.join("plain"), &limits)?;
+    let reference = built(&dir.join("plain"))?;
+    let s = &reference.2;
+    ensure!(s["lossless"] == true, "{s}");
+    ensure!(
+        reference.1.iter().any(|r| r.contains("--drop-over")),
+        "no --drop-over reject: the test does not reach the plan's rejects"
+    );
+    ensure!(
+        reference.0.values().any(|r| r.contains("truncated=true")),
+        "no truncated row"
+    );
+    for target in ["local", "standalone"] {
+        let out = dir.join(target);
+        gram_data_build(&sets, &out, &[&limits[..], &["--cluster", target]].concat())?;
+        same_build(&reference, &built(&out)?, &format!("--cluster {target}"))?;
+    }
+    Ok(())
+}
+
 /// A free TCP port on the loopback interface.
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Starts the binary `program` with `args`, its output in `dir/NAME.log`.
+fn spawn_logged(
+    dir: &Path,
+    name: &str,
+    program: &str,
+    args: &[String],
+) -> Result<std::process::Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    Ok(std::process::Command::new(bin(program)?)
+        .args(args)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
 }
 
 /// Child processes killed when the test ends, however it ends.
@@ -172,14 +338,7 @@ impl Drop for Kill {
 fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
     let (out, model) = build("cluster-bins")?;
     let logs = out.parent().context("scratch")?;
-    let spawn = |name: &str, args: &[String]| -> Result<std::process::Child> {
-        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        Ok(std::process::Command::new(bin(name)?)
-            .args(args)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?)
-    };
+    let spawn = |name: &str, args: &[String]| spawn_logged(logs, name, name, args);
     let sched = free_port()?;
     let mut procs = Kill(vec![spawn(
         "gram-scheduler",
@@ -218,11 +377,184 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
         is_distributed(&ctx).await?;
         remade_equal(&ctx, &out, &model, "gram-scheduler + gram-executor").await
     })?;
+    // The same build submitted to the scheduler equals the one made without it.
+    let on_cluster = logs.join("on-cluster");
+    let url = format!("df://127.0.0.1:{sched}");
+    let args = ["--max-tokens", "512", "--valid", "0.1", "--test", "0.12"];
+    gram_data_build(
+        &["llmbar.toml"],
+        &on_cluster,
+        &[&args[..], &["--cluster", &url]].concat(),
+    )?;
+    same_build(
+        &built(&out)?,
+        &built(&on_cluster)?,
+        &format!("--cluster {url}"),
+    )?;
     drop(procs);
     let log = std::fs::read_to_string(logs.join("gram-executor.log"))?;
     ensure!(
         log.contains("Executor"),
         "the executor logged nothing:\n{log}"
     );
+    Ok(())
+}
+
+/// Waits up to `secs` for `path`'s text to contain `what`.
+fn wait_for_log(path: &Path, what: &str, secs: u64) -> Result<bool> {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs() < secs {
+        if std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .contains(what)
+        {
+            return Ok(true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
+#[test]
+fn a_build_survives_or_cleanly_fails_when_an_executor_is_killed() -> Result<()> {
+    let dir = scratch("cluster-kill")?;
+    let sets = ["hh-rlhf-harmless.toml", "pandalm.toml", "llmbar.toml"];
+    // Small chunks: many staged files, so many tasks for both executors.
+    let args = ["--max-tokens", "512", "--chunk-rows", "100"];
+    gram_data_build(&sets, &dir.join("plain"), &args)?;
+    let spawn = |name: &str, args: &[String]| {
+        let program = if name.starts_with("gram-executor") {
+            "gram-executor"
+        } else {
+            name
+        };
+        spawn_logged(&dir, name, program, args)
+    };
+    let sched = free_port()?;
+    let mut procs = Kill(vec![spawn(
+        "gram-scheduler",
+        &[
+            format!("--bind=127.0.0.1:{sched}"),
+            "--executor-timeout=4".into(),
+        ],
+    )?]);
+    for i in 0..2 {
+        procs.0.push(spawn(
+            &format!("gram-executor-{i}"),
+            &[
+                format!("--scheduler=127.0.0.1:{sched}"),
+                "--bind-host=127.0.0.1".into(),
+                "--external-host=127.0.0.1".into(),
+                format!("--port={}", free_port()?),
+                format!("--grpc-port={}", free_port()?),
+                "--task-slots=1".into(),
+                "--heartbeat=1".into(),
+            ],
+        )?);
+    }
+    for i in 0..2 {
+        let log = dir.join(format!("gram-executor-{i}.log"));
+        ensure!(
+            wait_for_log(&log, "registration succeed", 30)?,
+            "executor {i} did not register"
+        );
+    }
+    let out = dir.join("killed");
+    let mut build = std::process::Command::new(bin("gram-data")?)
+        .arg("build")
+        .args(sets.iter().map(|p| repo_root().join("pipelines").join(p)))
+        .arg("--model")
+        .arg(fixtures().join("smollm2"))
+        .arg("--out")
+        .arg(&out)
+        .args(args)
+        .args(["--quiet", "--cluster", &format!("df://127.0.0.1:{sched}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Kill the second executor as soon as it runs a task of the build.
+    ensure!(
+        wait_for_log(&dir.join("gram-executor-1.log"), "Execute task", 120)?,
+        "executor 1 ran no task"
+    );
+    let victim = &mut procs.0[2];
+    victim.kill()?;
+    victim.wait()?;
+    let killed_while_running = build.try_wait()?.is_none();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = build.try_wait()? {
+            break s;
+        }
+        ensure!(
+            t0.elapsed().as_secs() < 300,
+            "the build hangs after an executor was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut build.stderr.take().context("stderr")?, &mut stderr)?;
+    ensure!(
+        killed_while_running,
+        "the build ended before the executor was killed"
+    );
+    let partials: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".killed.partial")
+        })
+        .collect();
+    ensure!(partials.is_empty(), "a partial build was left behind");
+    if status.success() {
+        same_build(
+            &built(&dir.join("plain"))?,
+            &built(&out)?,
+            "a build that lost an executor",
+        )?;
+        println!("the build completed on the remaining executor, every row exactly once");
+    } else {
+        ensure!(!out.exists(), "a failed build left {}", out.display());
+        let line = stderr.trim();
+        ensure!(
+            line.starts_with("error: --cluster df://") && line.lines().count() == 1,
+            "not a one-line --cluster error:\n{line}"
+        );
+        println!("the build failed cleanly: {line}");
+    }
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_scheduler_is_a_one_line_error_before_any_work() -> Result<()> {
+    let dir = scratch("cluster-unreachable")?;
+    // A port nothing listens on: bound, then released.
+    let url = format!("df://127.0.0.1:{}", free_port()?);
+    for (target, why) in [
+        (url.as_str(), "no scheduler answers"),
+        ("df://nohost.invalid:50050", "not a reachable HOST:PORT"),
+        ("scheduler:50050", "give df://HOST:PORT"),
+    ] {
+        let out = dir.join("out");
+        let o = std::process::Command::new(bin("gram-data")?)
+            .arg("build")
+            .arg(repo_root().join("pipelines/llmbar.toml"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--quiet", "--cluster", target])
+            .output()?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        ensure!(
+            o.status.code() == Some(1),
+            "{target}: exit {:?}: {err}",
+            o.status
+        );
+        ensure!(
+            err.lines().next().is_some_and(|l| l.contains(why)),
+            "{target}: {err}"
+        );
+        ensure!(!out.exists(), "{target}: an output folder was made");
+        println!("{target}: {}", err.lines().next().unwrap_or(""));
+    }
     Ok(())
 }

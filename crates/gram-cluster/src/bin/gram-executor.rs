@@ -39,6 +39,9 @@ struct Cli {
     /// Folder for shuffle files (default: a temporary folder).
     #[arg(long)]
     work_dir: Option<String>,
+    /// Seconds between heartbeats to the scheduler (below its --executor-timeout).
+    #[arg(long, default_value_t = 60)]
+    heartbeat: u64,
 }
 
 #[tokio::main]
@@ -64,6 +67,7 @@ async fn main() -> ExitCode {
         ports: (cli.port, cli.grpc_port),
         task_slots: slots,
         work_dir: cli.work_dir,
+        heartbeat: cli.heartbeat,
     };
     match gram_cluster::run_executor(opts).await {
         Ok(()) => ExitCode::SUCCESS,

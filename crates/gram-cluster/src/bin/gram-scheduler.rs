@@ -20,6 +20,10 @@ struct Cli {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:50050")]
     bind: SocketAddr,
+    /// Seconds without a heartbeat after which an executor is taken for dead and its tasks
+    /// are run again on the others (keep it above the executors' --heartbeat).
+    #[arg(long, default_value_t = 180)]
+    executor_timeout: u64,
 }
 
 #[tokio::main]
@@ -27,7 +31,7 @@ async fn main() -> ExitCode {
     // No quiet_on_closed_pipe(): a server must not die of SIGPIPE when a peer closes a socket.
     let cli: Cli = gram_core::cli::parse();
     gram_cluster::init_logging();
-    match gram_cluster::run_scheduler(cli.bind).await {
+    match gram_cluster::run_scheduler(cli.bind, cli.executor_timeout).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => gram_core::cli::exit_with(&e, false),
     }

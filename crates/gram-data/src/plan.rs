@@ -1,0 +1,359 @@
+//! A build's tokenisation as one DataFusion plan, for `--cluster`: the checked pairs are staged
+//! as Parquet in the build's folder ([`Staged`]), a query over them calls `gram_tokens` for
+//! every example ([`sql`]) wherever the session runs it (this process, or a Ballista cluster
+//! whose executors read the staged files and the model from the same paths), and each result
+//! row becomes the pair's stage rows ([`rows_of`]) exactly as a build without `--cluster` makes
+//! them (one [`crate::stage::assemble`] for both).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, StructArray, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type, UInt64Type};
+use gram_core::fit::Tokens;
+use parquet::arrow::ArrowWriter;
+
+use datafusion::prelude::ParquetReadOptions;
+
+use crate::build::BuildOptions;
+use crate::cluster::Target;
+use crate::error::{Error, OrInternal, Result};
+use crate::pairs::Pair;
+use crate::stage::{Example, StageRow, assemble, swapped};
+
+/// The staged pairs' table in the plan's session.
+pub(crate) const TABLE: &str = "gram_pairs";
+
+/// The checked pairs of a build, written as Parquet files (one per input chunk) under `dir`.
+pub(crate) struct Staged {
+    pub(crate) dir: PathBuf,
+    files: usize,
+    /// Pairs staged.
+    pub(crate) pairs: u64,
+    schema: SchemaRef,
+}
+
+impl Staged {
+    pub(crate) fn new(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::output(&dir, e))?;
+        let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+        let schema = Arc::new(Schema::new(vec![
+            s("source", false),
+            s("file", false),
+            Field::new("row", DataType::UInt64, false),
+            s("id", false),
+            s("split", false),
+            s("prompt", false),
+            s("response_a", false),
+            s("response_b", false),
+            s("label", true),
+            s("metadata", true),
+            Field::new("swap", DataType::Boolean, false),
+        ]));
+        Ok(Self {
+            dir,
+            files: 0,
+            pairs: 0,
+            schema,
+        })
+    }
+
+    /// Stages one chunk's checked pairs.
+    pub(crate) fn write(&mut self, pairs: &[Pair], opts: &BuildOptions) -> Result<()> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let strings = |f: &dyn Fn(&Pair) -> Option<&str>| -> ArrayRef {
+            Arc::new(pairs.iter().map(f).collect::<StringArray>())
+        };
+        let cols: Vec<ArrayRef> = vec![
+            strings(&|p| Some(&p.source)),
+            strings(&|p| Some(&p.file)),
+            Arc::new(pairs.iter().map(|p| p.row).collect::<UInt64Array>()),
+            strings(&|p| Some(&p.id)),
+            strings(&|p| Some(p.split)),
+            strings(&|p| Some(&p.prompt)),
+            strings(&|p| Some(&p.a)),
+            strings(&|p| Some(&p.b)),
+            strings(&|p| p.label),
+            strings(&|p| p.metadata.as_deref()),
+            Arc::new(
+                pairs
+                    .iter()
+                    .map(|p| Some(swapped(p, opts)))
+                    .collect::<BooleanArray>(),
+            ),
+        ];
+        let batch = RecordBatch::try_new(self.schema.clone(), cols).or_internal("staged pairs")?;
+        let path = self.dir.join(format!("pairs-{:05}.parquet", self.files));
+        let file = std::fs::File::create(&path).map_err(|e| Error::output(&path, e))?;
+        let props = gram_core::parquet_props().build();
+        let mut w = ArrowWriter::try_new(file, self.schema.clone(), Some(props))
+            .map_err(|e| Error::output(&path, e))?;
+        w.write(&batch).map_err(|e| Error::output(&path, e))?;
+        w.close().map_err(|e| Error::output(&path, e))?;
+        self.files += 1;
+        self.pairs += pairs.len() as u64;
+        Ok(())
+    }
+}
+
+/// The query that tokenises the staged pairs with the model at `model` (an absolute path the
+/// executors can read; none: text only): the pair's columns and, per example, `gram_tokens`'s
+/// struct (`t1`: stage 1 in the pair's seeded order; `t_ab`, `t_ba`: stage 2 as given and
+/// exchanged, for labeled pairs in the orders the build presents).
+pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
+    let base = "source, file, row, id, split, prompt, response_a, response_b, label, metadata";
+    let Some(model) = model else {
+        return Ok(format!("SELECT {base} FROM {TABLE}"));
+    };
+    let model = model
+        .to_str()
+        .ok_or_else(|| Error::Options(format!("{}: not a UTF-8 path", model.display())))?;
+    let chat = match opts.chat {
+        None => "auto",
+        Some(true) => "chat",
+        Some(false) => "raw",
+    };
+    let quoted = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let tokens = |stage: &str, a: &str, b: &str| {
+        format!(
+            "gram_tokens('{stage}', {}, '{chat}', {}, prompt, {a}, {b})",
+            quoted(model),
+            opts.max_tokens
+        )
+    };
+    let t1 = tokens(
+        "stage1",
+        "CASE WHEN swap THEN response_b ELSE response_a END",
+        "CASE WHEN swap THEN response_a ELSE response_b END",
+    );
+    let (ab, ba) = if opts.both_orders {
+        ("TRUE", "TRUE")
+    } else {
+        ("NOT swap", "swap")
+    };
+    let labeled = "label IN ('a', 'b')";
+    Ok(format!(
+        "SELECT {base}, {t1} AS t1, \
+         CASE WHEN {labeled} AND {ab} THEN {} END AS t_ab, \
+         CASE WHEN {labeled} AND {ba} THEN {} END AS t_ba \
+         FROM {TABLE}",
+        tokens("stage2", "response_a", "response_b"),
+        tokens("stage2", "response_b", "response_a"),
+    ))
+}
+
+/// A string column of a result batch (Parquet's strings come back as views).
+fn text(b: &RecordBatch, name: &str) -> Result<StringArray> {
+    let c = b
+        .column_by_name(name)
+        .or_internal(&format!("the plan's result has no `{name}`"))?;
+    let c = arrow::compute::cast(c, &DataType::Utf8).or_internal(name)?;
+    Ok(c.as_string::<i32>().clone())
+}
+
+/// Row `i` of a `gram_tokens` struct column: None where the plan made no example.
+fn tokens_at(c: &StructArray, i: usize) -> Option<std::result::Result<Tokens, String>> {
+    if c.is_null(i) {
+        return None;
+    }
+    let error = c.column(5).as_string::<i32>();
+    if !error.is_null(i) {
+        return Some(Err(error.value(i).to_string()));
+    }
+    let u32_at = |k: usize| c.column(k).as_primitive::<UInt32Type>().value(i) as usize;
+    let ids = c.column(0).as_list::<i32>().value(i);
+    Some(Ok(Tokens {
+        ids: ids.as_primitive::<UInt32Type>().values().to_vec(),
+        prompt_len: u32_at(1),
+        truncated: c.column(3).as_boolean().value(i),
+        full_len: u32_at(4),
+    }))
+}
+
+/// A pair with its stage rows, or why it cannot be tokenised (its reject reason).
+pub(crate) type Made = (
+    Pair,
+    std::result::Result<(Vec<StageRow>, Vec<StageRow>), String>,
+);
+
+/// The pair columns of a result batch (the staged table's, as text).
+struct PairColumns {
+    text: [StringArray; 9],
+    row: UInt64Array,
+}
+
+impl PairColumns {
+    const NAMES: [&str; 9] = [
+        "source",
+        "file",
+        "id",
+        "split",
+        "prompt",
+        "response_a",
+        "response_b",
+        "label",
+        "metadata",
+    ];
+
+    fn new(b: &RecordBatch) -> Result<Self> {
+        let mut text = Vec::with_capacity(Self::NAMES.len());
+        for n in Self::NAMES {
+            text.push(self::text(b, n)?);
+        }
+        let row = b.column_by_name("row").or_internal("row")?;
+        let row = arrow::compute::cast(row, &DataType::UInt64).or_internal("row")?;
+        Ok(Self {
+            text: text.try_into().ok().or_internal("pair columns")?,
+            row: row.as_primitive::<UInt64Type>().clone(),
+        })
+    }
+
+    /// Row `i` as the checked pair it was staged from.
+    fn pair(&self, i: usize) -> Result<Pair> {
+        let [source, file, id, split, prompt, a, b, label, meta] = &self.text;
+        let s = |c: &StringArray| c.value(i).to_string();
+        Ok(Pair {
+            file: s(file),
+            row: self.row.value(i),
+            id: s(id),
+            source: s(source),
+            split: static_split(split.value(i))?,
+            prompt: s(prompt),
+            a: s(a),
+            b: s(b),
+            label: static_label(label.is_valid(i).then(|| label.value(i)))?,
+            metadata: meta.is_valid(i).then(|| s(meta)),
+        })
+    }
+}
+
+/// The pairs of one result batch with their stage rows, assembled from the plan's token columns
+/// (`labels`: the ids of `A` and `B`, when a model is given).
+pub(crate) fn rows_of(
+    b: &RecordBatch,
+    opts: &BuildOptions,
+    labels: Option<(u32, u32)>,
+) -> Result<Vec<Made>> {
+    let pairs = PairColumns::new(b)?;
+    let t = |n: &str| b.column_by_name(n).map(|c| c.as_struct().clone());
+    let (t1, tab, tba) = (t("t1"), t("t_ab"), t("t_ba"));
+    let mut out = Vec::with_capacity(b.num_rows());
+    for i in 0..b.num_rows() {
+        let p = pairs.pair(i)?;
+        let mut missing = None;
+        let made = assemble(&p, opts, labels, |example, _, _| {
+            let column = match example {
+                Example::Stage1 => &t1,
+                Example::Stage2 { swapped: false } => &tab,
+                Example::Stage2 { swapped: true } => &tba,
+            };
+            match column.as_ref().map(|c| tokens_at(c, i)) {
+                None => Ok(None),
+                Some(Some(r)) => r.map(Some),
+                Some(None) => {
+                    missing = Some(example);
+                    Err(String::new())
+                }
+            }
+        });
+        if let Some(example) = missing {
+            return Err(Error::internal(format!(
+                "the plan made no {example:?} example for pair {}",
+                p.id
+            )));
+        }
+        out.push((p, made));
+    }
+    Ok(out)
+}
+
+fn static_split(s: &str) -> Result<&'static str> {
+    crate::shards::SPLITS
+        .into_iter()
+        .find(|x| *x == s)
+        .ok_or_else(|| Error::internal(format!("a staged pair with split `{s}`")))
+}
+
+fn static_label(s: Option<&str>) -> Result<Option<&'static str>> {
+    match s {
+        None => Ok(None),
+        Some("a") => Ok(Some("a")),
+        Some("b") => Ok(Some("b")),
+        Some("tie") => Ok(Some("tie")),
+        Some(other) => Err(Error::internal(format!("a staged pair labeled `{other}`"))),
+    }
+}
+
+/// Fails early, before any data is read, when `target` is a scheduler nothing answers at (a
+/// TCP connection to its address; the session itself only connects when a query runs).
+pub(crate) fn check_reachable(target: &Target) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let Target::Remote(url) = target else {
+        return Ok(());
+    };
+    let fail = |msg: String| Error::Cluster {
+        target: target.to_string(),
+        msg,
+    };
+    let hostport = url.trim_start_matches("df://").trim_end_matches('/');
+    let addrs: Vec<_> = hostport
+        .to_socket_addrs()
+        .map_err(|e| fail(format!("`{hostport}` is not a reachable HOST:PORT: {e}")))?
+        .collect();
+    let timeout = std::time::Duration::from_secs(10);
+    let mut last = None;
+    for a in &addrs {
+        match std::net::TcpStream::connect_timeout(a, timeout) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(fail(format!(
+        "no scheduler answers at {hostport}: {}",
+        last.map_or_else(|| "no address".to_string(), |e| e.to_string())
+    )))
+}
+
+/// Runs `sql` over the staged pairs in `dir` on `target`, handing each result batch to
+/// `on_batch` as it arrives.
+pub(crate) fn run(
+    target: &Target,
+    dir: &Path,
+    sql: &str,
+    mut on_batch: impl FnMut(RecordBatch) -> Result<()>,
+) -> Result<()> {
+    use futures::StreamExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .or_internal("starting tokio")?;
+    let fail = |e: datafusion::error::DataFusionError| Error::Cluster {
+        target: target.to_string(),
+        // One line: gRPC statuses carry their details on lines of their own.
+        msg: e
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let dir = dir
+        .to_str()
+        .ok_or_else(|| Error::output(dir, "not a UTF-8 path"))?;
+    rt.block_on(async {
+        let ctx = target.connect().await.map_err(fail)?;
+        ctx.register_parquet(TABLE, dir, ParquetReadOptions::default())
+            .await
+            .map_err(fail)?;
+        let df = ctx.sql(sql).await.map_err(fail)?;
+        let mut stream = df.execute_stream().await.map_err(fail)?;
+        while let Some(batch) = stream.next().await {
+            on_batch(batch.map_err(fail)?)?;
+        }
+        Ok(())
+    })
+}
