@@ -1,19 +1,37 @@
-//! gram-cluster: GRAM-rs's DataFusion plans on an Apache Ballista cluster.
+//! gram-cluster: the Apache Ballista scheduler and executor that run GRAM-rs's plans.
 //!
-//! A plan that calls the project's functions (`gram_split`, `gram_tokens`: see
-//! [`gram_data::udf`]) runs wherever the session that plans it and the processes that execute
-//! it know those functions. [`session_state`] (gram-data's) is that session: Ballista's
-//! defaults plus [`functions`]; the `gram-scheduler` and `gram-executor` binaries serve it.
-//! Clients connect with gram-data's [`remote`] (or run [`standalone`] in one process).
+//! A plan that calls the project's functions (gram-data's `gram_split` and `gram_tokens`,
+//! gram-score's `gram_judge`: [`functions`]) runs wherever the session that plans it and the
+//! processes that execute it know them; the `gram-scheduler` and `gram-executor` binaries serve
+//! Ballista's session with all of them ([`session_state`]). Clients connect through
+//! [`gram_session::Target`] (`--cluster`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ballista_core::extension::SessionConfigExt;
-use datafusion::prelude::SessionConfig;
-pub use gram_data::cluster::{
-    Target, functions, remote, session_state, standalone, with_functions,
-};
+use datafusion::common::Result as DfResult;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::ScalarUDF;
+use datafusion::prelude::{SessionConfig, SessionContext};
+pub use gram_session::Target;
+
+/// Every function the project's plans call.
+pub fn functions() -> Vec<Arc<ScalarUDF>> {
+    let mut f = gram_data::udf::functions();
+    f.extend(gram_score::udf::functions());
+    f
+}
+
+/// Ballista's session for `config` with every project function.
+pub fn session_state(config: SessionConfig) -> DfResult<SessionState> {
+    gram_session::session_state(config, &functions())
+}
+
+/// A session on `target` whose plans may call every project function.
+pub async fn connect(target: &Target) -> DfResult<SessionContext> {
+    target.connect(&functions()).await
+}
 
 /// Runs a scheduler on `addr` until the process is stopped. An executor that has not sent a
 /// heartbeat for `executor_timeout` seconds is taken for dead and its tasks run again elsewhere.

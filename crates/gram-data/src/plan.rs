@@ -288,34 +288,12 @@ fn static_label(s: Option<&str>) -> Result<Option<&'static str>> {
     }
 }
 
-/// Fails early, before any data is read, when `target` is a scheduler nothing answers at (a
-/// TCP connection to its address; the session itself only connects when a query runs).
+/// Fails early, before any data is read, when `target` is a scheduler nothing answers at.
 pub(crate) fn check_reachable(target: &Target) -> Result<()> {
-    use std::net::ToSocketAddrs;
-    let Target::Remote(url) = target else {
-        return Ok(());
-    };
-    let fail = |msg: String| Error::Cluster {
+    target.check_reachable().map_err(|msg| Error::Cluster {
         target: target.to_string(),
         msg,
-    };
-    let hostport = url.trim_start_matches("df://").trim_end_matches('/');
-    let addrs: Vec<_> = hostport
-        .to_socket_addrs()
-        .map_err(|e| fail(format!("`{hostport}` is not a reachable HOST:PORT: {e}")))?
-        .collect();
-    let timeout = std::time::Duration::from_secs(10);
-    let mut last = None;
-    for a in &addrs {
-        match std::net::TcpStream::connect_timeout(a, timeout) {
-            Ok(_) => return Ok(()),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(fail(format!(
-        "no scheduler answers at {hostport}: {}",
-        last.map_or_else(|| "no address".to_string(), |e| e.to_string())
-    )))
+    })
 }
 
 /// Runs `sql` over the staged pairs in `dir` on `target`, handing each result batch to
@@ -333,19 +311,13 @@ pub(crate) fn run(
         .or_internal("starting tokio")?;
     let fail = |e: datafusion::error::DataFusionError| Error::Cluster {
         target: target.to_string(),
-        // One line: gRPC statuses carry their details on lines of their own.
-        msg: e
-            .to_string()
-            .lines()
-            .map(str::trim)
-            .collect::<Vec<_>>()
-            .join(" "),
+        msg: gram_session::one_line(&e),
     };
     let dir = dir
         .to_str()
         .ok_or_else(|| Error::output(dir, "not a UTF-8 path"))?;
     rt.block_on(async {
-        let ctx = target.connect().await.map_err(fail)?;
+        let ctx = crate::cluster::connect(target).await.map_err(fail)?;
         ctx.register_parquet(TABLE, dir, ParquetReadOptions::default())
             .await
             .map_err(fail)?;

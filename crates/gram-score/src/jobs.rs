@@ -24,7 +24,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::judge::{Judge, PairScore};
+use crate::judge::{Judge, PairScore, Scorer};
 
 /// How best-of-n picks its winner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -132,6 +132,8 @@ pub struct JobOptions {
     pub restart: bool,
     /// No progress bar.
     pub quiet: bool,
+    /// Score on this target (a Ballista cluster) instead of with the judge in this process.
+    pub cluster: Option<gram_session::Target>,
 }
 
 /// What a job did.
@@ -247,7 +249,8 @@ fn check_schema(schema: &Schema, mode: &Mode, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs a job; see the module docs.
+/// Runs a job; see the module docs. The pairs are scored by `judge`, or with `opts.cluster`
+/// by a plan on that target (staged under the job's parts folder).
 pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
     let t0 = std::time::Instant::now();
     let input = &opts.input;
@@ -306,6 +309,19 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         gram_core::atomic_write(&key_file, &json)?;
     }
 
+    let cluster = match &opts.cluster {
+        Some(t) => Some(crate::cluster::ClusterScorer::new(
+            t.clone(),
+            &judge.dir,
+            &parts,
+            judge.limits,
+        )?),
+        None => None,
+    };
+    let scorer: &dyn Scorer = match &cluster {
+        Some(c) => c,
+        None => judge,
+    };
     let n_chunks = rows.div_ceil(chunk_rows);
     let bar = progress(rows as u64, opts.quiet);
     let (mut scored, mut failed, mut resumed) = (0usize, 0usize, 0usize);
@@ -317,7 +333,7 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
             bar.inc(batch.num_rows() as u64);
             continue;
         }
-        let (cols, n_failed) = score_chunk(judge, mode, &batch, input, k * chunk_rows)?;
+        let (cols, n_failed) = score_chunk(scorer, mode, &batch, input, k * chunk_rows)?;
         let mut all: Vec<ArrayRef> = batch.columns().to_vec();
         all.extend(cols);
         let out = RecordBatch::try_new(out_schema.clone(), all)
@@ -455,7 +471,7 @@ fn texts<'a>(
 
 /// Scores one chunk; returns the added columns and how many rows failed.
 fn score_chunk(
-    judge: &Judge,
+    judge: &dyn Scorer,
     mode: &Mode,
     batch: &RecordBatch,
     file: &Path,
@@ -521,7 +537,7 @@ impl Chunk<'_> {
 
     /// Pairwise (score_a, score_b, p_a_first, p_a_second) or reference (reward,
     /// p_response_first, p_response_second) columns.
-    fn score_pairs(&mut self, judge: &Judge, mode: &Mode) -> Result<Vec<ArrayRef>> {
+    fn score_pairs(&mut self, judge: &dyn Scorer, mode: &Mode) -> Result<Vec<ArrayRef>> {
         let n = self.errors.len();
         let fixed = match mode {
             Mode::Reference { fixed, .. } => fixed.as_deref(),
@@ -606,7 +622,7 @@ impl Chunk<'_> {
     /// best_index, scores, comparisons columns.
     fn best_of_n(
         &mut self,
-        judge: &Judge,
+        judge: &dyn Scorer,
         list: &ListArray,
         responses: &str,
         method: Method,
@@ -674,7 +690,7 @@ pub struct BestOfN {
 /// Best-of-n over many rows at once: each step's comparisons of all rows go to the model
 /// together (one `score_pairs` call), so batches stay full.
 pub fn best_of_n(
-    judge: &Judge,
+    judge: &dyn Scorer,
     rows: &[Option<(&str, Vec<String>)>],
     method: Method,
 ) -> Result<Vec<Option<std::result::Result<BestOfN, String>>>> {

@@ -52,6 +52,25 @@ impl PairScore {
     }
 }
 
+/// What scores pairs in both orders: a [`Judge`] in this process, or a plan on a cluster
+/// (`crate::cluster::ClusterScorer`). Jobs and best-of-n see only this.
+pub trait Scorer {
+    /// Both-order scores of pairs (prompt, a, b); a pair that cannot be encoded gets its reason.
+    fn score_pairs(
+        &self,
+        pairs: &[(&str, &str, &str)],
+    ) -> Result<Vec<std::result::Result<PairScore, String>>>;
+}
+
+impl Scorer for Judge {
+    fn score_pairs(
+        &self,
+        pairs: &[(&str, &str, &str)],
+    ) -> Result<Vec<std::result::Result<PairScore, String>>> {
+        Judge::score_pairs(self, pairs)
+    }
+}
+
 /// Work done so far, for throughput and FLOP accounting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct RunStats {

@@ -2,6 +2,7 @@
 //! batch jobs over Parquet (pairwise, against a reference, best-of-n), accuracy on labeled
 //! pairs, and an HTTP reward server with dynamic batching.
 
+pub mod cluster;
 pub mod error;
 pub mod eval;
 pub mod input;
@@ -9,7 +10,8 @@ pub mod jobs;
 pub mod judge;
 pub mod runtime;
 pub mod serve;
+pub mod udf;
 
 pub use error::{Error, Result};
-pub use judge::{BatchLimits, Judge, PairScore, RunStats};
+pub use judge::{BatchLimits, Judge, PairScore, RunStats, Scorer};
 pub use runtime::Threads;

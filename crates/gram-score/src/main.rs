@@ -253,6 +253,12 @@ struct JobArgs {
     /// Discard the parts of an earlier, different job at OUT.parts instead of refusing.
     #[arg(long)]
     restart: bool,
+    /// Score in DataFusion plans run by a Ballista cluster (df://HOST:PORT, a gram-scheduler),
+    /// by a scheduler and executor in this process (`standalone`), or by this process
+    /// (`local`). The executors open --model and read the pairs staged in OUT.parts, so both
+    /// must be on paths every executor reads (a shared file system).
+    #[arg(long, value_parser = gram_session::Target::parse)]
+    cluster: Option<gram_session::Target>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -307,6 +313,7 @@ fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
         chunk_rows: job.chunk_rows,
         restart: job.restart,
         quiet: !gram_core::cli::progress(job.run.quiet),
+        cluster: job.cluster,
     };
     let r = jobs::run(&judge, &mode, &opts)?;
     println!(

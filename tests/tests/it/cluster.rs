@@ -143,9 +143,9 @@ async fn is_distributed(ctx: &SessionContext) -> Result<()> {
 fn split_and_tokens_functions_match_the_build_in_process_and_on_ballista() -> Result<()> {
     let (out, model) = build("cluster-udf")?;
     tokio::runtime::Runtime::new()?.block_on(async {
-        let local = gram_cluster::with_functions(SessionContext::new());
+        let local = gram_cluster::connect(&gram_cluster::Target::Local).await?;
         remade_equal(&local, &out, &model, "in-process").await?;
-        let ballista = gram_cluster::standalone().await?;
+        let ballista = gram_cluster::connect(&gram_cluster::Target::Standalone).await?;
         is_distributed(&ballista).await?;
         remade_equal(&ballista, &out, &model, "Ballista standalone").await
     })
@@ -362,7 +362,7 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
         let mut ctx = None;
         for _ in 0..100 {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            if let Ok(c) = gram_cluster::remote(&url).await
+            if let Ok(c) = gram_cluster::connect(&gram_cluster::Target::Remote(url.clone())).await
                 && c.sql("SELECT gram_split('x', 0.1, 0.1)")
                     .await?
                     .collect()
@@ -555,6 +555,179 @@ fn an_unreachable_scheduler_is_a_one_line_error_before_any_work() -> Result<()> 
         );
         ensure!(!out.exists(), "{target}: an output folder was made");
         println!("{target}: {}", err.lines().next().unwrap_or(""));
+    }
+    Ok(())
+}
+
+/// The largest difference between two float columns' values (nulls must match), or an error.
+fn float_diff(a: &dyn Array, b: &dyn Array, what: &str) -> Result<f32> {
+    use arrow::datatypes::Float32Type;
+    let (a, b) = (
+        a.as_primitive::<Float32Type>(),
+        b.as_primitive::<Float32Type>(),
+    );
+    let mut worst = 0f32;
+    for i in 0..a.len() {
+        ensure!(
+            a.is_null(i) == b.is_null(i),
+            "{what}: row {i}: null in one output only"
+        );
+        if a.is_valid(i) {
+            worst = worst.max((a.value(i) - b.value(i)).abs());
+        }
+    }
+    Ok(worst)
+}
+
+/// Two gram-score outputs: the same rows and columns, equal but for float scores, which differ
+/// by at most the returned amount.
+fn same_scores(a: &Path, b: &Path, what: &str) -> Result<f32> {
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let read = |p: &Path| -> Result<RecordBatch> {
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(p)?,
+        )?
+        .build()?;
+        let batches = r.collect::<std::result::Result<Vec<_>, _>>()?;
+        let schema = batches.first().context("an empty output")?.schema();
+        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    };
+    let (x, y) = (read(a)?, read(b)?);
+    ensure!(x.schema() == y.schema(), "{what}: the schemas differ");
+    ensure!(x.num_rows() == y.num_rows(), "{what}: row counts differ");
+    let mut worst = 0f32;
+    for (f, (c, d)) in x
+        .schema()
+        .fields()
+        .iter()
+        .zip(x.columns().iter().zip(y.columns()))
+    {
+        let col = format!("{what}: column {}", f.name());
+        match f.data_type() {
+            DataType::Float32 => worst = worst.max(float_diff(c, d, &col)?),
+            DataType::List(item) if item.data_type() == &DataType::Float32 => {
+                let (c, d) = (c.as_list::<i32>(), d.as_list::<i32>());
+                ensure!(c.offsets() == d.offsets(), "{col}: list lengths differ");
+                worst = worst.max(float_diff(c.values(), d.values(), &col)?);
+            }
+            _ => {
+                let opts = FormatOptions::default();
+                let (fc, fd) = (
+                    ArrayFormatter::try_new(c, &opts)?,
+                    ArrayFormatter::try_new(d, &opts)?,
+                );
+                for i in 0..c.len() {
+                    ensure!(
+                        fc.value(i).to_string() == fd.value(i).to_string(),
+                        "{col}: row {i} differs"
+                    );
+                }
+            }
+        }
+    }
+    Ok(worst)
+}
+
+/// A best-of-n input from a stage-2 table: each row's two responses and their concatenation.
+fn candidates_file(stage2: &Path, out: &Path) -> Result<()> {
+    use arrow::array::{ListBuilder, StringBuilder};
+    let f = std::fs::File::open(stage2)?;
+    let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)?.build()?;
+    let (mut prompts, mut lists) = (StringBuilder::new(), ListBuilder::new(StringBuilder::new()));
+    for b in r {
+        let b = b?;
+        let s = |n: &str| -> Result<arrow::array::StringArray> {
+            let c = b.column_by_name(n).context("column")?;
+            Ok(arrow::compute::cast(c, &DataType::Utf8)?
+                .as_string::<i32>()
+                .clone())
+        };
+        let (p, x, y) = (s("prompt")?, s("response_a")?, s("response_b")?);
+        for i in 0..b.num_rows() {
+            prompts.append_value(p.value(i));
+            for c in [
+                x.value(i).to_string(),
+                y.value(i).to_string(),
+                format!("{} {}", x.value(i), y.value(i)),
+            ] {
+                lists.values().append_value(c);
+            }
+            lists.append(true);
+        }
+    }
+    let batch = RecordBatch::try_from_iter([
+        (
+            "prompt",
+            std::sync::Arc::new(prompts.finish()) as arrow::array::ArrayRef,
+        ),
+        ("responses", std::sync::Arc::new(lists.finish())),
+    ])?;
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(out)?, batch.schema(), None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(())
+}
+
+#[test]
+fn scoring_jobs_on_the_cluster_equal_the_in_process_job() -> Result<()> {
+    let dir = scratch("cluster-score")?;
+    let data = dir.join("data");
+    gram_data_build(
+        &["llmbar.toml", "pandalm.toml"],
+        &data,
+        &["--max-tokens", "512"],
+    )?;
+    let split = data.join("stage2/test-00000.parquet");
+    let cands = dir.join("candidates.parquet");
+    candidates_file(&split, &cands)?;
+    let judge = crate::score::judge()?;
+    let jobs: [(&str, &Path, &[&str]); 3] = [
+        ("pairwise", &split, &[]),
+        (
+            "reference",
+            &split,
+            &[
+                "--response-col",
+                "response_a",
+                "--reference-col",
+                "response_b",
+            ],
+        ),
+        ("best-of-n", &cands, &[]),
+    ];
+    for (mode, input, extra) in jobs {
+        let run = |name: &str, cluster: &[&str]| -> Result<std::path::PathBuf> {
+            let out = dir.join(format!("{mode}-{name}.parquet"));
+            let o = std::process::Command::new(bin("gram-score")?)
+                .args([mode, "--quiet", "--chunk-rows", "64", "--model"])
+                .arg(judge)
+                .arg("--input")
+                .arg(input)
+                .arg("--out")
+                .arg(&out)
+                .args(extra)
+                .args(cluster)
+                .output()?;
+            ensure!(
+                o.status.success(),
+                "{mode} {cluster:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Ok(out)
+        };
+        let plain = run("plain", &[])?;
+        for target in ["local", "standalone"] {
+            let other = run(target, &["--cluster", target])?;
+            let worst = same_scores(&plain, &other, &format!("{mode} --cluster {target}"))?;
+            println!(
+                "{mode} --cluster {target}: every row and column equal, scores within {worst:.2e}"
+            );
+            ensure!(
+                worst <= 1e-6,
+                "{mode} --cluster {target}: scores differ by {worst:.2e}"
+            );
+        }
     }
     Ok(())
 }
