@@ -313,9 +313,11 @@ pub(crate) fn run(
         target: target.to_string(),
         msg: gram_session::one_line(&e),
     };
+    // Absolute: executors resolve a relative path against their own working folder.
+    let dir = std::fs::canonicalize(dir).map_err(|e| Error::output(dir, e))?;
     let dir = dir
         .to_str()
-        .ok_or_else(|| Error::output(dir, "not a UTF-8 path"))?;
+        .ok_or_else(|| Error::output(&dir, "not a UTF-8 path"))?;
     rt.block_on(async {
         let ctx = crate::cluster::connect(target).await.map_err(fail)?;
         ctx.register_parquet(TABLE, dir, ParquetReadOptions::default())

@@ -67,7 +67,8 @@ impl ClusterScorer {
             target,
             rt,
             ctx,
-            dir: dir.to_path_buf(),
+            // Absolute: executors resolve a relative path against their own working folder.
+            dir: std::fs::canonicalize(dir).map_err(|e| Error::file(dir, e))?,
             model,
             limits,
             calls: AtomicUsize::new(0),

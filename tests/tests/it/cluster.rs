@@ -297,6 +297,41 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
         gram_data_build(&sets, &out, &[&limits[..], &["--cluster", target]].concat())?;
         same_build(&reference, &built(&out)?, &format!("--cluster {target}"))?;
     }
+    // The other settings the plan carries: one seeded order per pair, plain prompts, a seed.
+    let other = ["--one-order", "--raw", "--seed", "7", "--max-tokens", "512"];
+    gram_data_build(&["llmbar.toml"], &dir.join("one-order"), &other)?;
+    let on_plan = dir.join("one-order-local");
+    gram_data_build(
+        &["llmbar.toml"],
+        &on_plan,
+        &[&other[..], &["--cluster", "local"]].concat(),
+    )?;
+    same_build(
+        &built(&dir.join("one-order"))?,
+        &built(&on_plan)?,
+        "--one-order --raw --cluster local",
+    )?;
+    // Text only (no model): the plan only carries the pairs through.
+    for (name, cluster) in [("text", None), ("text-local", Some("local"))] {
+        let o = std::process::Command::new(bin("gram-data")?)
+            .arg("build")
+            .arg(repo_root().join("pipelines/llmbar.toml"))
+            .arg("--out")
+            .arg(dir.join(name))
+            .arg("--quiet")
+            .args(cluster.map(|c| ["--cluster", c]).into_iter().flatten())
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    same_build(
+        &built(&dir.join("text"))?,
+        &built(&dir.join("text-local"))?,
+        "text only, --cluster local",
+    )?;
     Ok(())
 }
 
@@ -377,15 +412,27 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
         is_distributed(&ctx).await?;
         remade_equal(&ctx, &out, &model, "gram-scheduler + gram-executor").await
     })?;
-    // The same build submitted to the scheduler equals the one made without it.
+    // The same build submitted to the scheduler equals the one made without it; the output
+    // is given relative to gram-data's folder, which is not the executors'.
     let on_cluster = logs.join("on-cluster");
     let url = format!("df://127.0.0.1:{sched}");
-    let args = ["--max-tokens", "512", "--valid", "0.1", "--test", "0.12"];
-    gram_data_build(
-        &["llmbar.toml"],
-        &on_cluster,
-        &[&args[..], &["--cluster", &url]].concat(),
-    )?;
+    let o = std::process::Command::new(bin("gram-data")?)
+        .current_dir(logs)
+        .arg("build")
+        .arg(repo_root().join("pipelines/llmbar.toml"))
+        .arg("--model")
+        .arg(&model)
+        .args([
+            "--out",
+            "on-cluster",
+            "--max-tokens",
+            "512",
+            "--valid",
+            "0.1",
+        ])
+        .args(["--test", "0.12", "--quiet", "--cluster", &url])
+        .output()?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     same_build(
         &built(&out)?,
         &built(&on_cluster)?,
