@@ -11,7 +11,6 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt64Arr
 use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt64Type};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use gram_session::Target;
-use parquet::arrow::ArrowWriter;
 
 use crate::error::{Error, Result};
 use crate::judge::{BatchLimits, PairScore, Scorer};
@@ -97,12 +96,7 @@ impl ClusterScorer {
             let batch = RecordBatch::try_new(self.schema.clone(), cols)
                 .map_err(|e| Error::Runtime(format!("staging pairs: {e}")))?;
             let path = dir.join(format!("pairs-{k:03}.parquet"));
-            let file = std::fs::File::create(&path).map_err(|e| Error::file(&path, e))?;
-            let props = gram_core::parquet_props().build();
-            let mut w = ArrowWriter::try_new(file, self.schema.clone(), Some(props))
-                .map_err(|e| Error::file(&path, e))?;
-            w.write(&batch).map_err(|e| Error::file(&path, e))?;
-            w.close().map_err(|e| Error::file(&path, e))?;
+            crate::jobs::write_parquet(&path, self.schema.clone(), std::iter::once(batch))?;
         }
         Ok(())
     }

@@ -368,7 +368,7 @@ fn progress(total: u64, quiet: bool) -> indicatif::ProgressBar {
 }
 
 /// Writes batches to `path` through a temp file renamed into place.
-fn write_parquet(
+pub(crate) fn write_parquet(
     path: &Path,
     schema: SchemaRef,
     batches: impl IntoIterator<Item = RecordBatch>,
