@@ -12,25 +12,22 @@ use std::sync::Arc;
 use ballista_core::extension::SessionConfigExt;
 use datafusion::common::Result as DfResult;
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::{SessionConfig, SessionContext};
-pub use gram_session::Target;
+pub use gram_session::{Extensions, Target};
 
-/// Every function the project's plans call.
-pub fn functions() -> Vec<Arc<ScalarUDF>> {
-    let mut f = gram_data::udf::functions();
-    f.extend(gram_score::udf::functions());
-    f
+/// Every function and plan node of the project's plans.
+pub fn extensions() -> Extensions {
+    gram_data::cluster::extensions().and(gram_score::udf::extensions())
 }
 
-/// Ballista's session for `config` with every project function.
+/// Ballista's session for `config` with every project function and plan node.
 pub fn session_state(config: SessionConfig) -> DfResult<SessionState> {
-    gram_session::session_state(config, &functions())
+    gram_session::session_state(config, &extensions())
 }
 
-/// A session on `target` whose plans may call every project function.
+/// A session on `target` whose plans may use every project function and plan node.
 pub async fn connect(target: &Target) -> DfResult<SessionContext> {
-    target.connect(&functions()).await
+    target.connect(&extensions()).await
 }
 
 /// Runs a scheduler on `addr` until the process is stopped. An executor that has not sent a
@@ -49,6 +46,8 @@ pub async fn run_scheduler(
         // Ballista checks for dead executors this often; it must be shorter than the timeout.
         expire_dead_executor_interval_seconds: (executor_timeout / 3).clamp(1, 15),
         no_executors_grace_period_seconds: executor_timeout,
+        override_logical_codec: Some(extensions().codec()),
+        override_physical_codec: Some(extensions().codec()),
         ..Default::default()
     }
     .with_override_session_builder(Arc::new(session_state));
@@ -90,6 +89,8 @@ pub async fn run_executor(o: ExecutorOptions) -> ballista_core::error::Result<()
         vcores: o.task_slots,
         work_dir: o.work_dir,
         override_function_registry: Some(Arc::new(registry)),
+        override_logical_codec: Some(extensions().codec()),
+        override_physical_codec: Some(extensions().codec()),
         executor_heartbeat_interval_seconds: o.heartbeat.max(1),
         ..Default::default()
     };

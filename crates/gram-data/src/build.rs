@@ -22,10 +22,11 @@ use crate::map::{MappedPair, Mapper};
 use crate::pairs::check_pair;
 use crate::plan::Staged;
 use crate::read::{Chunk, Reject, read_file};
-use crate::shards::{Outputs, SPLITS};
+use crate::shards::{Outputs, Writer, tally};
+use crate::sink::SinkSpec;
 use crate::spec::Spec;
-use crate::stage::{StageRow, rejects_batch, stage_batch, stage_rows};
-use crate::stats::{SourceStats, Stats, reason_key};
+use crate::stage::stage_rows;
+use crate::stats::{SourceStats, Stats};
 
 pub use crate::pairs::split_of;
 pub use crate::stats::print_stats;
@@ -235,7 +236,7 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
         total_bytes,
     )
     .and_then(|run| run.sources(&sources))
-    .and_then(Run::planned)
+    .and_then(|run| run.planned(&tmp))
     .and_then(|run| run.finish(&tmp));
     let stats = match result {
         Ok(s) => s,
@@ -326,19 +327,20 @@ impl Progress {
     }
 }
 
-/// A progress bar over the pairs the tokenising plan has returned.
+/// A spinner while the plan tokenises and writes `pairs` pairs on `target` (its tasks report
+/// when the job ends).
 fn planned_bar(show: bool, pairs: u64, target: &crate::cluster::Target) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
-    let b = indicatif::ProgressBar::new(pairs);
-    let template = format!(
-        "{{spinner}} tokenising on {target}: {{pos}}/{{len}} pairs {{wide_bar}} eta {{eta}}"
-    );
+    let b = indicatif::ProgressBar::new_spinner();
+    let template =
+        format!("{{spinner}} tokenising and writing {pairs} pairs on {target} ({{elapsed}})");
     b.set_style(
         indicatif::ProgressStyle::with_template(&template)
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
+    b.enable_steady_tick(std::time::Duration::from_millis(200));
     b
 }
 
@@ -396,12 +398,13 @@ struct Run<'a> {
     opts: &'a BuildOptions,
     tok: Option<&'a GramTokenizer>,
     tokenizer: Option<&'a Tokenizer<'a>>,
-    out: Outputs,
-    stats: Stats,
+    w: Writer,
     seen: Seen,
     progress: Progress,
     /// With `--cluster`: the checked pairs, staged for the tokenising plan.
     staged: Option<Staged>,
+    /// Every Parquet file's key-value metadata.
+    meta: Vec<(String, String)>,
     t0: Instant,
 }
 
@@ -414,11 +417,8 @@ impl<'a> Run<'a> {
         t0: Instant,
         total_bytes: u64,
     ) -> Result<Self> {
-        let out = Outputs::new(
-            tmp,
-            opts.shard_rows,
-            &Self::file_metadata(opts, tok, tokenizer)?,
-        )?;
+        let meta = Self::file_metadata(opts, tok, tokenizer)?;
+        let out = Outputs::new(tmp, opts.shard_rows, &meta, "")?;
         let staged = match opts.cluster {
             Some(_) => Some(Staged::new(tmp.join(".pairs"))?),
             None => None,
@@ -427,11 +427,11 @@ impl<'a> Run<'a> {
             opts,
             tok,
             tokenizer,
-            out,
-            stats: Stats::default(),
+            w: Writer::new(out),
             seen: Seen::default(),
             progress: Progress::new(opts.progress, total_bytes, t0),
             staged,
+            meta,
             t0,
         })
     }
@@ -467,9 +467,9 @@ impl<'a> Run<'a> {
             for file in files {
                 self.file(spec, file, mapper, &mut st)?;
             }
-            self.stats.rows_read += st.rows_read;
-            self.stats.pairs_written += st.pairs_written;
-            self.stats.sources.insert(spec.name.clone(), st);
+            self.w.stats.rows_read += st.rows_read;
+            self.w.stats.pairs_written += st.pairs_written;
+            self.w.stats.sources.insert(spec.name.clone(), st);
         }
         self.progress.bar.finish_and_clear();
         Ok(self)
@@ -487,7 +487,7 @@ impl<'a> Run<'a> {
         let chunk_rows = self.opts.chunk_rows;
         read_file(spec, file, chunk_rows, counter.clone(), &mut |chunk| {
             self.chunk(spec, file, mapper, st, chunk)?;
-            let rows = self.stats.rows_read + st.rows_read;
+            let rows = self.w.stats.rows_read + st.rows_read;
             self.progress.update(counter.load(Ordering::Relaxed), rows);
             Ok(())
         })?;
@@ -534,33 +534,13 @@ impl<'a> Run<'a> {
             }
         }
         st.pairs_rejected += (rejects.len() - row_rejects) as u64;
-        self.write_rows(&spec.name, st, &s1, &s2, &rejects)
+        self.w.write_rows(&spec.name, st, &s1, &s2, &rejects)
     }
 
-    /// Writes stage rows and a source's rejects, and counts the rejects' reasons.
-    fn write_rows(
-        &mut self,
-        source: &str,
-        st: &mut SourceStats,
-        s1: &[StageRow],
-        s2: &[StageRow],
-        rejects: &[Reject],
-    ) -> Result<()> {
-        for r in rejects {
-            *st.reject_reasons.entry(reason_key(&r.reason)).or_default() += 1;
-        }
-        self.write_stage(Dataset::Stage1, s1)?;
-        self.write_stage(Dataset::Stage2, s2)?;
-        if !rejects.is_empty() {
-            self.out.write_rejects(&rejects_batch(source, rejects)?)?;
-        }
-        self.stats.rejected += rejects.len() as u64;
-        Ok(())
-    }
-
-    /// With `--cluster`: tokenises the staged pairs in one plan on the target and writes what
-    /// comes back as the loop would have (then removes the staged files).
-    fn planned(mut self) -> Result<Self> {
+    /// With `--cluster`: tokenises the staged pairs in one plan on the target, whose tasks
+    /// write the shards into the build's folder, and adds up what they wrote (then removes
+    /// the staged files).
+    fn planned(mut self, tmp: &Path) -> Result<Self> {
         let (Some(staged), Some(target)) = (self.staged.take(), self.opts.cluster.clone()) else {
             return Ok(self);
         };
@@ -569,76 +549,38 @@ impl<'a> Run<'a> {
             None => None,
         };
         let sql = crate::plan::sql(self.opts, model.as_deref())?;
-        let labels = self.tokenizer.map(|t| (t.labels.a, t.labels.b));
         let t0 = Instant::now();
         if staged.pairs > 0 {
+            let dir = std::fs::canonicalize(tmp).map_err(|e| Error::output(tmp, e))?;
+            let spec = SinkSpec {
+                dir: dir
+                    .to_str()
+                    .ok_or_else(|| Error::output(&dir, "not a UTF-8 path"))?
+                    .to_string(),
+                seed: self.opts.seed,
+                both_orders: self.opts.both_orders,
+                drop_over: self.opts.drop_over,
+                shard_rows: self.opts.shard_rows,
+                labels: self.tokenizer.map(|t| (t.labels.a, t.labels.b)),
+                meta: self.meta.clone(),
+            };
             let bar = planned_bar(self.opts.progress, staged.pairs, &target);
-            let opts = self.opts;
-            crate::plan::run(&target, &staged.dir, &sql, |batch| {
-                let made = crate::plan::rows_of(&batch, opts, labels)?;
-                bar.inc(made.len() as u64);
-                self.planned_rows(made)
-            })?;
+            let parts = crate::plan::run(&target, &staged.dir, &sql, &spec)?;
             bar.finish_and_clear();
+            for p in &parts {
+                self.w.stats.absorb(p);
+            }
         }
         std::fs::remove_dir_all(&staged.dir).map_err(|e| Error::output(&staged.dir, e))?;
-        self.stats.plan_seconds = Some(t0.elapsed().as_secs_f64());
+        self.w.stats.plan_seconds = Some(t0.elapsed().as_secs_f64());
         Ok(self)
     }
 
-    /// One result batch of the tokenising plan: counted into its sources and written.
-    fn planned_rows(&mut self, made: Vec<crate::plan::Made>) -> Result<()> {
-        let mut by_source: std::collections::BTreeMap<String, Vec<crate::plan::Made>> =
-            std::collections::BTreeMap::new();
-        for m in made {
-            by_source.entry(m.0.source.clone()).or_default().push(m);
-        }
-        for (source, made) in by_source {
-            let mut st = self
-                .stats
-                .sources
-                .remove(&source)
-                .or_internal("a planned pair of an unknown source")?;
-            let (mut s1, mut s2, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
-            let written = st.pairs_written;
-            for m in made {
-                tally(m, &mut st, (&mut s1, &mut s2), &mut rejects);
-            }
-            self.stats.pairs_written += st.pairs_written - written;
-            st.pairs_rejected += rejects.len() as u64;
-            let result = self.write_rows(&source, &mut st, &s1, &s2, &rejects);
-            self.stats.sources.insert(source, st);
-            result?;
-        }
-        Ok(())
-    }
-
-    /// Writes stage rows by split and counts them.
-    fn write_stage(&mut self, dataset: Dataset, rows: &[StageRow]) -> Result<()> {
-        for split in SPLITS {
-            let part: Vec<&StageRow> = rows.iter().filter(|r| r.split == split).collect();
-            if part.is_empty() {
-                continue;
-            }
-            let (counts, lengths) = match dataset {
-                Dataset::Stage1 => (&mut self.stats.stage1, &mut self.stats.stage1_tokens),
-                _ => (&mut self.stats.stage2, &mut self.stats.stage2_tokens),
-            };
-            *counts.entry(split.to_string()).or_default() += part.len() as u64;
-            for t in part.iter().filter_map(|r| r.tokens.as_ref()) {
-                lengths.add(t.ids.len(), t.truncated);
-            }
-            self.out
-                .write_stage(dataset, split, &stage_batch(&part, dataset)?)?;
-        }
-        Ok(())
-    }
-
     /// Closes the files, checks that no row was lost, and writes the manifest and the stats.
-    fn finish(mut self, tmp: &Path) -> Result<Stats> {
-        self.out.close()?;
-        let stats = &mut self.stats;
-        stats.lossless = lossless(stats);
+    fn finish(self, tmp: &Path) -> Result<Stats> {
+        let mut stats = self.w.close()?;
+        crate::shards::remove_partials(tmp)?;
+        stats.lossless = lossless(&stats);
         stats.stage1_tokens.finish();
         stats.stage2_tokens.finish();
         stats.seconds = self.t0.elapsed().as_secs_f64();
@@ -659,39 +601,14 @@ impl<'a> Run<'a> {
             ("manifest.json", &manifest),
             (
                 "stats.json",
-                &serde_json::to_value(&*stats).or_internal("stats as JSON")?,
+                &serde_json::to_value(&stats).or_internal("stats as JSON")?,
             ),
         ] {
             let path = tmp.join(file);
             let text = serde_json::to_string_pretty(value).or_internal("JSON")?;
             gram_core::atomic_write(&path, text.as_bytes()).map_err(|e| Error::output(&path, e))?;
         }
-        Ok(self.stats)
-    }
-}
-
-/// Counts a pair's outcome into its source's stats and sorts it into stage rows or a reject.
-fn tally(
-    (p, made): crate::plan::Made,
-    st: &mut SourceStats,
-    (s1, s2): (&mut Vec<StageRow>, &mut Vec<StageRow>),
-    rejects: &mut Vec<Reject>,
-) {
-    match made {
-        Ok((a, b)) => {
-            st.pairs_written += 1;
-            *st.splits.entry(p.split.to_string()).or_default() += 1;
-            let label = p.label.unwrap_or("none").to_string();
-            *st.labels.entry(label).or_default() += 1;
-            s1.extend(a);
-            s2.extend(b);
-        }
-        Err(e) => rejects.push(Reject {
-            file: p.file,
-            row: p.row,
-            reason: format!("pair {}: {e}", p.id),
-            raw: None,
-        }),
+        Ok(stats)
     }
 }
 

@@ -1,10 +1,21 @@
-//! gram-data's plans on a [`Target`]: sessions that know [`crate::udf::functions`].
+//! gram-data's plans on a [`Target`]: sessions that know [`crate::udf::functions`] and the
+//! shard-writing plan node ([`crate::sink`]).
+
+use std::sync::Arc;
 
 use datafusion::common::Result as DfResult;
 use datafusion::prelude::SessionContext;
 pub use gram_session::Target;
 
-/// A session on `target` whose plans may call gram-data's functions.
+/// What gram-data's plans add to a session.
+pub fn extensions() -> gram_session::Extensions {
+    gram_session::Extensions {
+        functions: crate::udf::functions(),
+        nodes: vec![Arc::new(crate::sink::SinkNode)],
+    }
+}
+
+/// A session on `target` whose plans may use gram-data's functions and nodes.
 pub async fn connect(target: &Target) -> DfResult<SessionContext> {
-    target.connect(&crate::udf::functions()).await
+    target.connect(&extensions()).await
 }

@@ -10,6 +10,7 @@ mod pairs;
 mod plan;
 pub mod read;
 mod shards;
+mod sink;
 pub mod spec;
 mod stage;
 pub mod stats;

@@ -1,9 +1,10 @@
-//! A build's tokenisation as one DataFusion plan, for `--cluster`: the checked pairs are staged
-//! as Parquet in the build's folder ([`Staged`]), a query over them calls `gram_tokens` for
-//! every example ([`sql`]) wherever the session runs it (this process, or a Ballista cluster
-//! whose executors read the staged files and the model from the same paths), and each result
-//! row becomes the pair's stage rows ([`rows_of`]) exactly as a build without `--cluster` makes
-//! them (one [`crate::stage::assemble`] for both).
+//! A build's tokenisation and writing as one DataFusion plan, for `--cluster`: the checked pairs
+//! are staged as Parquet in the build's folder ([`Staged`]), a query over them calls
+//! `gram_tokens` for every example ([`sql`]) wherever the session runs it (this process, or a
+//! Ballista cluster whose executors read the staged files and the model from the same paths),
+//! each result row becomes the pair's stage rows ([`rows_of`]) exactly as a build without
+//! `--cluster` makes them (one [`crate::stage::assemble`] for both), and the plan's tasks write
+//! them ([`crate::sink`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,13 +16,15 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type, UInt64Typ
 use gram_core::fit::Tokens;
 use parquet::arrow::ArrowWriter;
 
-use datafusion::prelude::ParquetReadOptions;
+use datafusion::prelude::{DataFrame, ParquetReadOptions};
 
 use crate::build::BuildOptions;
 use crate::cluster::Target;
 use crate::error::{Error, OrInternal, Result};
 use crate::pairs::Pair;
+use crate::sink::{ShardSink, SinkSpec};
 use crate::stage::{Example, StageRow, assemble, swapped};
+use crate::stats::Stats;
 
 /// The staged pairs' table in the plan's session.
 pub(crate) const TABLE: &str = "gram_pairs";
@@ -296,15 +299,10 @@ pub(crate) fn check_reachable(target: &Target) -> Result<()> {
     })
 }
 
-/// Runs `sql` over the staged pairs in `dir` on `target`, handing each result batch to
-/// `on_batch` as it arrives.
-pub(crate) fn run(
-    target: &Target,
-    dir: &Path,
-    sql: &str,
-    mut on_batch: impl FnMut(RecordBatch) -> Result<()>,
-) -> Result<()> {
-    use futures::StreamExt;
+/// Runs `sql` over the staged pairs in `dir` on `target`, with its rows written as the build's
+/// shards where the plan's tasks run ([`crate::sink`]); what each partition wrote, counted.
+pub(crate) fn run(target: &Target, dir: &Path, sql: &str, spec: &SinkSpec) -> Result<Vec<Stats>> {
+    use datafusion::logical_expr::{Extension, LogicalPlan};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -323,11 +321,19 @@ pub(crate) fn run(
         ctx.register_parquet(TABLE, dir, ParquetReadOptions::default())
             .await
             .map_err(fail)?;
-        let df = ctx.sql(sql).await.map_err(fail)?;
-        let mut stream = df.execute_stream().await.map_err(fail)?;
-        while let Some(batch) = stream.next().await {
-            on_batch(batch.map_err(fail)?)?;
+        let query = ctx.sql(sql).await.map_err(fail)?;
+        let sink = ShardSink::new(query.logical_plan().clone(), spec).map_err(fail)?;
+        let plan = LogicalPlan::Extension(Extension {
+            node: Arc::new(sink),
+        });
+        let written = DataFrame::new(ctx.state(), plan)
+            .collect()
+            .await
+            .map_err(fail)?;
+        let mut counts = Vec::new();
+        for b in &written {
+            counts.extend(crate::sink::counts(b)?);
         }
-        Ok(())
+        Ok(counts)
     })
 }

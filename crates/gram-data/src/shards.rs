@@ -1,8 +1,11 @@
 //! The output folder's Parquet writers: stage-1 and stage-2 shards per split, rolled over every
 //! `--shard-rows` rows, and the rejects table, all tagged with their schema and the build's
-//! metadata.
+//! metadata; and the [`Writer`] that sorts stage rows and rejects into them and counts them.
+//! Every file is written under a temporary name and renamed when complete, so a file with a
+//! shard's name is a whole shard, whoever wrote it (the build, or a task of its plan that a
+//! cluster may run more than once).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +15,10 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{Error, OrInternal, Result};
+use crate::plan::Made;
+use crate::read::Reject;
+use crate::stage::{StageRow, rejects_batch, stage_batch};
+use crate::stats::{SourceStats, Stats, reason_key};
 
 /// The splits every stage is written in.
 pub(crate) const SPLITS: [&str; 3] = ["train", "valid", "test"];
@@ -24,20 +31,26 @@ pub(crate) struct Outputs {
 
 impl Outputs {
     /// Writers under `dir` (`stage1/`, `stage2/` and the rejects table), with `meta` as each
-    /// file's key-value metadata.
-    pub(crate) fn new(dir: &Path, shard_rows: usize, meta: &[(String, String)]) -> Result<Self> {
+    /// file's key-value metadata; `tag` goes into each file's name after its split (`-pNNNNN`
+    /// for one partition of a plan, empty for the build itself).
+    pub(crate) fn new(
+        dir: &Path,
+        shard_rows: usize,
+        meta: &[(String, String)],
+        tag: &str,
+    ) -> Result<Self> {
         let mut stages = HashMap::new();
         for (ds, sub) in [(Dataset::Stage1, "stage1"), (Dataset::Stage2, "stage2")] {
             let sub = dir.join(sub);
             std::fs::create_dir_all(&sub).map_err(|e| Error::output(&sub, e))?;
             for split in SPLITS {
-                let w = Shards::new(sub.clone(), split, ds, shard_rows, meta);
+                let w = Shards::new(sub.clone(), &format!("{split}{tag}"), ds, shard_rows, meta);
                 stages.insert((ds, split), w);
             }
         }
         let rejects = Shards::new(
             dir.to_path_buf(),
-            "rejects",
+            &format!("rejects{tag}"),
             Dataset::Rejects,
             usize::MAX,
             meta,
@@ -82,6 +95,38 @@ struct Shards {
     index: usize,
     rows_in_shard: usize,
     writer: Option<ArrowWriter<File>>,
+    /// The file the open shard is written to.
+    partial: PathBuf,
+}
+
+/// Where a shard is written before it is complete: unique to this process and moment, so two
+/// runs of one plan task never write into one file.
+fn partial_path(path: &Path) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}-{nanos}{PARTIAL}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// The suffix of a shard still being written ([`remove_partials`] clears what a killed writer
+/// left).
+pub(crate) const PARTIAL: &str = ".partial";
+
+/// Removes shards left half-written under `dir` (by a task that was killed and run again).
+pub(crate) fn remove_partials(dir: &Path) -> Result<()> {
+    for sub in [dir.to_path_buf(), dir.join("stage1"), dir.join("stage2")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(PARTIAL) {
+                std::fs::remove_file(e.path()).map_err(|err| Error::output(e.path(), err))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Shards {
@@ -112,6 +157,7 @@ impl Shards {
             index: 0,
             rows_in_shard: 0,
             writer: None,
+            partial: PathBuf::new(),
         }
     }
 
@@ -128,10 +174,12 @@ impl Shards {
                 self.index += 1;
                 self.rows_in_shard = 0;
                 let p = self.path();
-                let f = File::create(&p).map_err(|e| Error::output(&p, e))?;
+                let partial = partial_path(&p);
+                let f = File::create(&partial).map_err(|e| Error::output(&p, e))?;
                 let w = ArrowWriter::try_new(f, self.schema.clone(), Some(self.props.clone()))
                     .map_err(|e| Error::output(&p, e))?;
                 self.writer = Some(w);
+                self.partial = partial;
             }
             let take = (self.rows_per_shard - self.rows_in_shard).min(batch.num_rows() - start);
             if let Some(w) = self.writer.as_mut() {
@@ -149,8 +197,121 @@ impl Shards {
 
     fn close(&mut self) -> Result<()> {
         if let Some(w) = self.writer.take() {
-            w.close().map_err(|e| Error::output(self.path(), e))?;
+            let path = self.path();
+            w.close().map_err(|e| Error::output(&path, e))?;
+            std::fs::rename(&self.partial, &path).map_err(|e| Error::output(&path, e))?;
         }
         Ok(())
+    }
+}
+
+/// Sorts a build's stage rows and rejects into [`Outputs`] and counts them into [`Stats`]:
+/// the build's own writer, and each partition's in a plan whose tasks write the shards.
+pub(crate) struct Writer {
+    out: Outputs,
+    pub(crate) stats: Stats,
+}
+
+impl Writer {
+    pub(crate) fn new(out: Outputs) -> Self {
+        Self {
+            out,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Writes stage rows and a source's rejects, and counts the rejects' reasons into `st`.
+    pub(crate) fn write_rows(
+        &mut self,
+        source: &str,
+        st: &mut SourceStats,
+        s1: &[StageRow],
+        s2: &[StageRow],
+        rejects: &[Reject],
+    ) -> Result<()> {
+        for r in rejects {
+            *st.reject_reasons.entry(reason_key(&r.reason)).or_default() += 1;
+        }
+        self.write_stage(Dataset::Stage1, s1)?;
+        self.write_stage(Dataset::Stage2, s2)?;
+        if !rejects.is_empty() {
+            self.out.write_rejects(&rejects_batch(source, rejects)?)?;
+        }
+        self.stats.rejected += rejects.len() as u64;
+        Ok(())
+    }
+
+    /// Writes stage rows by split and counts them.
+    fn write_stage(&mut self, dataset: Dataset, rows: &[StageRow]) -> Result<()> {
+        for split in SPLITS {
+            let part: Vec<&StageRow> = rows.iter().filter(|r| r.split == split).collect();
+            if part.is_empty() {
+                continue;
+            }
+            let (counts, lengths) = match dataset {
+                Dataset::Stage1 => (&mut self.stats.stage1, &mut self.stats.stage1_tokens),
+                _ => (&mut self.stats.stage2, &mut self.stats.stage2_tokens),
+            };
+            *counts.entry(split.to_string()).or_default() += part.len() as u64;
+            for t in part.iter().filter_map(|r| r.tokens.as_ref()) {
+                lengths.add(t.ids.len(), t.truncated);
+            }
+            self.out
+                .write_stage(dataset, split, &stage_batch(&part, dataset)?)?;
+        }
+        Ok(())
+    }
+
+    /// Pairs the tokenising plan made: counted into their sources and written.
+    pub(crate) fn made(&mut self, made: Vec<Made>) -> Result<()> {
+        let mut by_source: BTreeMap<String, Vec<Made>> = BTreeMap::new();
+        for m in made {
+            by_source.entry(m.0.source.clone()).or_default().push(m);
+        }
+        for (source, made) in by_source {
+            let mut st = self.stats.sources.remove(&source).unwrap_or_default();
+            let (mut s1, mut s2, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
+            let written = st.pairs_written;
+            for m in made {
+                tally(m, &mut st, (&mut s1, &mut s2), &mut rejects);
+            }
+            self.stats.pairs_written += st.pairs_written - written;
+            st.pairs_rejected += rejects.len() as u64;
+            let result = self.write_rows(&source, &mut st, &s1, &s2, &rejects);
+            self.stats.sources.insert(source, st);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Closes every file; the counts of what was written.
+    pub(crate) fn close(self) -> Result<Stats> {
+        self.out.close()?;
+        Ok(self.stats)
+    }
+}
+
+/// Counts a pair's outcome into its source's stats and sorts it into stage rows or a reject.
+pub(crate) fn tally(
+    (p, made): Made,
+    st: &mut SourceStats,
+    (s1, s2): (&mut Vec<StageRow>, &mut Vec<StageRow>),
+    rejects: &mut Vec<Reject>,
+) {
+    match made {
+        Ok((a, b)) => {
+            st.pairs_written += 1;
+            *st.splits.entry(p.split.to_string()).or_default() += 1;
+            let label = p.label.unwrap_or("none").to_string();
+            *st.labels.entry(label).or_default() += 1;
+            s1.extend(a);
+            s2.extend(b);
+        }
+        Err(e) => rejects.push(Reject {
+            file: p.file,
+            row: p.row,
+            reason: format!("pair {}: {e}", p.id),
+            raw: None,
+        }),
     }
 }

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counts of one source.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct SourceStats {
     /// Input rows read (JSONL lines, array elements, CSV records, Parquet rows).
     pub rows_read: u64,
@@ -28,7 +28,7 @@ pub struct SourceStats {
 }
 
 /// Token-length distribution of a dataset.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct LengthStats {
     /// Examples.
     pub count: u64,
@@ -44,7 +44,9 @@ pub struct LengthStats {
     pub p99: u32,
     /// Longest.
     pub max: u32,
-    #[serde(skip)]
+    /// Examples by length, until [`LengthStats::finish`] (how a plan's partitions hand their
+    /// counts to the build; not in `stats.json`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     hist: BTreeMap<u32, u64>,
 }
 
@@ -55,6 +57,15 @@ impl LengthStats {
         self.total += n as u64;
         *self.hist.entry(n as u32).or_default() += 1;
     }
+    /// Adds `other`'s examples (before either is finished).
+    pub(crate) fn absorb(&mut self, other: &LengthStats) {
+        self.count += other.count;
+        self.truncated += other.truncated;
+        self.total += other.total;
+        add_counts(&mut self.hist, &other.hist);
+    }
+
+    /// Computes the percentiles (and drops the histogram).
     pub(crate) fn finish(&mut self) {
         let q = |p: f64, h: &BTreeMap<u32, u64>, count: u64| {
             let want = ((count as f64) * p).ceil().max(1.0) as u64;
@@ -71,11 +82,12 @@ impl LengthStats {
         self.p90 = q(0.9, &self.hist, self.count);
         self.p99 = q(0.99, &self.hist, self.count);
         self.max = self.hist.keys().next_back().copied().unwrap_or(0);
+        self.hist.clear();
     }
 }
 
 /// The stats report, printed and saved as `stats.json`.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Stats {
     /// Per source (pipeline name).
     pub sources: BTreeMap<String, SourceStats>,
@@ -101,6 +113,41 @@ pub struct Stats {
     /// written), part of `seconds`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_seconds: Option<f64>,
+}
+
+fn add_counts<K: Ord + Clone>(to: &mut BTreeMap<K, u64>, from: &BTreeMap<K, u64>) {
+    for (k, v) in from {
+        *to.entry(k.clone()).or_default() += v;
+    }
+}
+
+impl SourceStats {
+    fn absorb(&mut self, o: &SourceStats) {
+        self.rows_read += o.rows_read;
+        self.rows_rejected += o.rows_rejected;
+        self.pairs += o.pairs;
+        self.pairs_written += o.pairs_written;
+        self.pairs_rejected += o.pairs_rejected;
+        add_counts(&mut self.reject_reasons, &o.reject_reasons);
+        add_counts(&mut self.splits, &o.splits);
+        add_counts(&mut self.labels, &o.labels);
+    }
+}
+
+impl Stats {
+    /// Adds the counts of `o` (what one partition of a plan wrote) to these.
+    pub(crate) fn absorb(&mut self, o: &Stats) {
+        for (name, s) in &o.sources {
+            self.sources.entry(name.clone()).or_default().absorb(s);
+        }
+        add_counts(&mut self.stage1, &o.stage1);
+        add_counts(&mut self.stage2, &o.stage2);
+        self.stage1_tokens.absorb(&o.stage1_tokens);
+        self.stage2_tokens.absorb(&o.stage2_tokens);
+        self.rows_read += o.rows_read;
+        self.rejected += o.rejected;
+        self.pairs_written += o.pairs_written;
+    }
 }
 
 /// The key a reject reason is counted under in the stats.

@@ -27,6 +27,14 @@ pub fn functions() -> Vec<Arc<ScalarUDF>> {
     vec![Arc::new(ScalarUDF::from(JudgeUdf::new()))]
 }
 
+/// What scoring plans add to a session: [`functions`].
+pub fn extensions() -> gram_session::Extensions {
+    gram_session::Extensions {
+        functions: functions(),
+        nodes: Vec::new(),
+    }
+}
+
 /// A judge setting: model folder, most rows and most tokens per batch.
 type Setting = (String, usize, usize);
 

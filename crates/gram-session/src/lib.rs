@@ -10,21 +10,65 @@ use std::sync::Arc;
 use ballista::prelude::SessionContextExt;
 use ballista_core::extension::SessionConfigExt;
 use datafusion::common::Result as DfResult;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-/// Ballista's session for `config`, with `functions` registered.
-pub fn session_state(
-    config: SessionConfig,
-    functions: &[Arc<ScalarUDF>],
-) -> DfResult<SessionState> {
+pub mod nodes;
+pub use nodes::PlanNode;
+
+/// What the project adds to DataFusion: functions plans call, and plan nodes of its own.
+#[derive(Debug, Clone, Default)]
+pub struct Extensions {
+    /// Functions the plans call.
+    pub functions: Vec<Arc<ScalarUDF>>,
+    /// Plan nodes of the project's own.
+    pub nodes: Vec<Arc<dyn PlanNode>>,
+}
+
+impl Extensions {
+    /// These extensions and `other`'s.
+    pub fn and(mut self, other: Extensions) -> Self {
+        self.functions.extend(other.functions);
+        self.nodes.extend(other.nodes);
+        self
+    }
+
+    /// Ballista's codecs with these nodes added (a scheduler's and executors' codec).
+    pub fn codec(&self) -> Arc<nodes::Codec> {
+        Arc::new(nodes::Codec::new(self.nodes.clone()))
+    }
+
+    fn query_planner(&self) -> Arc<nodes::QueryPlanner> {
+        Arc::new(nodes::QueryPlanner::new(self.nodes.clone()))
+    }
+}
+
+/// Ballista's session for `config`, with `ext` registered: what a scheduler plans with and
+/// what an executor runs with.
+pub fn session_state(config: SessionConfig, ext: &Extensions) -> DfResult<SessionState> {
     use datafusion::execution::FunctionRegistry;
-    let mut state = ballista_core::utils::default_session_builder(config)?;
-    for f in functions {
+    let config = config
+        .with_ballista_logical_extension_codec(ext.codec())
+        .with_ballista_physical_extension_codec(ext.codec());
+    let state = ballista_core::utils::default_session_builder(config)?;
+    let mut state = SessionStateBuilder::new_from_existing(state)
+        .with_query_planner(ext.query_planner())
+        .build();
+    for f in &ext.functions {
         state.register_udf(f.clone())?;
     }
     Ok(state)
+}
+
+/// A DataFusion session in this process with `ext` registered.
+fn local_state(ext: &Extensions) -> SessionState {
+    SessionStateBuilder::new()
+        .with_default_features()
+        .with_query_planner(ext.query_planner())
+        .with_scalar_functions(ext.functions.clone())
+        .build()
 }
 
 /// `ctx` with `functions` registered. Ballista's client session is rebuilt from the state it is
@@ -61,15 +105,15 @@ impl Target {
         }
     }
 
-    /// A session on this target whose plans may call `functions`.
-    pub async fn connect(&self, functions: &[Arc<ScalarUDF>]) -> DfResult<SessionContext> {
-        let ballista = || session_state(SessionConfig::new_with_ballista(), functions);
+    /// A session on this target whose plans may use `ext`.
+    pub async fn connect(&self, ext: &Extensions) -> DfResult<SessionContext> {
+        let ballista = || session_state(SessionConfig::new_with_ballista(), ext);
         let ctx = match self {
-            Self::Local => SessionContext::new(),
+            Self::Local => return Ok(SessionContext::new_with_state(local_state(ext))),
             Self::Standalone => SessionContext::standalone_with_state(ballista()?).await?,
             Self::Remote(url) => SessionContext::remote_with_state(url, ballista()?).await?,
         };
-        Ok(with_functions(ctx, functions))
+        Ok(with_functions(ctx, &ext.functions))
     }
 
     /// Fails early, before any work, when this is a scheduler nothing answers at (a TCP

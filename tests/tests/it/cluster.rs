@@ -2,7 +2,8 @@
 //! a plain DataFusion session and on Ballista (a scheduler and an executor in this process):
 //! both give, row for row, the splits and token ids `gram-data build` wrote. And
 //! `gram-data build --cluster` (`local`, `standalone`, and `df://` with the scheduler and
-//! executor binaries) writes the same datasets, rejects and stats as a build without it.
+//! executor binaries) writes the same datasets, rejects and stats as a build without it, with
+//! every stage shard written by a task of the plan.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -198,6 +199,10 @@ fn built(dir: &Path) -> Result<Built> {
         for e in std::fs::read_dir(dir.join(stage))? {
             let path = e?.path();
             let name = path.file_name().and_then(|n| n.to_str()).context("name")?;
+            ensure!(
+                name.ends_with(".parquet"),
+                "{stage}/{name}: not a whole shard"
+            );
             let split = name.split('-').next().context("shard name")?.to_string();
             for b in read(&path)? {
                 let ids = b.column_by_name("id").context("id")?.as_string::<i32>();
@@ -238,6 +243,24 @@ fn built(dir: &Path) -> Result<Built> {
         dir.display()
     );
     Ok((rows, rejects, stats))
+}
+
+/// Every stage shard of the build in `dir` was written by a task of its plan (named after
+/// its partition, `{split}-pHHHH-NNNNN.parquet`), none by the client.
+fn written_by_tasks(dir: &Path) -> Result<()> {
+    let mut n = 0;
+    for stage in ["stage1", "stage2"] {
+        for e in std::fs::read_dir(dir.join(stage))? {
+            let name = e?.file_name().to_string_lossy().to_string();
+            ensure!(
+                name.split('-').nth(1).is_some_and(|p| p.starts_with('p')),
+                "{stage}/{name} was not written by a task of the plan"
+            );
+            n += 1;
+        }
+    }
+    ensure!(n > 0, "no shard in {}", dir.display());
+    Ok(())
 }
 
 /// `b` equals the reference build `a`, row for row.
@@ -296,6 +319,7 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
         let out = dir.join(target);
         gram_data_build(&sets, &out, &[&limits[..], &["--cluster", target]].concat())?;
         same_build(&reference, &built(&out)?, &format!("--cluster {target}"))?;
+        written_by_tasks(&out)?;
     }
     // The other settings the plan carries: one seeded order per pair, plain prompts, a seed.
     let other = ["--one-order", "--raw", "--seed", "7", "--max-tokens", "512"];
@@ -438,6 +462,7 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
         &built(&on_cluster)?,
         &format!("--cluster {url}"),
     )?;
+    written_by_tasks(&on_cluster)?;
     drop(procs);
     let log = std::fs::read_to_string(logs.join("gram-executor.log"))?;
     ensure!(
@@ -559,6 +584,7 @@ fn a_build_survives_or_cleanly_fails_when_an_executor_is_killed() -> Result<()> 
             &built(&out)?,
             "a build that lost an executor",
         )?;
+        written_by_tasks(&out)?;
         println!("the build completed on the remaining executor, every row exactly once");
     } else {
         ensure!(!out.exists(), "a failed build left {}", out.display());
