@@ -27,7 +27,7 @@ pub fn session_state(config: SessionConfig) -> DfResult<SessionState> {
 
 /// A session on `target` whose plans may use every project function and plan node.
 pub async fn connect(target: &Target) -> DfResult<SessionContext> {
-    target.connect(&extensions()).await
+    target.connect(&extensions(), None).await
 }
 
 /// Runs a scheduler on `addr` until the process is stopped. An executor that has not sent a

@@ -74,6 +74,8 @@ pub struct BuildOptions {
     /// Tokenise in a DataFusion plan on this target (a Ballista cluster) instead of in the
     /// reading loop; None: in the loop.
     pub cluster: Option<crate::cluster::Target>,
+    /// Tasks the `--cluster` plan is cut into; None: the session's target partitions.
+    pub partitions: Option<usize>,
 }
 
 impl Default for BuildOptions {
@@ -96,6 +98,7 @@ impl Default for BuildOptions {
             overwrite: false,
             progress: true,
             cluster: None,
+            partitions: None,
         }
     }
 }
@@ -565,7 +568,7 @@ impl<'a> Run<'a> {
                 meta: self.meta.clone(),
             };
             let bar = planned_bar(self.opts.progress, staged.pairs, &target);
-            let parts = crate::plan::run(&target, &staged.dir, &sql, &spec)?;
+            let parts = crate::plan::run(&target, &staged.dir, &sql, &spec, self.opts.partitions)?;
             bar.finish_and_clear();
             for p in &parts {
                 self.w.stats.absorb(p);

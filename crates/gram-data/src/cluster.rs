@@ -15,7 +15,8 @@ pub fn extensions() -> gram_session::Extensions {
     }
 }
 
-/// A session on `target` whose plans may use gram-data's functions and nodes.
-pub async fn connect(target: &Target) -> DfResult<SessionContext> {
-    target.connect(&extensions()).await
+/// A session on `target` whose plans may use gram-data's functions and nodes, in
+/// `partitions` partitions (None: the target's default).
+pub async fn connect(target: &Target, partitions: Option<usize>) -> DfResult<SessionContext> {
+    target.connect(&extensions(), partitions).await
 }

@@ -88,9 +88,15 @@ enum Cmd {
         /// Tokenise in one DataFusion plan run by a Ballista cluster (df://HOST:PORT, a
         /// gram-scheduler), by a scheduler and executor in this process (`standalone`), or by
         /// this process (`local`). On a cluster, OUT's parent folder and the model must be on
-        /// paths every executor reads (a shared file system); the pairs are staged there.
+        /// paths every executor reads and writes (a shared file system): the pairs are staged
+        /// there, and the executors write the shards there.
         #[arg(long, value_parser = gram_data::cluster::Target::parse)]
         cluster: Option<gram_data::cluster::Target>,
+        /// With --cluster: tasks the plan is cut into, each writing its own shards (at most one
+        /// per chunk of --chunk-rows input rows). Default: the session's target partitions
+        /// (on Ballista 16; locally one per core).
+        #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u32).range(1..))]
+        partitions: Option<u32>,
     },
 }
 
@@ -123,6 +129,7 @@ fn main() -> ExitCode {
         quiet,
         threads,
         cluster,
+        partitions,
     } = cli.cmd;
     gram_core::cli::set_threads(threads);
     let opts = BuildOptions {
@@ -149,6 +156,7 @@ fn main() -> ExitCode {
         overwrite,
         progress: gram_core::cli::progress(quiet),
         cluster,
+        partitions: partitions.map(|p| p as usize),
     };
     match build(&opts) {
         Ok(stats) => {

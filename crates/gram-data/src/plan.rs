@@ -47,7 +47,6 @@ impl Staged {
             s("file", false),
             Field::new("row", DataType::UInt64, false),
             s("id", false),
-            s("split", false),
             s("prompt", false),
             s("response_a", false),
             s("response_b", false),
@@ -76,7 +75,6 @@ impl Staged {
             strings(&|p| Some(&p.file)),
             Arc::new(pairs.iter().map(|p| p.row).collect::<UInt64Array>()),
             strings(&|p| Some(&p.id)),
-            strings(&|p| Some(p.split)),
             strings(&|p| Some(&p.prompt)),
             strings(&|p| Some(&p.a)),
             strings(&|p| Some(&p.b)),
@@ -103,12 +101,18 @@ impl Staged {
     }
 }
 
-/// The query that tokenises the staged pairs with the model at `model` (an absolute path the
-/// executors can read; none: text only): the pair's columns and, per example, `gram_tokens`'s
+/// The query that splits and tokenises the staged pairs with the model at `model` (an absolute
+/// path the executors can read; none: text only): the pair's columns, its split by
+/// `gram_split` (as the build's checks computed it) and, per example, `gram_tokens`'s
 /// struct (`t1`: stage 1 in the pair's seeded order; `t_ab`, `t_ba`: stage 2 as given and
 /// exchanged, for labeled pairs in the orders the build presents).
 pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
-    let base = "source, file, row, id, split, prompt, response_a, response_b, label, metadata";
+    let split = format!(
+        "gram_split(prompt, CAST({:?} AS DOUBLE), CAST({:?} AS DOUBLE)) AS split",
+        opts.valid_frac, opts.test_frac
+    );
+    let base =
+        format!("source, file, row, id, {split}, prompt, response_a, response_b, label, metadata");
     let Some(model) = model else {
         return Ok(format!("SELECT {base} FROM {TABLE}"));
     };
@@ -300,8 +304,15 @@ pub(crate) fn check_reachable(target: &Target) -> Result<()> {
 }
 
 /// Runs `sql` over the staged pairs in `dir` on `target`, with its rows written as the build's
-/// shards where the plan's tasks run ([`crate::sink`]); what each partition wrote, counted.
-pub(crate) fn run(target: &Target, dir: &Path, sql: &str, spec: &SinkSpec) -> Result<Vec<Stats>> {
+/// shards where the plan's tasks run ([`crate::sink`]) in `partitions` partitions (None: the
+/// session's default); what each partition wrote, counted.
+pub(crate) fn run(
+    target: &Target,
+    dir: &Path,
+    sql: &str,
+    spec: &SinkSpec,
+    partitions: Option<usize>,
+) -> Result<Vec<Stats>> {
     use datafusion::logical_expr::{Extension, LogicalPlan};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -317,7 +328,9 @@ pub(crate) fn run(target: &Target, dir: &Path, sql: &str, spec: &SinkSpec) -> Re
         .to_str()
         .ok_or_else(|| Error::output(&dir, "not a UTF-8 path"))?;
     rt.block_on(async {
-        let ctx = crate::cluster::connect(target).await.map_err(fail)?;
+        let ctx = crate::cluster::connect(target, partitions)
+            .await
+            .map_err(fail)?;
         ctx.register_parquet(TABLE, dir, ParquetReadOptions::default())
             .await
             .map_err(fail)?;

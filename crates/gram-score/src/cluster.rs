@@ -53,7 +53,7 @@ impl ClusterScorer {
             .build()
             .map_err(|e| Error::Runtime(format!("starting tokio: {e}")))?;
         let ctx = rt
-            .block_on(target.connect(&crate::udf::extensions()))
+            .block_on(target.connect(&crate::udf::extensions(), None))
             .map_err(|e| cluster_error(&target, &e))?;
         let s = |n: &str| Field::new(n, DataType::Utf8, false);
         let schema = Arc::new(Schema::new(vec![

@@ -63,9 +63,10 @@ pub fn session_state(config: SessionConfig, ext: &Extensions) -> DfResult<Sessio
 }
 
 /// A DataFusion session in this process with `ext` registered.
-fn local_state(ext: &Extensions) -> SessionState {
+fn local_state(config: SessionConfig, ext: &Extensions) -> SessionState {
     SessionStateBuilder::new()
         .with_default_features()
+        .with_config(config)
         .with_query_planner(ext.query_planner())
         .with_scalar_functions(ext.functions.clone())
         .build()
@@ -105,11 +106,24 @@ impl Target {
         }
     }
 
-    /// A session on this target whose plans may use `ext`.
-    pub async fn connect(&self, ext: &Extensions) -> DfResult<SessionContext> {
-        let ballista = || session_state(SessionConfig::new_with_ballista(), ext);
+    /// A session on this target whose plans may use `ext`, cut into `partitions` partitions
+    /// (None: DataFusion's default, one per core here; Ballista's, 16). A Ballista client sends
+    /// its settings with every job, so the scheduler plans with the same number.
+    pub async fn connect(
+        &self,
+        ext: &Extensions,
+        partitions: Option<usize>,
+    ) -> DfResult<SessionContext> {
+        let config = |c: SessionConfig| match partitions {
+            Some(n) => c.with_target_partitions(n),
+            None => c,
+        };
+        let ballista = || session_state(config(SessionConfig::new_with_ballista()), ext);
         let ctx = match self {
-            Self::Local => return Ok(SessionContext::new_with_state(local_state(ext))),
+            Self::Local => {
+                let state = local_state(config(SessionConfig::new()), ext);
+                return Ok(SessionContext::new_with_state(state));
+            }
             Self::Standalone => SessionContext::standalone_with_state(ballista()?).await?,
             Self::Remote(url) => SessionContext::remote_with_state(url, ballista()?).await?,
         };

@@ -246,21 +246,24 @@ fn built(dir: &Path) -> Result<Built> {
 }
 
 /// Every stage shard of the build in `dir` was written by a task of its plan (named after
-/// its partition, `{split}-pHHHH-NNNNN.parquet`), none by the client.
-fn written_by_tasks(dir: &Path) -> Result<()> {
+/// its partition, `{split}-pHHHH-NNNNN.parquet`), none by the client; the partitions seen.
+fn written_by_tasks(dir: &Path) -> Result<usize> {
     let mut n = 0;
+    let mut partitions = std::collections::BTreeSet::new();
     for stage in ["stage1", "stage2"] {
         for e in std::fs::read_dir(dir.join(stage))? {
             let name = e?.file_name().to_string_lossy().to_string();
+            let partition = name.split('-').nth(1).unwrap_or_default().to_string();
             ensure!(
-                name.split('-').nth(1).is_some_and(|p| p.starts_with('p')),
+                partition.starts_with('p'),
                 "{stage}/{name} was not written by a task of the plan"
             );
+            partitions.insert(partition);
             n += 1;
         }
     }
     ensure!(n > 0, "no shard in {}", dir.display());
-    Ok(())
+    Ok(partitions.len())
 }
 
 /// `b` equals the reference build `a`, row for row.
@@ -315,11 +318,20 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
         reference.0.values().any(|r| r.contains("truncated=true")),
         "no truncated row"
     );
-    for target in ["local", "standalone"] {
+    // Standalone in 3 tasks (of the staged chunks, one per --chunk-rows input rows).
+    for (target, partitions) in [("local", None), ("standalone", Some("3"))] {
         let out = dir.join(target);
-        gram_data_build(&sets, &out, &[&limits[..], &["--cluster", target]].concat())?;
+        let mut args = [&limits[..], &["--cluster", target]].concat();
+        args.extend(partitions.iter().flat_map(|p| ["--partitions", p]));
+        gram_data_build(&sets, &out, &args)?;
         same_build(&reference, &built(&out)?, &format!("--cluster {target}"))?;
-        written_by_tasks(&out)?;
+        let written = written_by_tasks(&out)?;
+        if let Some(p) = partitions {
+            ensure!(
+                written.to_string() == p,
+                "{written} partitions wrote, not {p}"
+            );
+        }
     }
     // The other settings the plan carries: one seeded order per pair, plain prompts, a seed.
     let other = ["--one-order", "--raw", "--seed", "7", "--max-tokens", "512"];
@@ -393,31 +405,55 @@ impl Drop for Kill {
     }
 }
 
+/// A gram-scheduler and `executors` gram-executor processes on this machine (logs in `dir`),
+/// each executor with `slots` task slots; the scheduler's URL. Returns once every executor has
+/// registered.
+fn start_cluster(dir: &Path, executors: usize, slots: usize, fast: bool) -> Result<(Kill, String)> {
+    let sched = free_port()?;
+    let mut args = vec![format!("--bind=127.0.0.1:{sched}")];
+    if fast {
+        // Executors lost are noticed within seconds.
+        args.push("--executor-timeout=4".into());
+    }
+    let mut procs = Kill(vec![spawn_logged(
+        dir,
+        "gram-scheduler",
+        "gram-scheduler",
+        &args,
+    )?]);
+    for i in 0..executors {
+        let mut args = vec![
+            format!("--scheduler=127.0.0.1:{sched}"),
+            "--bind-host=127.0.0.1".into(),
+            "--external-host=127.0.0.1".into(),
+            format!("--port={}", free_port()?),
+            format!("--grpc-port={}", free_port()?),
+            format!("--task-slots={slots}"),
+        ];
+        if fast {
+            args.push("--heartbeat=1".into());
+        }
+        let name = format!("gram-executor-{i}");
+        procs
+            .0
+            .push(spawn_logged(dir, &name, "gram-executor", &args)?);
+    }
+    for i in 0..executors {
+        let log = dir.join(format!("gram-executor-{i}.log"));
+        ensure!(
+            wait_for_log(&log, "registration succeed", 30)?,
+            "executor {i} did not register"
+        );
+    }
+    Ok((procs, format!("df://127.0.0.1:{sched}")))
+}
+
 #[test]
 fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
     let (out, model) = build("cluster-bins")?;
     let logs = out.parent().context("scratch")?;
-    let spawn = |name: &str, args: &[String]| spawn_logged(logs, name, name, args);
-    let sched = free_port()?;
-    let mut procs = Kill(vec![spawn(
-        "gram-scheduler",
-        &[format!("--bind=127.0.0.1:{sched}")],
-    )?]);
-    let ports = (free_port()?, free_port()?);
-    procs.0.push(spawn(
-        "gram-executor",
-        &[
-            format!("--scheduler=127.0.0.1:{sched}"),
-            "--bind-host=127.0.0.1".into(),
-            "--external-host=127.0.0.1".into(),
-            format!("--port={}", ports.0),
-            format!("--grpc-port={}", ports.1),
-            "--task-slots=2".into(),
-        ],
-    )?);
+    let (procs, url) = start_cluster(logs, 1, 2, false)?;
     tokio::runtime::Runtime::new()?.block_on(async {
-        // The scheduler needs a moment to listen, the executor to register.
-        let url = format!("df://127.0.0.1:{sched}");
         let mut ctx = None;
         for _ in 0..100 {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -439,7 +475,6 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
     // The same build submitted to the scheduler equals the one made without it; the output
     // is given relative to gram-data's folder, which is not the executors'.
     let on_cluster = logs.join("on-cluster");
-    let url = format!("df://127.0.0.1:{sched}");
     let o = std::process::Command::new(bin("gram-data")?)
         .current_dir(logs)
         .arg("build")
@@ -455,6 +490,8 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
             "0.1",
         ])
         .args(["--test", "0.12", "--quiet", "--cluster", &url])
+        // 9 staged chunks, cut into 2 tasks: the setting reaches the scheduler.
+        .args(["--chunk-rows", "100", "--partitions", "2"])
         .output()?;
     ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     same_build(
@@ -462,9 +499,10 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
         &built(&on_cluster)?,
         &format!("--cluster {url}"),
     )?;
-    written_by_tasks(&on_cluster)?;
+    let written = written_by_tasks(&on_cluster)?;
+    ensure!(written == 2, "{written} partitions wrote, not 2");
     drop(procs);
-    let log = std::fs::read_to_string(logs.join("gram-executor.log"))?;
+    let log = std::fs::read_to_string(logs.join("gram-executor-0.log"))?;
     ensure!(
         log.contains("Executor"),
         "the executor logged nothing:\n{log}"
@@ -494,43 +532,7 @@ fn a_build_survives_or_cleanly_fails_when_an_executor_is_killed() -> Result<()> 
     // Small chunks: many staged files, so many tasks for both executors.
     let args = ["--max-tokens", "512", "--chunk-rows", "100"];
     gram_data_build(&sets, &dir.join("plain"), &args)?;
-    let spawn = |name: &str, args: &[String]| {
-        let program = if name.starts_with("gram-executor") {
-            "gram-executor"
-        } else {
-            name
-        };
-        spawn_logged(&dir, name, program, args)
-    };
-    let sched = free_port()?;
-    let mut procs = Kill(vec![spawn(
-        "gram-scheduler",
-        &[
-            format!("--bind=127.0.0.1:{sched}"),
-            "--executor-timeout=4".into(),
-        ],
-    )?]);
-    for i in 0..2 {
-        procs.0.push(spawn(
-            &format!("gram-executor-{i}"),
-            &[
-                format!("--scheduler=127.0.0.1:{sched}"),
-                "--bind-host=127.0.0.1".into(),
-                "--external-host=127.0.0.1".into(),
-                format!("--port={}", free_port()?),
-                format!("--grpc-port={}", free_port()?),
-                "--task-slots=1".into(),
-                "--heartbeat=1".into(),
-            ],
-        )?);
-    }
-    for i in 0..2 {
-        let log = dir.join(format!("gram-executor-{i}.log"));
-        ensure!(
-            wait_for_log(&log, "registration succeed", 30)?,
-            "executor {i} did not register"
-        );
-    }
+    let (mut procs, url) = start_cluster(&dir, 2, 1, true)?;
     let out = dir.join("killed");
     let mut build = std::process::Command::new(bin("gram-data")?)
         .arg("build")
@@ -540,7 +542,7 @@ fn a_build_survives_or_cleanly_fails_when_an_executor_is_killed() -> Result<()> 
         .arg("--out")
         .arg(&out)
         .args(args)
-        .args(["--quiet", "--cluster", &format!("df://127.0.0.1:{sched}")])
+        .args(["--quiet", "--cluster", &url])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     // Kill the second executor as soon as it runs a task of the build.
@@ -755,6 +757,8 @@ fn scoring_jobs_on_the_cluster_equal_the_in_process_job() -> Result<()> {
     let cands = dir.join("candidates.parquet");
     candidates_file(&split, &cands)?;
     let judge = crate::score::judge()?;
+    // The scheduler and executor processes (which load onnxruntime as this process does).
+    let (_procs, url) = start_cluster(&dir, 1, 2, false)?;
     let jobs: [(&str, &Path, &[&str]); 3] = [
         ("pairwise", &split, &[]),
         (
@@ -790,8 +794,9 @@ fn scoring_jobs_on_the_cluster_equal_the_in_process_job() -> Result<()> {
             Ok(out)
         };
         let plain = run("plain", &[])?;
-        for target in ["local", "standalone"] {
-            let other = run(target, &["--cluster", target])?;
+        for target in ["local", "standalone", url.as_str()] {
+            let name = target.split(':').next().unwrap_or(target);
+            let other = run(name, &["--cluster", target])?;
             let worst = same_scores(&plain, &other, &format!("{mode} --cluster {target}"))?;
             println!(
                 "{mode} --cluster {target}: every row and column equal, scores within {worst:.2e}"
