@@ -8,11 +8,11 @@
 #
 #   bash benches/cluster_build.sh [ROWS] [ROUNDS]    # default 200000 rows, 1 round
 #
-# Prints wall seconds, the plan's seconds (submit to last row written) and the time before it
+# Prints wall seconds, the plan's seconds (submit to last shard written) and the time before it
 # (reading, mapping, dedup, staging), the gram-data process's CPU seconds (on a cluster: the
 # client's own work, which does not shrink with more executors), its peak RSS, and the sizes
 # that cross the network on a cluster: the staged pairs the executors read and the dataset's
-# Parquet (the rows come back to the client as Arrow IPC, larger than that).
+# Parquet, which the executors write (only counts come back to the client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-200000}"
