@@ -11,8 +11,9 @@
 # Prints wall seconds, the plan's seconds (submit to last shard written) and the time before it
 # (reading, mapping, dedup, staging), the gram-data process's CPU seconds (on a cluster: the
 # client's own work, which does not shrink with more executors), its peak RSS, and the sizes
-# that cross the network on a cluster: the staged pairs the executors read and the dataset's
-# Parquet, which the executors write (only counts come back to the client).
+# that cross the network on a cluster: the staged pairs the executors read, the shuffle (the
+# pairs repartitioned by their dedup key) and the dataset's Parquet, which the executors write
+# (only counts come back to the client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-200000}"
@@ -20,7 +21,7 @@ ROUNDS="${2:-1}"
 source benches/common.sh
 WORK="$GRAM_CACHE/bench-cluster"
 mkdir -p "$WORK" "$GRAM_CACHE/bench-data"
-rm -f "$WORK"/*.jsonl
+rm -f "$WORK"/*.jsonl "$WORK"/*.shuffle
 IN="$GRAM_CACHE/bench-data/synthetic-$ROWS.jsonl"
 [ -s "$IN" ] || python3 benches/data/gen_synthetic.py "$IN" "$ROWS"
 TOK="$(cd ../shared/fixtures/smollm2 && pwd)"
@@ -44,6 +45,9 @@ print(json.dumps({"wall": float(secs), "rss_mib": int(kib) / 1024, "plan": st.ge
                   "written": st["pairs_written"], "dataset_bytes": size}))
 PY
 }
+# The bytes the executors' shuffle wrote for the last build (their work folders, from
+# scripts/cluster.sh, hold nothing else).
+shuffled() { du -scb "$GRAM_CACHE"/cluster/work-* | tail -1 | cut -f1 >> "$WORK/$1.shuffle"; }
 cluster() { RAYON_NUM_THREADS=1 TASK_SLOTS=1 GRAM_BIN="$BIN" bash scripts/cluster.sh start "$1" "$PORT" >/dev/null; }
 trap 'bash scripts/cluster.sh stop' EXIT
 for _ in $(seq "$ROUNDS"); do
@@ -51,8 +55,10 @@ for _ in $(seq "$ROUNDS"); do
     run local --cluster local
     cluster 1
     run executors-1 --cluster "df://127.0.0.1:$PORT"
+    shuffled executors-1
     cluster 2
     run executors-2 --cluster "df://127.0.0.1:$PORT"
+    shuffled executors-2
     bash scripts/cluster.sh stop
 done
 # What the executors read: the staged pairs hold each pair's texts once, as the stage-1 table of
@@ -73,4 +79,7 @@ for name in ["plain", "local", "executors-1", "executors-2"]:
     cpu = statistics.median(r["cpu"] for r in rs)
     print(f"{name:<13} {wall:8.1f} {rows / wall:8.0f} {plan:8.1f} {wall - plan:14.1f} {cpu:16.1f} "
           f"{max(r['rss_mib'] for r in rs):8.0f} {rs[0]['dataset_bytes'] / 2**20:12.1f}")
+for name in ["executors-1", "executors-2"]:
+    sh = [int(l) for l in open(f"{work}/{name}.shuffle")]
+    print(f"{name}: shuffle files {statistics.median(sh) / 2**20:.1f} MiB")
 PY

@@ -35,6 +35,7 @@ start)
     n="${2:-2}" port="${3:-50050}" slots="${TASK_SLOTS:-1}"
     bin="$(bins)"
     stop
+    rm -rf "$STATE"/work-*
     "$bin/gram-scheduler" --bind "127.0.0.1:$port" >"$STATE/scheduler.log" 2>&1 &
     echo $! >"$STATE/scheduler.pid"
     for _ in $(seq 100); do listening "$port" && break; sleep 0.2; done
@@ -42,6 +43,7 @@ start)
     for i in $(seq 0 $((n - 1))); do
         "$bin/gram-executor" --scheduler "127.0.0.1:$port" --bind-host 127.0.0.1 --external-host 127.0.0.1 \
             --port $((port + 1 + 2 * i)) --grpc-port $((port + 2 + 2 * i)) --task-slots "$slots" \
+            --work-dir "$(mkdir -p "$STATE/work-$i" && cd "$STATE/work-$i" && pwd)" \
             >"$STATE/executor-$i.log" 2>&1 &
         echo $! >"$STATE/executor-$i.pid"
     done

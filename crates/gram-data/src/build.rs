@@ -22,7 +22,7 @@ use crate::map::{MappedPair, Mapper};
 use crate::pairs::check_pair;
 use crate::plan::Staged;
 use crate::read::{Chunk, Reject, read_file};
-use crate::shards::{Outputs, Writer, tally};
+use crate::shards::{Outputs, Rejected, Writer, tally};
 use crate::sink::SinkSpec;
 use crate::spec::Spec;
 use crate::stage::stage_rows;
@@ -514,8 +514,13 @@ impl<'a> Run<'a> {
         st.pairs += pairs.len() as u64;
         let mut checked = Vec::with_capacity(pairs.len());
         for (m, idx) in pairs {
-            match check_pair(m, idx, spec, self.opts, &mut self.seen) {
-                Ok(p) => checked.push(p),
+            match check_pair(m, idx, spec, self.opts) {
+                // With --cluster, the plan finds the duplicates.
+                Ok(p) if self.staged.is_some() => checked.push(p),
+                Ok(p) => match self.seen.first_seen(p.key, &p.file, p.row) {
+                    Some(first) => rejects.push(p.duplicate(&first)),
+                    None => checked.push(p),
+                },
                 Err(r) => rejects.push(r),
             }
         }
@@ -527,7 +532,7 @@ impl<'a> Run<'a> {
                 let made: Vec<_> = checked
                     .into_par_iter()
                     .map(|p| {
-                        let m = stage_rows(&p, opts, tokenizer);
+                        let m = stage_rows(&p, opts, tokenizer).map_err(Rejected::Pair);
                         (p, m)
                     })
                     .collect();

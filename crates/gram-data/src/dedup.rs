@@ -63,12 +63,7 @@ impl Seen {
         let k = ((key >> 64) as u64, key as u64);
         let shard = &mut self.shards[(k.0 >> 58) as usize % SEEN_SHARDS];
         if let Some(&(f, r)) = shard.get(&k) {
-            let at = if r == u32::MAX {
-                "beyond row 4294967294".to_string()
-            } else {
-                format!("row {r}")
-            };
-            return Some(format!("at {} {at}", self.files[f as usize]));
+            return Some(seen_at(&self.files[f as usize], u64::from(r)));
         }
         let f = match self.file_ids.get(file) {
             Some(&f) => f,
@@ -81,6 +76,15 @@ impl Seen {
         };
         shard.insert(k, (f, u32::try_from(row).unwrap_or(u32::MAX)));
         None
+    }
+}
+
+/// Where a pair was first seen, as a duplicate's reject reason names it (rows past u32 are kept
+/// as "beyond", as [`Seen`] stores them).
+pub(crate) fn seen_at(file: &str, row: u64) -> String {
+    match u32::try_from(row) {
+        Ok(r) if r != u32::MAX => format!("at {file} row {r}"),
+        _ => format!("at {file} beyond row 4294967294"),
     }
 }
 

@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use crate::build::BuildOptions;
-use crate::dedup::Seen;
 use crate::map::MappedPair;
 use crate::read::Reject;
 use crate::spec::Spec;
@@ -55,24 +54,56 @@ pub(crate) struct Pair {
     pub(crate) label: Option<&'static str>,
     /// The raw pair's metadata (JSON), carried into stage 2.
     pub(crate) metadata: Option<String>,
+    /// The label as the mapping gave it (for a duplicate's reject).
+    pub(crate) raw_label: Option<String>,
+    /// What makes two pairs duplicates: a hash of the normalised prompt and responses (the
+    /// responses in either order).
+    pub(crate) key: u128,
+}
+
+impl Pair {
+    /// The reject of this pair as a duplicate of the one `first` names ([`crate::dedup::seen_at`]).
+    pub(crate) fn duplicate(&self, first: &str) -> Reject {
+        Reject {
+            file: self.file.clone(),
+            row: self.row,
+            reason: format!("duplicate of pair {first}"),
+            raw: Some(raw_json(
+                Some(&self.prompt),
+                Some(&self.a),
+                Some(&self.b),
+                self.raw_label.as_deref(),
+            )),
+        }
+    }
+}
+
+/// A mapped pair as its reject's `raw` column holds it.
+fn raw_json(prompt: Option<&str>, a: Option<&str>, b: Option<&str>, label: Option<&str>) -> String {
+    serde_json::json!({"prompt": prompt, "response_a": a, "response_b": b, "label": label})
+        .to_string()
 }
 
 /// A mapped pair checked: its fields present, its label in the domain, its responses non-empty
-/// and distinct, not seen before; with its id and split. Otherwise the reject, with its reason.
+/// and distinct; with its id, split and duplicate key (whether it was seen before is the
+/// caller's check: [`crate::dedup::Seen`], or the `--cluster` plan). Otherwise the reject, with
+/// its reason.
 pub(crate) fn check_pair(
     m: MappedPair,
     idx: u32,
     spec: &Spec,
     opts: &BuildOptions,
-    seen: &mut Seen,
 ) -> std::result::Result<Pair, Reject> {
-    let rej = |reason: String, m: &MappedPair| {
-        Reject {
+    let rej = |reason: String, m: &MappedPair| Reject {
         file: m.file.clone(),
         row: m.row,
         reason,
-        raw: Some(serde_json::json!({"prompt": m.prompt, "response_a": m.response_a, "response_b": m.response_b, "label": m.label}).to_string()),
-    }
+        raw: Some(raw_json(
+            m.prompt.as_deref(),
+            m.response_a.as_deref(),
+            m.response_b.as_deref(),
+            m.label.as_deref(),
+        )),
     };
     if let Some(r) = &m.reject {
         return Err(rej(r.clone(), &m));
@@ -149,9 +180,6 @@ pub(crate) fn check_pair(
     let key = blake3::hash([norm(prompt).as_str(), lo, hi].join("\u{0}").as_bytes());
     let mut k = [0u8; 16];
     k.copy_from_slice(&key.as_bytes()[..16]);
-    if let Some(first) = seen.first_seen(u128::from_le_bytes(k), &m.file, m.row) {
-        return Err(rej(format!("duplicate of pair {first}"), &m));
-    }
     Ok(Pair {
         file: m.file.clone(),
         row: m.row,
@@ -163,5 +191,7 @@ pub(crate) fn check_pair(
         b: b.clone(),
         label,
         metadata: m.metadata.clone(),
+        raw_label: m.label.clone(),
+        key: u128::from_le_bytes(k),
     })
 }

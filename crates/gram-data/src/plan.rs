@@ -22,6 +22,7 @@ use crate::build::BuildOptions;
 use crate::cluster::Target;
 use crate::error::{Error, OrInternal, Result};
 use crate::pairs::Pair;
+use crate::shards::Rejected;
 use crate::sink::{ShardSink, SinkSpec};
 use crate::stage::{Example, StageRow, assemble, swapped};
 use crate::stats::Stats;
@@ -53,6 +54,10 @@ impl Staged {
             s("label", true),
             s("metadata", true),
             Field::new("swap", DataType::Boolean, false),
+            s("raw_label", true),
+            // Dedup: the pair's key, and its place in the input (the first of equal keys stays).
+            s("dedup_key", false),
+            Field::new("seq", DataType::UInt64, false),
         ]));
         Ok(Self {
             dir,
@@ -86,6 +91,14 @@ impl Staged {
                     .map(|p| Some(swapped(p, opts)))
                     .collect::<BooleanArray>(),
             ),
+            strings(&|p| p.raw_label.as_deref()),
+            Arc::new(
+                pairs
+                    .iter()
+                    .map(|p| Some(format!("{:032x}", p.key)))
+                    .collect::<StringArray>(),
+            ),
+            Arc::new((self.pairs..).take(pairs.len()).collect::<UInt64Array>()),
         ];
         let batch = RecordBatch::try_new(self.schema.clone(), cols).or_internal("staged pairs")?;
         let path = self.dir.join(format!("pairs-{:05}.parquet", self.files));
@@ -101,20 +114,30 @@ impl Staged {
     }
 }
 
-/// The query that splits and tokenises the staged pairs with the model at `model` (an absolute
-/// path the executors can read; none: text only): the pair's columns, its split by
-/// `gram_split` (as the build's checks computed it) and, per example, `gram_tokens`'s
-/// struct (`t1`: stage 1 in the pair's seeded order; `t_ab`, `t_ba`: stage 2 as given and
-/// exchanged, for labeled pairs in the orders the build presents).
+/// The query that deduplicates, splits and tokenises the staged pairs with the model at
+/// `model` (an absolute path the executors can read; none: text only): the pair's columns; its
+/// split by `gram_split` (as the build's checks computed it); for a duplicate (a pair whose key
+/// an earlier pair of the input has), where that first one is (`dup_file`, `dup_row`); and, per
+/// example of the others, `gram_tokens`'s struct (`t1`: stage 1 in the pair's seeded order;
+/// `t_ab`, `t_ba`: stage 2 as given and exchanged, for labeled pairs in the orders the build
+/// presents).
 pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
     let split = format!(
         "gram_split(prompt, CAST({:?} AS DOUBLE), CAST({:?} AS DOUBLE)) AS split",
         opts.valid_frac, opts.test_frac
     );
-    let base =
-        format!("source, file, row, id, {split}, prompt, response_a, response_b, label, metadata");
+    let first = "OVER (PARTITION BY dedup_key ORDER BY seq)";
+    let ranked = format!(
+        "(SELECT *, row_number() {first} AS gram_rank, first_value(file) {first} AS first_file, \
+         first_value(row) {first} AS first_row FROM {TABLE})"
+    );
+    let base = format!(
+        "source, file, row, id, {split}, prompt, response_a, response_b, label, metadata, \
+         raw_label, CASE WHEN gram_rank > 1 THEN first_file END AS dup_file, \
+         CASE WHEN gram_rank > 1 THEN first_row END AS dup_row"
+    );
     let Some(model) = model else {
-        return Ok(format!("SELECT {base} FROM {TABLE}"));
+        return Ok(format!("SELECT {base} FROM {ranked}"));
     };
     let model = model
         .to_str()
@@ -142,12 +165,12 @@ pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
     } else {
         ("NOT swap", "swap")
     };
-    let labeled = "label IN ('a', 'b')";
+    let labeled = "gram_rank = 1 AND label IN ('a', 'b')";
     Ok(format!(
-        "SELECT {base}, {t1} AS t1, \
+        "SELECT {base}, CASE WHEN gram_rank = 1 THEN {t1} END AS t1, \
          CASE WHEN {labeled} AND {ab} THEN {} END AS t_ab, \
          CASE WHEN {labeled} AND {ba} THEN {} END AS t_ba \
-         FROM {TABLE}",
+         FROM {ranked}",
         tokens("stage2", "response_a", "response_b"),
         tokens("stage2", "response_b", "response_a"),
     ))
@@ -181,20 +204,22 @@ fn tokens_at(c: &StructArray, i: usize) -> Option<std::result::Result<Tokens, St
     }))
 }
 
-/// A pair with its stage rows, or why it cannot be tokenised (its reject reason).
+/// A pair with its stage rows, or why it is not written.
 pub(crate) type Made = (
     Pair,
-    std::result::Result<(Vec<StageRow>, Vec<StageRow>), String>,
+    std::result::Result<(Vec<StageRow>, Vec<StageRow>), crate::shards::Rejected>,
 );
 
-/// The pair columns of a result batch (the staged table's, as text).
+/// The pair columns of a result batch (the staged table's, as text), and where a duplicate's
+/// first pair is.
 struct PairColumns {
-    text: [StringArray; 9],
+    text: [StringArray; 10],
     row: UInt64Array,
+    dup: (StringArray, UInt64Array),
 }
 
 impl PairColumns {
-    const NAMES: [&str; 9] = [
+    const NAMES: [&str; 10] = [
         "source",
         "file",
         "id",
@@ -204,6 +229,7 @@ impl PairColumns {
         "response_b",
         "label",
         "metadata",
+        "raw_label",
     ];
 
     fn new(b: &RecordBatch) -> Result<Self> {
@@ -211,17 +237,39 @@ impl PairColumns {
         for n in Self::NAMES {
             text.push(self::text(b, n)?);
         }
-        let row = b.column_by_name("row").or_internal("row")?;
-        let row = arrow::compute::cast(row, &DataType::UInt64).or_internal("row")?;
+        let u64s = |name: &str| -> Result<UInt64Array> {
+            let c = b.column_by_name(name).or_internal(name)?;
+            let c = arrow::compute::cast(c, &DataType::UInt64).or_internal(name)?;
+            Ok(c.as_primitive::<UInt64Type>().clone())
+        };
         Ok(Self {
             text: text.try_into().ok().or_internal("pair columns")?,
-            row: row.as_primitive::<UInt64Type>().clone(),
+            row: u64s("row")?,
+            dup: (self::text(b, "dup_file")?, u64s("dup_row")?),
         })
+    }
+
+    /// Where the first pair is, if row `i` is a duplicate of it.
+    fn first_of(&self, i: usize) -> Option<String> {
+        let (file, row) = &self.dup;
+        file.is_valid(i)
+            .then(|| crate::dedup::seen_at(file.value(i), row.value(i)))
     }
 
     /// Row `i` as the checked pair it was staged from.
     fn pair(&self, i: usize) -> Result<Pair> {
-        let [source, file, id, split, prompt, a, b, label, meta] = &self.text;
+        let [
+            source,
+            file,
+            id,
+            split,
+            prompt,
+            a,
+            b,
+            label,
+            meta,
+            raw_label,
+        ] = &self.text;
         let s = |c: &StringArray| c.value(i).to_string();
         Ok(Pair {
             file: s(file),
@@ -234,6 +282,9 @@ impl PairColumns {
             b: s(b),
             label: static_label(label.is_valid(i).then(|| label.value(i)))?,
             metadata: meta.is_valid(i).then(|| s(meta)),
+            raw_label: raw_label.is_valid(i).then(|| s(raw_label)),
+            // The plan found the duplicates; the key is not needed past it.
+            key: 0,
         })
     }
 }
@@ -251,6 +302,11 @@ pub(crate) fn rows_of(
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
         let p = pairs.pair(i)?;
+        if let Some(first) = pairs.first_of(i) {
+            let reject = p.duplicate(&first);
+            out.push((p, Err(Rejected::Row(reject))));
+            continue;
+        }
         let mut missing = None;
         let made = assemble(&p, opts, labels, |example, _, _| {
             let column = match example {
@@ -273,7 +329,7 @@ pub(crate) fn rows_of(
                 p.id
             )));
         }
-        out.push((p, made));
+        out.push((p, made.map_err(Rejected::Pair)));
     }
     Ok(out)
 }

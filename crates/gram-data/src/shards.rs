@@ -291,6 +291,14 @@ impl Writer {
     }
 }
 
+/// Why a checked pair was not written: a reason about the pair (its reject says `pair ID:
+/// REASON`), or a reject made whole elsewhere (a duplicate's).
+#[derive(Debug)]
+pub(crate) enum Rejected {
+    Pair(String),
+    Row(Reject),
+}
+
 /// Counts a pair's outcome into its source's stats and sorts it into stage rows or a reject.
 pub(crate) fn tally(
     (p, made): Made,
@@ -307,11 +315,12 @@ pub(crate) fn tally(
             s1.extend(a);
             s2.extend(b);
         }
-        Err(e) => rejects.push(Reject {
+        Err(Rejected::Pair(e)) => rejects.push(Reject {
             file: p.file,
             row: p.row,
             reason: format!("pair {}: {e}", p.id),
             raw: None,
         }),
+        Err(Rejected::Row(r)) => rejects.push(r),
     }
 }
