@@ -92,9 +92,9 @@ enum Cmd {
         /// there, and the executors write the shards there.
         #[arg(long, value_parser = gram_data::cluster::Target::parse)]
         cluster: Option<gram_data::cluster::Target>,
-        /// With --cluster: tasks the plan is cut into, each writing its own shards (at most one
-        /// per chunk of --chunk-rows input rows). Default: the session's target partitions
-        /// (on Ballista 16; locally one per core).
+        /// With --cluster: tasks the plan is cut into after the pairs are repartitioned by
+        /// their dedup key, each tokenising and writing its own shards. Default: the session's
+        /// target partitions (on Ballista 16; locally one per core).
         #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u32).range(1..))]
         partitions: Option<u32>,
     },

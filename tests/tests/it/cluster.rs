@@ -318,7 +318,7 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
         reference.0.values().any(|r| r.contains("truncated=true")),
         "no truncated row"
     );
-    // Standalone in 3 tasks (of the staged chunks, one per --chunk-rows input rows).
+    // Standalone in 3 tasks (after the repartition by dedup key).
     for (target, partitions) in [("local", None), ("standalone", Some("3"))] {
         let out = dir.join(target);
         let mut args = [&limits[..], &["--cluster", target]].concat();
@@ -490,7 +490,7 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
             "0.1",
         ])
         .args(["--test", "0.12", "--quiet", "--cluster", &url])
-        // 9 staged chunks, cut into 2 tasks: the setting reaches the scheduler.
+        // Cut into 2 tasks: the setting reaches the scheduler.
         .args(["--chunk-rows", "100", "--partitions", "2"])
         .output()?;
     ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
