@@ -134,13 +134,32 @@ pub fn bin(name: &str) -> Result<PathBuf> {
                 .to_path_buf();
             let target_dir = profile_dir.parent().ok_or("no target dir")?.to_path_buf();
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = std::process::Command::new(cargo)
+            let mut build = std::process::Command::new(cargo);
+            build
                 .args(["build", "--quiet", "--bins", "--manifest-path"])
                 .arg(repo_root().join("Cargo.toml"))
                 .arg("--target-dir")
-                .arg(&target_dir)
-                .status()
-                .map_err(|e| format!("running cargo: {e}"))?;
+                .arg(&target_dir);
+            // What cargo sets for this test binary is not for the build: a build script that
+            // watches one (ring's watches CARGO_MANIFEST_DIR) would rerun, and everything above
+            // it (object_store, DataFusion, Ballista, our crates) would be compiled again here
+            // and once more by the next `cargo build`.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy();
+                let set_by_cargo = [
+                    "CARGO_PKG_",
+                    "CARGO_BIN_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                ]
+                .iter()
+                .any(|p| k.starts_with(p))
+                    || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*k);
+                if set_by_cargo {
+                    build.env_remove(&*k);
+                }
+            }
+            let status = build.status().map_err(|e| format!("running cargo: {e}"))?;
             if !status.success() {
                 return Err("cargo build --bins failed".to_string());
             }
