@@ -3,6 +3,7 @@
 # outside the clone. Idempotent: every step checks before it fetches.
 #
 #   scripts/setup.sh            # apt packages + model + onnxruntime + Python onnx (checker)
+#                               # + moto's S3 server (s3:// output tests)
 #   GRAM_CACHE=/somewhere scripts/setup.sh
 #
 # Prints `export` lines for the environment it prepared (eval them, or source scripts/env.sh).
@@ -71,6 +72,18 @@ if ! "$ONNX_PY" -c 'import onnx' 2>/dev/null; then
         :
     else
         log "could not install onnx; the export tests will skip onnx.checker"
+    fi
+fi
+
+# 5. moto's S3 server (and boto3) in a small venv: the tests build onto s3:// against it.
+S3_PY="$CACHE/s3-venv/bin/python"
+if ! "$S3_PY" -c 'import moto.server, boto3' 2>/dev/null; then
+    log "installing moto's S3 server (the s3:// output tests)"
+    if ${PYTHON:-python3} -m venv "$CACHE/s3-venv" >/dev/null 2>&1 \
+        && "$CACHE/s3-venv/bin/pip" -q install --disable-pip-version-check "moto[s3]==5.2.1" "flask==3.1.3" "flask-cors==6.0.2" >/dev/null 2>&1; then
+        :
+    else
+        log "could not install moto; the s3:// output test will be skipped"
     fi
 fi
 

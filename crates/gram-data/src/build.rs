@@ -1,8 +1,9 @@
 //! `gram-data build`: sources -> raw pairs (SQL mapping, [`crate::map`]) -> checks, dedup, split
 //! ([`crate::pairs`]) -> tokenised stage-1 and stage-2 rows ([`crate::stage`]) -> Parquet shards
 //! and a rejects table ([`crate::shards`]), with a stats report ([`crate::stats`]). Streams in
-//! chunks; writes into a temporary folder renamed into place at the end; checks that every input
-//! row is either written or rejected with a reason.
+//! chunks; writes into a temporary folder that becomes the dataset only when complete
+//! ([`crate::dest`]: renamed into place, or put on an object store with the manifest last);
+//! checks that every input row is either written or rejected with a reason.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::dedup::Seen;
+use crate::dest::Dest;
 use crate::error::{Error, OrInternal, Result};
 use crate::map::{MappedPair, Mapper};
 use crate::pairs::check_pair;
@@ -42,8 +44,12 @@ pub struct BuildOptions {
     pub pipelines: Vec<PathBuf>,
     /// Input files replacing the spec's own (only with one pipeline).
     pub inputs: Vec<PathBuf>,
-    /// Output folder.
+    /// Output folder, or an object-store URL (`s3://BUCKET/PREFIX`, `file:///PATH`).
     pub out: PathBuf,
+    /// With an object-store output: the local folder the build writes into before its files
+    /// go up (with `--cluster df://`, one every executor reads: the pairs are staged there);
+    /// None: the system's temporary folder.
+    pub work_dir: Option<PathBuf>,
     /// Model folder or GGUF whose tokenizer and chat template to use; none: text only.
     pub model: Option<PathBuf>,
     /// Prompt style; None: the chat template when the tokenizer has one.
@@ -84,6 +90,7 @@ impl Default for BuildOptions {
             pipelines: Vec::new(),
             inputs: Vec::new(),
             out: PathBuf::from("data/gram"),
+            work_dir: None,
             model: None,
             chat: None,
             max_tokens: 2048,
@@ -119,12 +126,6 @@ fn check_options(opts: &BuildOptions) -> Result<()> {
         || opts.test_frac < 0.0
     {
         return bad("--valid and --test fractions must be >= 0 and sum to < 1");
-    }
-    if opts.out.exists() && !opts.overwrite {
-        return Err(Error::Options(format!(
-            "{} already exists (use --overwrite to replace it)",
-            opts.out.display()
-        )));
     }
     Ok(())
 }
@@ -201,10 +202,12 @@ fn tok_path(opts: &BuildOptions) -> String {
         .map_or_else(String::new, |m| m.display().to_string())
 }
 
-/// Runs a build. Returns the stats (also saved as `stats.json` in the output folder).
+/// Runs a build. Returns the stats (also saved as `stats.json` in the output).
 pub fn build(opts: &BuildOptions) -> Result<Stats> {
     let t0 = Instant::now();
     check_options(opts)?;
+    let dest = Dest::of(opts)?;
+    dest.check(opts.overwrite)?;
     // Everything that can be checked is checked before any data is read.
     let sources = Sources::load(opts)?;
     if let Some(target) = &opts.cluster {
@@ -213,22 +216,7 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
     let tok = load_tokenizer(opts)?;
     let tokenizer = tok.as_ref().map(|t| fitting(opts, t)).transpose()?;
 
-    let parent = opts
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::output(parent, e))?;
-    let name = opts
-        .out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("out");
-    remove_stale_partials(parent, name);
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::output(&tmp, e))?;
-    }
+    let tmp = dest.prepare(opts)?;
     let total_bytes = sources.total_bytes();
     let result = Run::new(
         opts,
@@ -239,53 +227,13 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
         total_bytes,
     )
     .and_then(|run| run.sources(&sources))
-    .and_then(|run| run.planned(&tmp))
-    .and_then(|run| run.finish(&tmp));
-    let stats = match result {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    move_into_place(&tmp, &opts.out, parent, name)?;
-    Ok(stats)
-}
-
-/// Renames the finished `tmp` folder to `out`, replacing an old `out` (moved aside first).
-fn move_into_place(tmp: &Path, out: &Path, parent: &Path, name: &str) -> Result<()> {
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old)
-            .map_err(|e| Error::output(out, format!("moving the old folder aside: {e}")))?;
-        std::fs::rename(tmp, out).map_err(|e| Error::output(out, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| Error::output(&old, e))?;
-    } else {
-        std::fs::rename(tmp, out)
-            .map_err(|e| Error::output(out, format!("moving the build into place: {e}")))?;
+    .and_then(|run| run.planned(&tmp, &dest))
+    .and_then(|run| run.finish(&tmp, &dest))
+    .and_then(|stats| dest.publish(&tmp).map(|()| stats));
+    if result.is_err() {
+        dest.discard(&tmp);
     }
-    Ok(())
-}
-
-/// Removes `.NAME.partial-PID` folders that killed builds left behind (their process is gone).
-fn remove_stale_partials(parent: &Path, name: &str) {
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    let prefix = format!(".{name}.partial-");
-    for e in entries.flatten() {
-        let file = e.file_name();
-        let Some(pid) = file
-            .to_str()
-            .and_then(|f| f.strip_prefix(&prefix))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
+    result
 }
 
 /// A progress bar over the input's bytes, with the rows read and their rate.
@@ -408,6 +356,8 @@ struct Run<'a> {
     staged: Option<Staged>,
     /// Every Parquet file's key-value metadata.
     meta: Vec<(String, String)>,
+    /// The files the plan's tasks wrote (paths relative to the output).
+    task_files: Vec<String>,
     t0: Instant,
 }
 
@@ -423,7 +373,7 @@ impl<'a> Run<'a> {
         let meta = Self::file_metadata(opts, tok, tokenizer)?;
         let out = Outputs::new(tmp, opts.shard_rows, &meta, "")?;
         let staged = match opts.cluster {
-            Some(_) => Some(Staged::new(tmp.join(".pairs"))?),
+            Some(_) => Some(Staged::new(tmp.join(crate::dest::STAGED))?),
             None => None,
         };
         Ok(Self {
@@ -435,6 +385,7 @@ impl<'a> Run<'a> {
             progress: Progress::new(opts.progress, total_bytes, t0),
             staged,
             meta,
+            task_files: Vec::new(),
             t0,
         })
     }
@@ -548,7 +499,7 @@ impl<'a> Run<'a> {
     /// With `--cluster`: tokenises the staged pairs in one plan on the target, whose tasks
     /// write the shards into the build's folder, and adds up what they wrote (then removes
     /// the staged files).
-    fn planned(mut self, tmp: &Path) -> Result<Self> {
+    fn planned(mut self, tmp: &Path, dest: &Dest) -> Result<Self> {
         let (Some(staged), Some(target)) = (self.staged.take(), self.opts.cluster.clone()) else {
             return Ok(self);
         };
@@ -559,12 +510,8 @@ impl<'a> Run<'a> {
         let sql = crate::plan::sql(self.opts, model.as_deref())?;
         let t0 = Instant::now();
         if staged.pairs > 0 {
-            let dir = std::fs::canonicalize(tmp).map_err(|e| Error::output(tmp, e))?;
             let spec = SinkSpec {
-                dir: dir
-                    .to_str()
-                    .ok_or_else(|| Error::output(&dir, "not a UTF-8 path"))?
-                    .to_string(),
+                dest: dest.sink(tmp)?,
                 seed: self.opts.seed,
                 both_orders: self.opts.both_orders,
                 drop_over: self.opts.drop_over,
@@ -575,8 +522,9 @@ impl<'a> Run<'a> {
             let bar = planned_bar(self.opts.progress, staged.pairs, &target);
             let parts = crate::plan::run(&target, &staged.dir, &sql, &spec, self.opts.partitions)?;
             bar.finish_and_clear();
-            for p in &parts {
-                self.w.stats.absorb(p);
+            for p in parts {
+                self.w.stats.absorb(&p.stats);
+                self.task_files.extend(p.files);
             }
         }
         std::fs::remove_dir_all(&staged.dir).map_err(|e| Error::output(&staged.dir, e))?;
@@ -584,10 +532,13 @@ impl<'a> Run<'a> {
         Ok(self)
     }
 
-    /// Closes the files, checks that no row was lost, and writes the manifest and the stats.
-    fn finish(self, tmp: &Path) -> Result<Stats> {
-        let mut stats = self.w.close()?;
-        crate::shards::remove_partials(tmp)?;
+    /// Closes the files, removes those no writer reported, checks that no row was lost, and
+    /// writes the manifest (naming every file of the dataset) and the stats.
+    fn finish(self, tmp: &Path, dest: &Dest) -> Result<Stats> {
+        let (mut stats, mut files) = self.w.close()?;
+        files.extend(self.task_files);
+        files.sort();
+        dest.remove_strays(tmp, &files.iter().cloned().collect())?;
         stats.lossless = lossless(&stats);
         stats.stage1_tokens.finish();
         stats.stage2_tokens.finish();
@@ -604,6 +555,7 @@ impl<'a> Run<'a> {
             "tokenizer": self.tok.map(GramTokenizer::fingerprint),
             "label_ids": self.tokenizer.map(|t| t.labels),
             "max_tokens": self.opts.max_tokens,
+            "files": files,
         });
         for (file, value) in [
             ("manifest.json", &manifest),

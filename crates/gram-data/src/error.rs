@@ -46,6 +46,10 @@ pub enum Error {
         /// The OS's or the writer's error.
         msg: String,
     },
+    /// An object-store output (`--out s3://...`, `file://...`) that could not be opened,
+    /// listed, written or deleted; the message names the URL.
+    #[error("{0}")]
+    Store(String),
     /// A plan that could not be run where `--cluster` sent it: the scheduler cannot be reached,
     /// or an executor cannot read the staged pairs or the model.
     #[error("--cluster {target}: {msg}")]

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod cluster;
 mod dedup;
+mod dest;
 pub mod error;
 pub mod map;
 mod pairs;

@@ -19,8 +19,11 @@ enum Cmd {
     /// Run pipelines (pipelines/*.toml) into tokenised stage-1 / stage-2 Parquet datasets.
     ///
     /// Writes OUT/stage1/{train,valid,test}-NNNNN.parquet, OUT/stage2/..., OUT/rejects-00000.parquet
-    /// (every row that reached no dataset, with its reason), OUT/stats.json and OUT/manifest.json.
-    /// The folder appears only when the build is complete.
+    /// (every row that reached no dataset, with its reason), OUT/stats.json and OUT/manifest.json
+    /// (which names every file). A folder appears only when the build is complete; on an object
+    /// store (OUT = s3://BUCKET/PREFIX or file:///PATH) the manifest is put last, after every
+    /// other file, so a dataset without one is incomplete. S3 settings come from the AWS_*
+    /// environment (AWS_ENDPOINT_URL and AWS_ALLOW_HTTP=true for an S3-compatible server).
     ///
     /// Examples:
     ///   gram-data build pipelines/hh-rlhf-harmless.toml --model ./SmolLM2 --out data/hh
@@ -28,14 +31,22 @@ enum Cmd {
     ///   gram-data build pipelines/chosen-rejected.toml --input 'my/*.jsonl' --out data/mine
     ///   gram-data build pipelines/*.toml --model /shared/model.gguf --out /shared/data/all \
     ///       --cluster df://scheduler:50050
+    ///   gram-data build pipelines/*.toml --model /shared/model.gguf --out s3://bucket/gram/all \
+    ///       --cluster df://scheduler:50050 --work-dir /shared/tmp
     #[command(verbatim_doc_comment)]
     Build {
         /// Pipeline spec files.
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
-        /// Output folder (must not exist unless --overwrite).
+        /// Output folder, or object-store URL (s3://BUCKET/PREFIX, file:///PATH); must not exist
+        /// (or hold objects) unless --overwrite.
         #[arg(long, short)]
         out: PathBuf,
+        /// With an object-store OUT: the local folder the build writes into before its files go
+        /// up (default: the system's temporary folder). With --cluster df://, give one that every
+        /// executor reads: the pairs are staged there.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
         /// Model folder or .gguf whose tokenizer and chat template tokenise the data (none: text only).
         #[arg(long)]
         model: Option<PathBuf>,
@@ -76,7 +87,8 @@ enum Cmd {
         /// Rows read per chunk (bounds memory).
         #[arg(long, default_value_t = 4096)]
         chunk_rows: usize,
-        /// Replace OUT if it exists.
+        /// Replace OUT if it exists (on an object store, the old objects are removed when the
+        /// build starts).
         #[arg(long)]
         overwrite: bool,
         /// No progress bar.
@@ -87,9 +99,10 @@ enum Cmd {
         threads: Option<usize>,
         /// Tokenise in one DataFusion plan run by a Ballista cluster (df://HOST:PORT, a
         /// gram-scheduler), by a scheduler and executor in this process (`standalone`), or by
-        /// this process (`local`). On a cluster, OUT's parent folder and the model must be on
-        /// paths every executor reads and writes (a shared file system): the pairs are staged
-        /// there, and the executors write the shards there.
+        /// this process (`local`). On a cluster, the model and OUT's parent folder (or, with an
+        /// object-store OUT, --work-dir) must be on paths every executor reads (a shared file
+        /// system): the pairs are staged there. The executors write the shards into OUT, or put
+        /// them on its object store (with the AWS_* settings of their own environment).
         #[arg(long, value_parser = gram_data::cluster::Target::parse)]
         cluster: Option<gram_data::cluster::Target>,
         /// With --cluster: tasks the plan is cut into after the pairs are repartitioned by
@@ -112,6 +125,7 @@ fn main() -> ExitCode {
     let Cmd::Build {
         pipelines,
         out,
+        work_dir,
         model,
         inputs,
         max_tokens,
@@ -136,6 +150,7 @@ fn main() -> ExitCode {
         pipelines,
         inputs,
         out: out.clone(),
+        work_dir,
         model,
         chat: if chat {
             Some(true)

@@ -25,7 +25,6 @@ use crate::pairs::Pair;
 use crate::shards::Rejected;
 use crate::sink::{ShardSink, SinkSpec};
 use crate::stage::{Example, StageRow, assemble, swapped};
-use crate::stats::Stats;
 
 /// The staged pairs' table in the plan's session.
 pub(crate) const TABLE: &str = "gram_pairs";
@@ -361,14 +360,14 @@ pub(crate) fn check_reachable(target: &Target) -> Result<()> {
 
 /// Runs `sql` over the staged pairs in `dir` on `target`, with its rows written as the build's
 /// shards where the plan's tasks run ([`crate::sink`]) in `partitions` partitions (None: the
-/// session's default); what each partition wrote, counted.
+/// session's default); what each partition wrote.
 pub(crate) fn run(
     target: &Target,
     dir: &Path,
     sql: &str,
     spec: &SinkSpec,
     partitions: Option<usize>,
-) -> Result<Vec<Stats>> {
+) -> Result<Vec<crate::sink::Part>> {
     use datafusion::logical_expr::{Extension, LogicalPlan};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -399,10 +398,10 @@ pub(crate) fn run(
             .collect()
             .await
             .map_err(fail)?;
-        let mut counts = Vec::new();
+        let mut parts = Vec::new();
         for b in &written {
-            counts.extend(crate::sink::counts(b)?);
+            parts.extend(crate::sink::parts(b)?);
         }
-        Ok(counts)
+        Ok(parts)
     })
 }

@@ -5,7 +5,7 @@
 //! shard's name is a whole shard, whoever wrote it (the build, or a task of its plan that a
 //! cluster may run more than once).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -41,10 +41,11 @@ impl Outputs {
     ) -> Result<Self> {
         let mut stages = HashMap::new();
         for (ds, sub) in [(Dataset::Stage1, "stage1"), (Dataset::Stage2, "stage2")] {
-            let sub = dir.join(sub);
-            std::fs::create_dir_all(&sub).map_err(|e| Error::output(&sub, e))?;
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|e| Error::output(&path, e))?;
             for split in SPLITS {
-                let w = Shards::new(sub.clone(), &format!("{split}{tag}"), ds, shard_rows, meta);
+                let name = format!("{sub}/{split}{tag}");
+                let w = Shards::new(dir.to_path_buf(), &name, ds, shard_rows, meta);
                 stages.insert((ds, split), w);
             }
         }
@@ -76,18 +77,23 @@ impl Outputs {
         self.rejects.write(batch)
     }
 
-    /// Closes every file (writing its footer).
-    pub(crate) fn close(mut self) -> Result<()> {
-        for w in self.stages.values_mut() {
+    /// Closes every file (writing its footer); the files written, as sorted `/`-separated
+    /// paths relative to the folder.
+    pub(crate) fn close(mut self) -> Result<Vec<String>> {
+        let mut files = Vec::new();
+        for w in self.stages.values_mut().chain([&mut self.rejects]) {
             w.close()?;
+            files.append(&mut w.done);
         }
-        self.rejects.close()
+        files.sort();
+        Ok(files)
     }
 }
 
 /// A Parquet writer that rolls over every `rows` rows.
 struct Shards {
     dir: PathBuf,
+    /// Each file's path under `dir` up to its number (`stage1/train-p...`).
     prefix: String,
     rows_per_shard: usize,
     schema: arrow::datatypes::SchemaRef,
@@ -97,6 +103,8 @@ struct Shards {
     writer: Option<ArrowWriter<File>>,
     /// The file the open shard is written to.
     partial: PathBuf,
+    /// The files completed, relative to `dir`.
+    done: Vec<String>,
 }
 
 /// Where a shard is written before it is complete: unique to this process and moment, so two
@@ -110,23 +118,24 @@ fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// The suffix of a shard still being written ([`remove_partials`] clears what a killed writer
-/// left).
-pub(crate) const PARTIAL: &str = ".partial";
+/// The suffix of a shard still being written.
+const PARTIAL: &str = ".partial";
 
-/// Removes shards left half-written under `dir` (by a task that was killed and run again).
-pub(crate) fn remove_partials(dir: &Path) -> Result<()> {
-    for sub in [dir.to_path_buf(), dir.join("stage1"), dir.join("stage2")] {
-        let Ok(entries) = std::fs::read_dir(&sub) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().ends_with(PARTIAL) {
-                std::fs::remove_file(e.path()).map_err(|err| Error::output(e.path(), err))?;
-            }
-        }
-    }
-    Ok(())
+/// The data files among `present` (paths relative to an output) that no writer of the build
+/// reported writing: what a task left that was killed mid-shard, or that ran again elsewhere
+/// (its executor lost) under other names. A dataset holds only the files its writers report.
+pub(crate) fn strays(present: &[String], keep: &HashSet<String>) -> Vec<String> {
+    let data = |f: &str| {
+        let under = f.starts_with("stage1/")
+            || f.starts_with("stage2/")
+            || (f.starts_with("rejects") && !f.contains('/'));
+        under && (f.ends_with(".parquet") || f.ends_with(PARTIAL))
+    };
+    present
+        .iter()
+        .filter(|f| data(f) && !keep.contains(*f))
+        .cloned()
+        .collect()
 }
 
 impl Shards {
@@ -158,13 +167,18 @@ impl Shards {
             rows_in_shard: 0,
             writer: None,
             partial: PathBuf::new(),
+            done: Vec::new(),
         }
     }
 
-    /// The file of the shard being written (the last one opened).
-    fn path(&self) -> PathBuf {
+    /// The file of the shard being written (the last one opened), relative to `dir`.
+    fn rel(&self) -> String {
         let index = self.index.saturating_sub(1);
-        self.dir.join(format!("{}-{index:05}.parquet", self.prefix))
+        format!("{}-{index:05}.parquet", self.prefix)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(self.rel())
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -200,6 +214,7 @@ impl Shards {
             let path = self.path();
             w.close().map_err(|e| Error::output(&path, e))?;
             std::fs::rename(&self.partial, &path).map_err(|e| Error::output(&path, e))?;
+            self.done.push(self.rel());
         }
         Ok(())
     }
@@ -284,10 +299,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Closes every file; the counts of what was written.
-    pub(crate) fn close(self) -> Result<Stats> {
-        self.out.close()?;
-        Ok(self.stats)
+    /// Closes every file; the counts of what was written, and the files (relative paths).
+    pub(crate) fn close(self) -> Result<(Stats, Vec<String>)> {
+        let files = self.out.close()?;
+        Ok((self.stats, files))
     }
 }
 
@@ -322,5 +337,40 @@ pub(crate) fn tally(
             raw: None,
         }),
         Err(Rejected::Row(r)) => rejects.push(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strays_are_the_unreported_data_files_only() {
+        let present: Vec<String> = [
+            ".pairs/pairs-00000.parquet",
+            "manifest.json",
+            "rejects-00000.parquet",
+            "rejects-p00000000000000ab-00000.parquet",
+            "stage1/train-p00000000000000ab-00000.parquet",
+            "stage1/train-p00000000000000cd-00000.parquet",
+            "stage2/test-p00000000000000cd-00001.parquet.12-34.partial",
+            "stats.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let keep: HashSet<String> = [
+            "rejects-00000.parquet",
+            "stage1/train-p00000000000000ab-00000.parquet",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            strays(&present, &keep),
+            [
+                "rejects-p00000000000000ab-00000.parquet",
+                "stage1/train-p00000000000000cd-00000.parquet",
+                "stage2/test-p00000000000000cd-00001.parquet.12-34.partial",
+            ]
+        );
     }
 }

@@ -1,15 +1,17 @@
 //! The plan node that writes a build's shards where its tasks run: each partition of the
 //! tokenising plan becomes stage rows and rejects, assembled as a build without `--cluster`
-//! assembles them ([`crate::plan::rows_of`]), written into the build's temporary folder under
-//! names of its own (`{split}-pHHHH-NNNNN.parquet`, `HHHH` from the partition's first pair, so
-//! the same on every run of the task and different between partitions), and counted; the node's output is one row
-//! per partition with those counts, which the build adds up into its stats before it writes
-//! the manifest. A task run twice (its executor lost) writes the same files again: every shard
-//! is renamed into place whole, so each ends up once.
+//! assembles them ([`crate::plan::rows_of`]), written under names of its own
+//! (`{split}-pHHHH-NNNNN.parquet`, `HHHH` from the partition's first pair) into the build's
+//! temporary folder, or into a folder of the task's own and then put on the object store the
+//! build writes to; and counted. The node's output is one row per partition with those counts
+//! and the files written, which the build adds up into its stats and its manifest. A shard
+//! appears whole or not at all (renamed into place, or put in one request); a task that ran
+//! twice (its executor lost) may leave files the finished run did not report, which the build
+//! removes as strays ([`crate::shards::strays`]).
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{RecordBatch, StringArray, UInt32Array};
@@ -31,16 +33,32 @@ use gram_session::PlanNode;
 use serde::{Deserialize, Serialize};
 
 use crate::build::BuildOptions;
-use crate::error::{OrInternal, Result};
+use crate::error::{Error, OrInternal, Result};
 use crate::pairs::hash64;
 use crate::shards::{Outputs, Writer};
 use crate::stats::Stats;
 
+/// Where the partitions write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum SinkDest {
+    /// The build's temporary folder, as every task can reach it (absolute, shared).
+    Folder(String),
+    /// The object store URL of the build's output (each executor opens it with the settings
+    /// of its own environment).
+    Store(String),
+}
+
+/// What a partition wrote: its counts, and its files (paths relative to the output).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Part {
+    pub(crate) stats: Stats,
+    pub(crate) files: Vec<String>,
+}
+
 /// What a partition needs to write its part of a build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SinkSpec {
-    /// The build's temporary folder, as every task can reach it (absolute, shared).
-    pub(crate) dir: String,
+    pub(crate) dest: SinkDest,
     pub(crate) seed: u64,
     pub(crate) both_orders: bool,
     pub(crate) drop_over: Option<usize>,
@@ -176,7 +194,10 @@ impl ShardSinkExec {
 
 impl DisplayAs for ShardSinkExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "GramShardSinkExec: dir={}", self.spec.dir)
+        match &self.spec.dest {
+            SinkDest::Folder(dir) => write!(f, "GramShardSinkExec: dir={dir}"),
+            SinkDest::Store(url) => write!(f, "GramShardSinkExec: store={url}"),
+        }
     }
 }
 
@@ -228,35 +249,29 @@ impl ExecutionPlan for ShardSinkExec {
     }
 }
 
-/// Writes one partition's pairs as stage rows and rejects; its counts as the output row.
+/// Writes one partition's pairs as stage rows and rejects (on a store: into a folder of the
+/// task's own, then put there); its counts and files as the output row.
 async fn write_partition(
     spec: &SinkSpec,
     partition: usize,
-    mut input: SendableRecordBatchStream,
+    input: SendableRecordBatchStream,
 ) -> Result<RecordBatch> {
-    let opts = spec.options();
-    let mut w: Option<Writer> = None;
-    while let Some(batch) = input.next().await {
-        let batch = batch.map_err(|e| crate::error::Error::internal(gram_session::one_line(&e)))?;
-        let made = crate::plan::rows_of(&batch, &opts, spec.labels)?;
-        let Some(first) = made.first() else {
-            continue;
-        };
-        let w = match &mut w {
-            Some(w) => w,
-            None => {
-                let tag = format!("-p{:016x}", hash64(&[first.0.id.as_bytes()]));
-                let out = Outputs::new(Path::new(&spec.dir), spec.shard_rows, &spec.meta, &tag)?;
-                w.insert(Writer::new(out))
-            }
-        };
-        w.made(made)?;
-    }
-    let stats = match w {
-        Some(w) => w.close()?,
-        None => Stats::default(),
+    let part = match &spec.dest {
+        SinkDest::Folder(dir) => write_rows(spec, Path::new(dir), input).await?,
+        SinkDest::Store(url) => {
+            let loc = gram_session::store::Location::parse(url).map_err(Error::Store)?;
+            let dir = task_dir(partition);
+            let written = write_rows(spec, &dir, input).await;
+            let put = match &written {
+                Ok(part) => put_files(&loc, &dir, &part.files).await,
+                Err(_) => Ok(()),
+            };
+            let _ = std::fs::remove_dir_all(&dir);
+            put?;
+            written?
+        }
     };
-    let json = serde_json::to_string(&stats).or_internal("a partition's counts as JSON")?;
+    let json = serde_json::to_string(&part).or_internal("a partition's counts as JSON")?;
     RecordBatch::try_new(
         output_schema(),
         vec![
@@ -267,8 +282,62 @@ async fn write_partition(
     .or_internal("a partition's counts")
 }
 
-/// The counts in the sink's output rows.
-pub(crate) fn counts(batch: &RecordBatch) -> Result<Vec<Stats>> {
+/// A folder of this task's own, for shards on their way to a store.
+fn task_dir(partition: usize) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let pid = std::process::id();
+    std::env::temp_dir().join(format!("gram-task-{pid}-{partition}-{nanos}"))
+}
+
+/// Puts the files a task wrote under `dir` on the store.
+async fn put_files(
+    loc: &gram_session::store::Location,
+    dir: &Path,
+    files: &[String],
+) -> Result<()> {
+    for rel in files {
+        loc.put_file(&dir.join(rel), rel)
+            .await
+            .map_err(Error::Store)?;
+    }
+    Ok(())
+}
+
+/// Writes a partition's rows as shards under `dir`: what was written.
+async fn write_rows(
+    spec: &SinkSpec,
+    dir: &Path,
+    mut input: SendableRecordBatchStream,
+) -> Result<Part> {
+    let opts = spec.options();
+    let mut w: Option<Writer> = None;
+    while let Some(batch) = input.next().await {
+        let batch = batch.map_err(|e| Error::internal(gram_session::one_line(&e)))?;
+        let made = crate::plan::rows_of(&batch, &opts, spec.labels)?;
+        let Some(first) = made.first() else {
+            continue;
+        };
+        let w = match &mut w {
+            Some(w) => w,
+            None => {
+                let tag = format!("-p{:016x}", hash64(&[first.0.id.as_bytes()]));
+                let out = Outputs::new(dir, spec.shard_rows, &spec.meta, &tag)?;
+                w.insert(Writer::new(out))
+            }
+        };
+        w.made(made)?;
+    }
+    let (stats, files) = match w {
+        Some(w) => w.close()?,
+        None => (Stats::default(), Vec::new()),
+    };
+    Ok(Part { stats, files })
+}
+
+/// What each partition wrote, from the sink's output rows.
+pub(crate) fn parts(batch: &RecordBatch) -> Result<Vec<Part>> {
     use arrow::array::AsArray;
     let c = batch
         .column_by_name("stats")

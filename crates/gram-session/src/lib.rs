@@ -3,7 +3,8 @@
 //! wherever the session that plans it and the processes that execute it know them: this
 //! process ([`Target::Local`]), a Ballista scheduler and executor started in this process
 //! ([`Target::Standalone`]), or a Ballista cluster ([`Target::Remote`]) whose `gram-scheduler`
-//! and `gram-executor` (crate gram-cluster) serve [`session_state`] with every function.
+//! and `gram-executor` (crate gram-cluster) serve [`session_state`] with every function; and
+//! where outputs go when they go to an object store ([`store`]).
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub mod nodes;
+pub mod store;
 pub use nodes::PlanNode;
 
 /// What the project adds to DataFusion: functions plans call, and plan nodes of its own.

@@ -153,7 +153,17 @@ fn split_and_tokens_functions_match_the_build_in_process_and_on_ballista() -> Re
 }
 
 /// Runs `gram-data build` on `pipelines` into `out` with `extra` arguments.
-fn gram_data_build(pipelines: &[&str], out: &Path, extra: &[&str]) -> Result<()> {
+pub(crate) fn gram_data_build(pipelines: &[&str], out: &Path, extra: &[&str]) -> Result<()> {
+    gram_data_build_env(pipelines, out, extra, &[])
+}
+
+/// [`gram_data_build`] with `env` set for gram-data.
+pub(crate) fn gram_data_build_env(
+    pipelines: &[&str],
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> Result<()> {
     let root = repo_root();
     let model = fixtures().join("smollm2");
     let o = std::process::Command::new(bin("gram-data")?)
@@ -165,6 +175,7 @@ fn gram_data_build(pipelines: &[&str], out: &Path, extra: &[&str]) -> Result<()>
         .arg(out)
         .args(extra)
         .arg("--quiet")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()?;
     ensure!(
         o.status.success(),
@@ -176,9 +187,9 @@ fn gram_data_build(pipelines: &[&str], out: &Path, extra: &[&str]) -> Result<()>
 
 /// Every row of a build's folder as text, whole: stage rows by (folder, file's split prefix,
 /// id); rejects sorted; the stats without their time.
-type Built = (BTreeMap<String, String>, Vec<String>, serde_json::Value);
+pub(crate) type Built = (BTreeMap<String, String>, Vec<String>, serde_json::Value);
 
-fn built(dir: &Path) -> Result<Built> {
+pub(crate) fn built(dir: &Path) -> Result<Built> {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     let read = |path: &Path| -> Result<Vec<RecordBatch>> {
         let f = std::fs::File::open(path)?;
@@ -242,12 +253,40 @@ fn built(dir: &Path) -> Result<Built> {
         "the staged pairs were left in {}",
         dir.display()
     );
+    listed_in_manifest(dir)?;
     Ok((rows, rejects, stats))
+}
+
+/// The manifest of the build in `dir` names exactly its data files.
+fn listed_in_manifest(dir: &Path) -> Result<()> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+    let listed: Vec<String> = serde_json::from_value(manifest["files"].clone())?;
+    let mut present = Vec::new();
+    for sub in ["", "stage1/", "stage2/"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for e in entries {
+            let e = e?;
+            if e.path().is_file() {
+                present.push(format!("{sub}{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    present.retain(|f| f.ends_with(".parquet"));
+    present.sort();
+    ensure!(
+        listed == present,
+        "{}: the manifest names {listed:?}, the folder holds {present:?}",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Every stage shard of the build in `dir` was written by a task of its plan (named after
 /// its partition, `{split}-pHHHH-NNNNN.parquet`), none by the client; the partitions seen.
-fn written_by_tasks(dir: &Path) -> Result<usize> {
+pub(crate) fn written_by_tasks(dir: &Path) -> Result<usize> {
     let mut n = 0;
     let mut partitions = std::collections::BTreeSet::new();
     for stage in ["stage1", "stage2"] {
@@ -267,7 +306,7 @@ fn written_by_tasks(dir: &Path) -> Result<usize> {
 }
 
 /// `b` equals the reference build `a`, row for row.
-fn same_build(a: &Built, b: &Built, what: &str) -> Result<()> {
+pub(crate) fn same_build(a: &Built, b: &Built, what: &str) -> Result<()> {
     ensure!(
         a.0.len() == b.0.len(),
         "{what}: {} stage rows, reference {}",
@@ -372,7 +411,7 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
 }
 
 /// A free TCP port on the loopback interface.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -394,7 +433,7 @@ fn spawn_logged(
 }
 
 /// Child processes killed when the test ends, however it ends.
-struct Kill(Vec<std::process::Child>);
+pub(crate) struct Kill(pub(crate) Vec<std::process::Child>);
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -511,7 +550,7 @@ fn scheduler_and_executor_binaries_run_the_functions() -> Result<()> {
 }
 
 /// Waits up to `secs` for `path`'s text to contain `what`.
-fn wait_for_log(path: &Path, what: &str, secs: u64) -> Result<bool> {
+pub(crate) fn wait_for_log(path: &Path, what: &str, secs: u64) -> Result<bool> {
     let t0 = std::time::Instant::now();
     while t0.elapsed().as_secs() < secs {
         if std::fs::read_to_string(path)

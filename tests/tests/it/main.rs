@@ -11,4 +11,5 @@ mod lora;
 mod model;
 mod score;
 mod serve;
+mod store;
 mod train;

@@ -1,0 +1,209 @@
+//! `gram-data build --out URL`: a build onto an object store (`file://`, and `s3://` on moto's
+//! S3 server) holds, row for row, what a build into a folder holds; its manifest names every
+//! file and comes last; an occupied prefix is refused without `--overwrite` and emptied with it.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, ensure};
+
+use crate::cluster::{
+    Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, written_by_tasks,
+};
+use crate::common::{bin, repo_root, scratch};
+
+/// The limits every build here uses (truncation and `--drop-over` rejects both happen).
+const LIMITS: [&str; 4] = ["--max-tokens", "512", "--drop-over", "700"];
+
+/// The folder `work` holds nothing (a build's local files went up and were removed).
+fn emptied(work: &Path) -> Result<()> {
+    let left: Vec<_> = std::fs::read_dir(work)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(left.is_empty(), "left in the work folder: {left:?}");
+    Ok(())
+}
+
+/// `gram-data build llmbar --out url` without `--overwrite`: exit 1 with one line saying why.
+fn refused(url: &str, env: &[(&str, String)]) -> Result<()> {
+    let o = Command::new(bin("gram-data")?)
+        .arg("build")
+        .arg(repo_root().join("pipelines/llmbar.toml"))
+        .args(["--out", url, "--quiet"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.code() == Some(1), "exit {:?}: {err}", o.status);
+    ensure!(
+        err.trim().lines().count() == 1 && err.contains("already exists"),
+        "not a one-line refusal: {err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn builds_onto_file_urls_equal_the_folder_build() -> Result<()> {
+    let dir = scratch("store-file")?;
+    gram_data_build(&["llmbar.toml"], &dir.join("plain"), &LIMITS)?;
+    let reference = built(&dir.join("plain"))?;
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work)?;
+    let work_arg = work.display().to_string();
+    let tasks = ["--cluster", "standalone", "--partitions", "2"];
+    for (name, cluster) in [("url", &[][..]), ("url-standalone", &tasks[..])] {
+        let url = format!("file://{}", dir.join(name).display());
+        let args = [&LIMITS[..], &["--work-dir", &work_arg], cluster].concat();
+        gram_data_build(&["llmbar.toml"], Path::new(&url), &args)?;
+        same_build(
+            &reference,
+            &built(&dir.join(name))?,
+            &format!("--out {url}"),
+        )?;
+        emptied(&work)?;
+        if !cluster.is_empty() {
+            let n = written_by_tasks(&dir.join(name))?;
+            ensure!(n == 2, "{n} partitions wrote, not 2");
+        }
+    }
+    // An occupied prefix: refused, then replaced whole with --overwrite (a stray shard that
+    // was there goes too; read as a shard it would fail the comparison).
+    let url = format!("file://{}", dir.join("url").display());
+    refused(&url, &[])?;
+    let stray = dir.join("url/stage1/train-p00000000000000ff-00000.parquet");
+    std::fs::write(&stray, b"not a shard")?;
+    let args = [&LIMITS[..], &["--work-dir", &work_arg, "--overwrite"]].concat();
+    gram_data_build(&["llmbar.toml"], Path::new(&url), &args)?;
+    ensure!(!stray.exists(), "--overwrite left an old object");
+    same_build(&reference, &built(&dir.join("url"))?, "--overwrite")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A Python with moto's S3 server and boto3 (scripts/setup.sh installs them into
+/// `$GRAM_CACHE/s3-venv`).
+fn moto_python() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("GRAM_CACHE").map_or_else(
+        || {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/gram-rs")
+        },
+        std::path::PathBuf::from,
+    );
+    [cache.join("s3-venv/bin/python"), "python3".into()]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .args(["-c", "import moto.server, boto3"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+}
+
+/// boto3 against the S3 server at `endpoint`: `create BUCKET`, or `download BUCKET PREFIX
+/// DIR` (prints the keys under PREFIX, relative to it).
+const S3_CLIENT: &str = r#"
+import os, sys, boto3
+endpoint, action, bucket = sys.argv[1:4]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                  aws_secret_access_key="test", region_name="us-east-1")
+if action == "create":
+    s3.create_bucket(Bucket=bucket)
+else:
+    prefix, dest = sys.argv[4:6]
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            rel = o["Key"][len(prefix) + 1:]
+            path = os.path.join(dest, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            s3.download_file(bucket, o["Key"], path)
+            print(rel)
+"#;
+
+fn s3_client(py: &Path, endpoint: &str, args: &[&str]) -> Result<String> {
+    let o = Command::new(py)
+        .args(["-c", S3_CLIENT, endpoint])
+        .args(args)
+        .output()?;
+    ensure!(
+        o.status.success(),
+        "boto3 {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8(o.stdout)?)
+}
+
+/// moto's S3 server on a free loopback port (killed when the test ends); its endpoint.
+fn start_moto(py: &Path, dir: &Path) -> Result<(Kill, String)> {
+    let port = free_port()?;
+    let log = std::fs::File::create(dir.join("moto.log"))?;
+    let child = Command::new(py)
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let procs = Kill(vec![child]);
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(
+            t0.elapsed().as_secs() < 60,
+            "moto's S3 server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok((procs, format!("http://127.0.0.1:{port}")))
+}
+
+#[test]
+fn a_cluster_build_puts_its_shards_on_s3() -> Result<()> {
+    let Some(py) = moto_python() else {
+        println!(
+            "SKIPPED: no Python with moto's S3 server and boto3 (scripts/setup.sh installs them into ~/.cache/gram-rs/s3-venv)"
+        );
+        return Ok(());
+    };
+    let dir = scratch("store-s3")?;
+    let (_moto, endpoint) = start_moto(&py, &dir)?;
+    s3_client(&py, &endpoint, &["create", "gram"])?;
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.clone()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ];
+    gram_data_build(&["llmbar.toml"], &dir.join("plain"), &LIMITS)?;
+    let reference = built(&dir.join("plain"))?;
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work)?;
+    let work_arg = work.display().to_string();
+    let url = "s3://gram/builds/llmbar";
+    let tasks = ["--cluster", "standalone", "--partitions", "2"];
+    let args = [&LIMITS[..], &["--work-dir", &work_arg], &tasks[..]].concat();
+    gram_data_build_env(&["llmbar.toml"], Path::new(url), &args, &env)?;
+    emptied(&work)?;
+    let copy = dir.join("copy");
+    let copy_arg = copy.display().to_string();
+    let keys = s3_client(
+        &py,
+        &endpoint,
+        &["download", "gram", "builds/llmbar", &copy_arg],
+    )?;
+    ensure!(
+        keys.lines().any(|k| k == "manifest.json"),
+        "no manifest on S3: {keys}"
+    );
+    same_build(&reference, &built(&copy)?, &format!("--out {url}"))?;
+    let n = written_by_tasks(&copy)?;
+    ensure!(n == 2, "{n} partitions wrote, not 2");
+    refused(url, &env)?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
