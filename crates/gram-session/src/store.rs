@@ -71,7 +71,8 @@ impl Location {
     }
 
     fn fail(&self, rel: &str, e: &dyn std::fmt::Display) -> String {
-        format!("{}/{rel}: {}", self.url, crate::one_line(e))
+        let sep = if rel.is_empty() { "" } else { "/" };
+        format!("{}{sep}{rel}: {}", self.url, crate::one_line(e))
     }
 
     /// Every object under the prefix, as paths relative to it (`stage1/train-00000.parquet`).
