@@ -417,16 +417,18 @@ pub(crate) fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Starts the binary `program` with `args`, its output in `dir/NAME.log`.
+/// Starts the binary `program` with `args` and `env`, its output in `dir/NAME.log`.
 fn spawn_logged(
     dir: &Path,
     name: &str,
     program: &str,
     args: &[String],
+    env: &[(&str, String)],
 ) -> Result<std::process::Child> {
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     Ok(std::process::Command::new(bin(program)?)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?)
@@ -448,6 +450,17 @@ impl Drop for Kill {
 /// each executor with `slots` task slots; the scheduler's URL. Returns once every executor has
 /// registered.
 fn start_cluster(dir: &Path, executors: usize, slots: usize, fast: bool) -> Result<(Kill, String)> {
+    start_cluster_env(dir, executors, slots, fast, &[])
+}
+
+/// [`start_cluster`] with `env` set for the executors.
+pub(crate) fn start_cluster_env(
+    dir: &Path,
+    executors: usize,
+    slots: usize,
+    fast: bool,
+    env: &[(&str, String)],
+) -> Result<(Kill, String)> {
     let sched = free_port()?;
     let mut args = vec![format!("--bind=127.0.0.1:{sched}")];
     if fast {
@@ -459,6 +472,7 @@ fn start_cluster(dir: &Path, executors: usize, slots: usize, fast: bool) -> Resu
         "gram-scheduler",
         "gram-scheduler",
         &args,
+        &[],
     )?]);
     for i in 0..executors {
         let mut args = vec![
@@ -475,7 +489,7 @@ fn start_cluster(dir: &Path, executors: usize, slots: usize, fast: bool) -> Resu
         let name = format!("gram-executor-{i}");
         procs
             .0
-            .push(spawn_logged(dir, &name, "gram-executor", &args)?);
+            .push(spawn_logged(dir, &name, "gram-executor", &args, env)?);
     }
     for i in 0..executors {
         let log = dir.join(format!("gram-executor-{i}.log"));

@@ -1,5 +1,5 @@
 //! `gram-data build --out URL`: a build onto an object store (`file://`, and `s3://` on moto's
-//! S3 server) holds, row for row, what a build into a folder holds; its manifest names every
+//! S3 server, from a standalone cluster and from executor processes) holds, row for row, what a build into a folder holds; its manifest names every
 //! file and comes last; an occupied prefix is refused without `--overwrite` and emptied with it.
 
 use std::path::Path;
@@ -8,7 +8,8 @@ use std::process::Command;
 use anyhow::{Result, ensure};
 
 use crate::cluster::{
-    Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, written_by_tasks,
+    Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, start_cluster_env,
+    written_by_tasks,
 };
 use crate::common::{bin, repo_root, scratch};
 
@@ -184,26 +185,35 @@ fn a_cluster_build_puts_its_shards_on_s3() -> Result<()> {
     let work = dir.join("work");
     std::fs::create_dir_all(&work)?;
     let work_arg = work.display().to_string();
-    let url = "s3://gram/builds/llmbar";
-    let tasks = ["--cluster", "standalone", "--partitions", "2"];
-    let args = [&LIMITS[..], &["--work-dir", &work_arg], &tasks[..]].concat();
-    gram_data_build_env(&["llmbar.toml"], Path::new(url), &args, &env)?;
-    emptied(&work)?;
-    let copy = dir.join("copy");
-    let copy_arg = copy.display().to_string();
-    let keys = s3_client(
-        &py,
-        &endpoint,
-        &["download", "gram", "builds/llmbar", &copy_arg],
-    )?;
-    ensure!(
-        keys.lines().any(|k| k == "manifest.json"),
-        "no manifest on S3: {keys}"
-    );
-    same_build(&reference, &built(&copy)?, &format!("--out {url}"))?;
-    let n = written_by_tasks(&copy)?;
-    ensure!(n == 2, "{n} partitions wrote, not 2");
-    refused(url, &env)?;
+    // In this process's executor (standalone), then on a gram-scheduler and two gram-executor
+    // processes that reach S3 with their own environment.
+    let (_procs, scheduler) = start_cluster_env(&dir, 2, 1, false, &env)?;
+    for (name, target) in [
+        ("standalone", "standalone"),
+        ("processes", scheduler.as_str()),
+    ] {
+        let url = format!("s3://gram/builds/{name}");
+        let tasks = ["--cluster", target, "--partitions", "2"];
+        let args = [&LIMITS[..], &["--work-dir", &work_arg], &tasks[..]].concat();
+        gram_data_build_env(&["llmbar.toml"], Path::new(&url), &args, &env)?;
+        emptied(&work)?;
+        let copy = dir.join(name);
+        let copy_arg = copy.display().to_string();
+        let prefix = format!("builds/{name}");
+        let keys = s3_client(&py, &endpoint, &["download", "gram", &prefix, &copy_arg])?;
+        ensure!(
+            keys.lines().any(|k| k == "manifest.json"),
+            "no manifest on S3: {keys}"
+        );
+        same_build(
+            &reference,
+            &built(&copy)?,
+            &format!("--out {url} --cluster {target}"),
+        )?;
+        let n = written_by_tasks(&copy)?;
+        ensure!(n == 2, "{n} partitions wrote, not 2");
+        refused(&url, &env)?;
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
