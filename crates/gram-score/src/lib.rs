@@ -8,6 +8,7 @@ pub mod eval;
 pub mod input;
 pub mod jobs;
 pub mod judge;
+pub mod out;
 pub mod runtime;
 pub mod serve;
 pub mod udf;

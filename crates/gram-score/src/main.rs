@@ -34,6 +34,7 @@ enum Cmd {
     /// Examples:
     ///   gram-score pairwise --model exports/judge --input pairs.parquet --output scored.parquet
     ///   gram-score pairwise --model exports/judge --input x.parquet --output y.parquet --a-col chosen --b-col rejected
+    ///   gram-score pairwise --model exports/judge --input pairs.parquet --out s3://bucket/scored/pairs.parquet
     #[command(verbatim_doc_comment)]
     Pairwise {
         #[command(flatten)]
@@ -227,7 +228,9 @@ struct JobArgs {
     /// Input Parquet file.
     #[arg(long)]
     input: PathBuf,
-    /// Output Parquet file (written when the job is complete; parts in OUT.parts until then).
+    /// Output Parquet file (written when the job is complete; parts in OUT.parts until then),
+    /// or an object-store URL (s3://BUCKET/KEY.parquet, file:///PATH/NAME.parquet; S3 settings
+    /// from the AWS_* environment), put there when the job is complete.
     #[arg(
         long = "out",
         short = 'o',
@@ -238,6 +241,11 @@ struct JobArgs {
     /// Replace OUT if it exists (without it an existing OUT is an error).
     #[arg(long)]
     overwrite: bool,
+    /// With an object-store OUT: the local folder the job writes into (its parts too) before
+    /// the output goes up; default: a folder in the system's temporary folder named after OUT.
+    /// With --cluster df://, give one that every executor reads.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
     /// Column of the prompt.
     #[arg(long, default_value = "prompt")]
     prompt_col: String,
@@ -299,16 +307,16 @@ impl RunArgs {
 }
 
 fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
-    if job.output.exists() && !job.overwrite {
+    let out = gram_score::out::Output::new(&job.output, job.work_dir.as_deref())?;
+    if out.exists()? && !job.overwrite {
         return Err(Error::Input(format!(
-            "{} exists; --overwrite replaces it",
-            job.output.display()
+            "{out} exists; --overwrite replaces it"
         )));
     }
     let judge = job.run.open(&job.model)?;
     let opts = JobOptions {
         input: job.input,
-        output: job.output.clone(),
+        output: out.local().to_path_buf(),
         limit: job.limit,
         chunk_rows: job.chunk_rows,
         restart: job.restart,
@@ -316,10 +324,11 @@ fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
         cluster: job.cluster,
     };
     let r = jobs::run(&judge, &mode, &opts)?;
+    out.publish()?;
     println!(
         "{} rows -> {} ({} scored now, {} of them with an error; {} from an earlier run's parts) in {:.1} s",
         r.rows,
-        job.output.display(),
+        out,
         r.rows_scored,
         r.rows_failed,
         r.rows - r.rows_scored,

@@ -36,9 +36,10 @@ impl Location {
         let bad = |why: &str| Err(format!("--out {url}: {why}"));
         let (store, prefix): (Arc<dyn ObjectStore>, String) =
             if let Some(rest) = url.strip_prefix("s3://") {
-                let Some((bucket, prefix)) = rest.split_once('/') else {
-                    return bad("give a prefix inside the bucket (s3://BUCKET/PREFIX)");
-                };
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return bad("name the bucket (s3://BUCKET/PREFIX)");
+                }
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .build()
@@ -112,6 +113,15 @@ impl Location {
             .await
             .map(|_| ())
             .map_err(|e| self.fail(rel, &e))
+    }
+
+    /// Whether an object is at `rel`.
+    pub async fn exists(&self, rel: &str) -> Result<bool, String> {
+        match self.store.head(&self.key(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.fail(rel, &e)),
+        }
     }
 
     /// The object at `rel`.
@@ -200,9 +210,9 @@ mod tests {
         assert!(is_url("s3://b/p") && is_url("file:///x") && !is_url("data/x"));
         let err = |u: &str| Location::parse(u).err().unwrap_or_default();
         assert!(
-            err("s3://bucket").contains("PREFIX"),
+            err("s3:///x").contains("name the bucket"),
             "{}",
-            err("s3://bucket")
+            err("s3:///x")
         );
         assert!(err("file://rel/x").contains("absolute"));
         assert!(err("gs://b/x").contains("only s3:// and file://"));
@@ -223,6 +233,7 @@ mod tests {
         assert_eq!(put, ["stage1/a.parquet"]);
         assert_eq!(block_on(loc.list())??, ["stage1/a.parquet"]);
         assert_eq!(block_on(loc.get("stage1/a.parquet"))??, b"a");
+        assert!(block_on(loc.exists("stage1/a.parquet"))?? && !block_on(loc.exists("b"))??);
         assert!(dir.join("out/stage1/a.parquet").is_file());
         let gone = ["stage1/a.parquet".to_string(), "never.parquet".to_string()];
         block_on(loc.delete(&gone))??;

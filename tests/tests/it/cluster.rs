@@ -709,7 +709,7 @@ fn float_diff(a: &dyn Array, b: &dyn Array, what: &str) -> Result<f32> {
 
 /// Two gram-score outputs: the same rows and columns, equal but for float scores, which differ
 /// by at most the returned amount.
-fn same_scores(a: &Path, b: &Path, what: &str) -> Result<f32> {
+pub(crate) fn same_scores(a: &Path, b: &Path, what: &str) -> Result<f32> {
     use arrow::util::display::{ArrayFormatter, FormatOptions};
     let read = |p: &Path| -> Result<RecordBatch> {
         let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(

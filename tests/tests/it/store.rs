@@ -1,6 +1,7 @@
 //! `gram-data build --out URL`: a build onto an object store (`file://`, and `s3://` on moto's
 //! S3 server, from a standalone cluster and from executor processes) holds, row for row, what a build into a folder holds; its manifest names every
 //! file and comes last; an occupied prefix is refused without `--overwrite` and emptied with it.
+//! `gram-score` puts a finished job's output on the same stores.
 
 use std::path::Path;
 use std::process::Command;
@@ -8,8 +9,8 @@ use std::process::Command;
 use anyhow::{Result, ensure};
 
 use crate::cluster::{
-    Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, start_cluster_env,
-    written_by_tasks,
+    Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, same_scores,
+    start_cluster_env, written_by_tasks,
 };
 use crate::common::{bin, repo_root, scratch};
 
@@ -162,6 +163,17 @@ fn start_moto(py: &Path, dir: &Path) -> Result<(Kill, String)> {
     Ok((procs, format!("http://127.0.0.1:{port}")))
 }
 
+/// The settings that point object_store's S3 client at moto's server.
+fn s3_env(endpoint: &str) -> [(&'static str, String); 5] {
+    [
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
 #[test]
 fn a_cluster_build_puts_its_shards_on_s3() -> Result<()> {
     let Some(py) = moto_python() else {
@@ -173,13 +185,7 @@ fn a_cluster_build_puts_its_shards_on_s3() -> Result<()> {
     let dir = scratch("store-s3")?;
     let (_moto, endpoint) = start_moto(&py, &dir)?;
     s3_client(&py, &endpoint, &["create", "gram"])?;
-    let env = [
-        ("AWS_ENDPOINT_URL", endpoint.clone()),
-        ("AWS_ALLOW_HTTP", "true".into()),
-        ("AWS_ACCESS_KEY_ID", "test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ("AWS_REGION", "us-east-1".into()),
-    ];
+    let env = s3_env(&endpoint);
     gram_data_build(&["llmbar.toml"], &dir.join("plain"), &LIMITS)?;
     let reference = built(&dir.join("plain"))?;
     let work = dir.join("work");
@@ -214,6 +220,90 @@ fn a_cluster_build_puts_its_shards_on_s3() -> Result<()> {
         ensure!(n == 2, "{n} partitions wrote, not 2");
         refused(&url, &env)?;
     }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// `gram-score pairwise` of the first rows of `input` into `out` with `extra` arguments and
+/// `env`; its stderr when it fails.
+fn score(input: &Path, out: &str, extra: &[&str], env: &[(&str, String)]) -> Result<()> {
+    let o = Command::new(bin("gram-score")?)
+        .args([
+            "pairwise",
+            "--quiet",
+            "--limit",
+            "6",
+            "--chunk-rows",
+            "4",
+            "--model",
+        ])
+        .arg(crate::score::judge()?)
+        .arg("--input")
+        .arg(input)
+        .args(["--out", out])
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()?;
+    ensure!(
+        o.status.success(),
+        "gram-score --out {out} {extra:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_scoring_job_puts_its_output_on_object_stores() -> Result<()> {
+    let dir = scratch("store-score")?;
+    gram_data_build(
+        &["llmbar.toml"],
+        &dir.join("data"),
+        &["--max-tokens", "512"],
+    )?;
+    let input = dir.join("data/stage2/test-00000.parquet");
+    let local = dir.join("local.parquet");
+    score(&input, &local.display().to_string(), &[], &[])?;
+    let work = dir.join("work");
+    let work_arg = work.display().to_string();
+    // file://, scored on a standalone cluster: the same rows and scores, nothing left behind.
+    let url = format!("file://{}/store/scored.parquet", dir.display());
+    let on_store = ["--work-dir", &work_arg, "--cluster", "standalone"];
+    score(&input, &url, &on_store, &[])?;
+    let worst = same_scores(&local, &dir.join("store/scored.parquet"), &url)?;
+    ensure!(worst <= 1e-6, "{url}: scores differ by {worst:.2e}");
+    emptied(&work)?;
+    let o = Command::new(bin("gram-score")?)
+        .args(["pairwise", "--quiet", "--model"])
+        .arg(crate::score::judge()?)
+        .arg("--input")
+        .arg(&input)
+        .args(["--out", &url])
+        .output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(1) && err.trim().lines().count() == 1 && err.contains("exists"),
+        "an existing object was not refused in one line: {:?} {err}",
+        o.status
+    );
+    // s3:// on moto's server.
+    let Some(py) = moto_python() else {
+        println!("SKIPPED the s3:// half: no Python with moto's S3 server and boto3");
+        return Ok(());
+    };
+    let (_moto, endpoint) = start_moto(&py, &dir)?;
+    s3_client(&py, &endpoint, &["create", "gram"])?;
+    score(
+        &input,
+        "s3://gram/scores/pairs.parquet",
+        &["--work-dir", &work_arg],
+        &s3_env(&endpoint),
+    )?;
+    let copy = dir.join("copy");
+    let copy_arg = copy.display().to_string();
+    s3_client(&py, &endpoint, &["download", "gram", "scores", &copy_arg])?;
+    let worst = same_scores(&local, &copy.join("pairs.parquet"), "s3://")?;
+    ensure!(worst <= 1e-6, "s3://: scores differ by {worst:.2e}");
+    emptied(&work)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
