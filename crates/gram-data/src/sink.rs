@@ -263,7 +263,7 @@ async fn write_partition(
             let dir = task_dir(partition);
             let written = write_rows(spec, &dir, input).await;
             let put = match &written {
-                Ok(part) => put_files(&loc, &dir, &part.files).await,
+                Ok(part) => loc.put_files(&dir, &part.files).await.map_err(Error::Store),
                 Err(_) => Ok(()),
             };
             let _ = std::fs::remove_dir_all(&dir);
@@ -289,20 +289,6 @@ fn task_dir(partition: usize) -> PathBuf {
         .map_or(0, |d| d.as_nanos());
     let pid = std::process::id();
     std::env::temp_dir().join(format!("gram-task-{pid}-{partition}-{nanos}"))
-}
-
-/// Puts the files a task wrote under `dir` on the store.
-async fn put_files(
-    loc: &gram_session::store::Location,
-    dir: &Path,
-    files: &[String],
-) -> Result<()> {
-    for rel in files {
-        loc.put_file(&dir.join(rel), rel)
-            .await
-            .map_err(Error::Store)?;
-    }
-    Ok(())
 }
 
 /// Writes a partition's rows as shards under `dir`: what was written.

@@ -153,15 +153,18 @@ impl Location {
         dir: &Path,
         skip: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<String>, String> {
-        let mut put = Vec::new();
-        for rel in files_under(dir)? {
-            if skip(&rel) {
-                continue;
-            }
-            self.put_file(&dir.join(&rel), &rel).await?;
-            put.push(rel);
+        let mut rels = files_under(dir)?;
+        rels.retain(|rel| !skip(rel));
+        self.put_files(dir, &rels).await?;
+        Ok(rels)
+    }
+
+    /// Puts the files `rels` (paths relative to the local folder `dir`) at the same paths.
+    pub async fn put_files(&self, dir: &Path, rels: &[String]) -> Result<(), String> {
+        for rel in rels {
+            self.put_file(&dir.join(rel), rel).await?;
         }
-        Ok(put)
+        Ok(())
     }
 }
 

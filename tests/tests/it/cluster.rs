@@ -13,7 +13,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, UInt32Type};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
-use crate::common::{bin, fixtures, repo_root, scratch};
+use crate::common::{bin, fixtures, repo_root, run_ok, scratch};
 
 /// One stage row as the comparison sees it: split, ids, prompt length, truncated.
 type Row = (String, Vec<u32>, Option<u32>, bool);
@@ -166,8 +166,8 @@ pub(crate) fn gram_data_build_env(
 ) -> Result<()> {
     let root = repo_root();
     let model = fixtures().join("smollm2");
-    let o = std::process::Command::new(bin("gram-data")?)
-        .arg("build")
+    let mut cmd = std::process::Command::new(bin("gram-data")?);
+    cmd.arg("build")
         .args(pipelines.iter().map(|p| root.join("pipelines").join(p)))
         .arg("--model")
         .arg(&model)
@@ -175,13 +175,8 @@ pub(crate) fn gram_data_build_env(
         .arg(out)
         .args(extra)
         .arg("--quiet")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()?;
-    ensure!(
-        o.status.success(),
-        "gram-data build {extra:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    run_ok(&mut cmd, &format!("gram-data build {extra:?}"))?;
     Ok(())
 }
 

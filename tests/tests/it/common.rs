@@ -119,6 +119,17 @@ fn sweep_old_scratch() {
     }
 }
 
+/// Runs `cmd` and fails, with `what` and its stderr, unless it exits 0; its output.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> Result<std::process::Output> {
+    let o = cmd.output()?;
+    ensure!(
+        o.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(o)
+}
+
 /// The path of one of the workspace's binaries, built first (once per test run) with the same
 /// cargo, profile and target dir as this test binary, so it is never stale.
 pub fn bin(name: &str) -> Result<PathBuf> {

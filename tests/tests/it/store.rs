@@ -12,7 +12,7 @@ use crate::cluster::{
     Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, same_scores,
     start_cluster_env, written_by_tasks,
 };
-use crate::common::{bin, repo_root, scratch};
+use crate::common::{bin, repo_root, run_ok, scratch};
 
 /// The limits every build here uses (truncation and `--drop-over` rejects both happen).
 const LIMITS: [&str; 4] = ["--max-tokens", "512", "--drop-over", "700"];
@@ -27,21 +27,27 @@ fn emptied(work: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `gram-data build llmbar --out url` without `--overwrite`: exit 1 with one line saying why.
-fn refused(url: &str, env: &[(&str, String)]) -> Result<()> {
-    let o = Command::new(bin("gram-data")?)
-        .arg("build")
-        .arg(repo_root().join("pipelines/llmbar.toml"))
-        .args(["--out", url, "--quiet"])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()?;
+/// `cmd` (a job onto an occupied output, without `--overwrite`) exits 1 with one line that
+/// `says` why.
+fn refused_in_one_line(cmd: &mut Command, says: &str) -> Result<()> {
+    let o = cmd.output()?;
     let err = String::from_utf8_lossy(&o.stderr);
     ensure!(o.status.code() == Some(1), "exit {:?}: {err}", o.status);
     ensure!(
-        err.trim().lines().count() == 1 && err.contains("already exists"),
+        err.trim().lines().count() == 1 && err.contains(says),
         "not a one-line refusal: {err}"
     );
     Ok(())
+}
+
+/// `gram-data build llmbar --out url` without `--overwrite` is refused.
+fn refused(url: &str, env: &[(&str, String)]) -> Result<()> {
+    let mut cmd = Command::new(bin("gram-data")?);
+    cmd.arg("build")
+        .arg(repo_root().join("pipelines/llmbar.toml"))
+        .args(["--out", url, "--quiet"])
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    refused_in_one_line(&mut cmd, "already exists")
 }
 
 #[test]
@@ -123,15 +129,9 @@ else:
 "#;
 
 fn s3_client(py: &Path, endpoint: &str, args: &[&str]) -> Result<String> {
-    let o = Command::new(py)
-        .args(["-c", S3_CLIENT, endpoint])
-        .args(args)
-        .output()?;
-    ensure!(
-        o.status.success(),
-        "boto3 {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let mut cmd = Command::new(py);
+    cmd.args(["-c", S3_CLIENT, endpoint]).args(args);
+    let o = run_ok(&mut cmd, &format!("boto3 {args:?}"))?;
     Ok(String::from_utf8(o.stdout)?)
 }
 
@@ -225,30 +225,29 @@ fn a_cluster_build_puts_its_shards_on_s3() -> Result<()> {
 }
 
 /// `gram-score pairwise` of the first rows of `input` into `out` with `extra` arguments and
-/// `env`; its stderr when it fails.
-fn score(input: &Path, out: &str, extra: &[&str], env: &[(&str, String)]) -> Result<()> {
-    let o = Command::new(bin("gram-score")?)
-        .args([
-            "pairwise",
-            "--quiet",
-            "--limit",
-            "6",
-            "--chunk-rows",
-            "4",
-            "--model",
-        ])
+/// `env`.
+fn score_command(
+    input: &Path,
+    out: &str,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> Result<Command> {
+    let mut cmd = Command::new(bin("gram-score")?);
+    cmd.args(["pairwise", "--quiet", "--limit", "6", "--chunk-rows", "4"])
+        .arg("--model")
         .arg(crate::score::judge()?)
         .arg("--input")
         .arg(input)
         .args(["--out", out])
         .args(extra)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()?;
-    ensure!(
-        o.status.success(),
-        "gram-score --out {out} {extra:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    Ok(cmd)
+}
+
+/// Runs [`score_command`]; fails unless it succeeds.
+fn score(input: &Path, out: &str, extra: &[&str], env: &[(&str, String)]) -> Result<()> {
+    let mut cmd = score_command(input, out, extra, env)?;
+    run_ok(&mut cmd, &format!("gram-score --out {out} {extra:?}"))?;
     Ok(())
 }
 
@@ -272,19 +271,7 @@ fn a_scoring_job_puts_its_output_on_object_stores() -> Result<()> {
     let worst = same_scores(&local, &dir.join("store/scored.parquet"), &url)?;
     ensure!(worst <= 1e-6, "{url}: scores differ by {worst:.2e}");
     emptied(&work)?;
-    let o = Command::new(bin("gram-score")?)
-        .args(["pairwise", "--quiet", "--model"])
-        .arg(crate::score::judge()?)
-        .arg("--input")
-        .arg(&input)
-        .args(["--out", &url])
-        .output()?;
-    let err = String::from_utf8_lossy(&o.stderr);
-    ensure!(
-        o.status.code() == Some(1) && err.trim().lines().count() == 1 && err.contains("exists"),
-        "an existing object was not refused in one line: {:?} {err}",
-        o.status
-    );
+    refused_in_one_line(&mut score_command(&input, &url, &[], &[])?, "exists")?;
     // s3:// on moto's server.
     let Some(py) = moto_python() else {
         println!("SKIPPED the s3:// half: no Python with moto's S3 server and boto3");
