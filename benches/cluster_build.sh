@@ -6,24 +6,28 @@
 # thread each, so that an executor stands for one core. Each row is the median of ROUNDS
 # alternating rounds. Run by hand (not in CI):
 #
-#   bash benches/cluster_build.sh [ROWS] [ROUNDS]    # default 200000 rows, 1 round
+#   bash benches/cluster_build.sh [ROWS] [ROUNDS] [FILES]  # default 200000 rows, 1 round, 4 files
 #
 # Prints wall seconds, the plan's seconds (submit to last shard written) and the time before it
-# (reading, mapping, dedup, staging), the gram-data process's CPU seconds (on a cluster: the
-# client's own work, which does not shrink with more executors), its peak RSS, and the sizes
-# that cross the network on a cluster: the staged pairs the executors read, the shuffle (the
-# pairs repartitioned by their dedup key) and the dataset's Parquet, which the executors write
-# (only counts come back to the client).
+# (checking the specs, loading the tokenizer), the gram-data process's CPU seconds (on a
+# cluster: the client's own work), its peak RSS, and the sizes that cross the network on a
+# cluster: the input the executors read (one task per input file), the shuffle (the pairs
+# repartitioned by their dedup key) and the dataset's Parquet, which the executors write (only
+# counts come back to the client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-200000}"
 ROUNDS="${2:-1}"
+FILES="${3:-4}"
 source benches/common.sh
 WORK="$GRAM_CACHE/bench-cluster"
 mkdir -p "$WORK" "$GRAM_CACHE/bench-data"
 rm -f "$WORK"/*.jsonl "$WORK"/*.shuffle
 IN="$GRAM_CACHE/bench-data/synthetic-$ROWS.jsonl"
 [ -s "$IN" ] || python3 benches/data/gen_synthetic.py "$IN" "$ROWS"
+# The rows cut into FILES files: a plan reads one file per task.
+rm -rf "$WORK/input" && mkdir -p "$WORK/input"
+split -n "l/$FILES" -d -a 3 --additional-suffix=.jsonl "$IN" "$WORK/input/part-"
 TOK="$(cd ../shared/fixtures/smollm2 && pwd)"
 PORT="${PORT:-50250}"
 run() { # name [gram-data build flags]
@@ -31,7 +35,7 @@ run() { # name [gram-data build flags]
     shift
     rm -rf "${WORK:?}/$name"
     /usr/bin/time -f '%e %M %U %S' -o "$WORK/$name.time" "$BIN/gram-data" build pipelines/chosen-rejected.toml \
-        --input "$IN" --model "$TOK" --out "$WORK/$name" --valid 0 --test 0 --quiet "$@" 2> "$WORK/$name.log" \
+        --input "$WORK/input/*.jsonl" --model "$TOK" --out "$WORK/$name" --valid 0 --test 0 --quiet "$@" 2> "$WORK/$name.log" \
         || { cat "$WORK/$name.log" >&2; exit 1; }
     python3 - "$WORK" "$name" <<'PY' >> "$WORK/$name.jsonl"
 import json, os, sys
@@ -61,16 +65,10 @@ for _ in $(seq "$ROUNDS"); do
     shuffled executors-2
     bash scripts/cluster.sh stop
 done
-# What the executors read: the staged pairs hold each pair's texts once, as the stage-1 table of
-# a text-only build does (same columns but the ids); its size stands in for theirs.
-rm -rf "$WORK/text-only"
-"$BIN/gram-data" build pipelines/chosen-rejected.toml --input "$IN" --out "$WORK/text-only" --valid 0 --test 0 \
-    --quiet --threads 2 2>/dev/null
-STAGED=$(du -sb "$WORK/text-only/stage1" | cut -f1)
-python3 - "$WORK" "$ROWS" "$(du -sb "$IN" | cut -f1)" "$STAGED" <<'PY'
+python3 - "$WORK" "$ROWS" "$(du -sb "$IN" | cut -f1)" "$FILES" <<'PY'
 import json, statistics, sys
-work, rows, in_bytes, staged = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-print(f"{rows} rows ({in_bytes / 2**20:.0f} MiB of JSONL); staged pairs ~{staged / 2**20:.1f} MiB")
+work, rows, in_bytes, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+print(f"{rows} rows ({in_bytes / 2**20:.0f} MiB of JSONL in {files} files)")
 print(f"{'run':<13} {'wall s':>8} {'rows/s':>8} {'plan s':>8} {'before plan s':>14} {'gram-data CPU s':>16} {'RSS MiB':>8} {'dataset MiB':>12}")
 for name in ["plain", "local", "executors-1", "executors-2"]:
     rs = [json.loads(l) for l in open(f"{work}/{name}.jsonl")]

@@ -5,7 +5,6 @@
 //! ([`crate::dest`]: renamed into place, or put on an object store with the manifest last);
 //! checks that every input row is either written or rejected with a reason.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,10 +19,10 @@ use serde::Serialize;
 use crate::dedup::Seen;
 use crate::dest::Dest;
 use crate::error::{Error, OrInternal, Result};
-use crate::map::{MappedPair, Mapper};
-use crate::pairs::check_pair;
-use crate::plan::Staged;
-use crate::read::{Chunk, Reject, read_file};
+use crate::map::Mapper;
+use crate::pairs::check_chunk;
+use crate::read::{Chunk, read_file};
+use crate::scan::ScanSpec;
 use crate::shards::{Outputs, Rejected, Writer, tally};
 use crate::sink::SinkSpec;
 use crate::spec::Spec;
@@ -47,8 +46,7 @@ pub struct BuildOptions {
     /// Output folder, or an object-store URL (`s3://BUCKET/PREFIX`, `file:///PATH`).
     pub out: PathBuf,
     /// With an object-store output: the local folder the build writes into before its files
-    /// go up (with `--cluster df://`, one every executor reads: the pairs are staged there);
-    /// None: the system's temporary folder.
+    /// go up; None: the system's temporary folder.
     pub work_dir: Option<PathBuf>,
     /// Model folder or GGUF whose tokenizer and chat template to use; none: text only.
     pub model: Option<PathBuf>,
@@ -226,8 +224,10 @@ pub fn build(opts: &BuildOptions) -> Result<Stats> {
         t0,
         total_bytes,
     )
-    .and_then(|run| run.sources(&sources))
-    .and_then(|run| run.planned(&tmp, &dest))
+    .and_then(|run| match &opts.cluster {
+        Some(target) => run.planned(target, &sources, &tmp, &dest),
+        None => run.sources(&sources),
+    })
     .and_then(|run| run.finish(&tmp, &dest))
     .and_then(|stats| dest.publish(&tmp).map(|()| stats));
     if result.is_err() {
@@ -278,70 +278,26 @@ impl Progress {
     }
 }
 
-/// A spinner while the plan tokenises and writes `pairs` pairs on `target` (its tasks report
-/// when the job ends).
-fn planned_bar(show: bool, pairs: u64, target: &crate::cluster::Target) -> indicatif::ProgressBar {
+/// A spinner while the plan reads `files` input files and tokenises and writes their pairs on
+/// `target` (its tasks report when the job ends).
+fn planned_bar(
+    show: bool,
+    files: usize,
+    target: &crate::cluster::Target,
+) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
     let b = indicatif::ProgressBar::new_spinner();
-    let template =
-        format!("{{spinner}} tokenising and writing {pairs} pairs on {target} ({{elapsed}})");
+    let template = format!(
+        "{{spinner}} reading {files} file(s), tokenising and writing on {target} ({{elapsed}})"
+    );
     b.set_style(
         indicatif::ProgressStyle::with_template(&template)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     b.enable_steady_tick(std::time::Duration::from_millis(200));
     b
-}
-
-/// The rows of one chunk after mapping: each pair with its index within its input row, and the
-/// rejects so far (unreadable rows, and rows the mapping turned into no pair).
-struct Mapped {
-    pairs: Vec<(MappedPair, u32)>,
-    rejects: Vec<Reject>,
-}
-
-/// Maps a chunk of `file`. Rows the mapping turned into no pair are rejected, never dropped.
-fn map_chunk(mapper: &Mapper, file: &Path, chunk: Chunk) -> Result<Mapped> {
-    use arrow::array::{Array, AsArray};
-    let mut rejects = chunk.rejects;
-    let b = &chunk.batch;
-    let files = b
-        .column_by_name("_file")
-        .or_internal("a source chunk without `_file`")?
-        .as_string::<i32>()
-        .clone();
-    let rows = b
-        .column_by_name("_row")
-        .or_internal("a source chunk without `_row`")?
-        .as_primitive::<arrow::datatypes::UInt64Type>()
-        .clone();
-    let mapped = mapper.map(chunk.batch, file)?;
-    // Each pair's index within its input row (part of its id); the keys are the rows that
-    // produced pairs.
-    let mut per_row: HashMap<(String, u64), u32> = HashMap::new();
-    let pairs = mapped
-        .into_iter()
-        .map(|m| {
-            let k = per_row.entry((m.file.clone(), m.row)).or_default();
-            *k += 1;
-            let idx = *k - 1;
-            (m, idx)
-        })
-        .collect();
-    for i in 0..files.len() {
-        let (f, r) = (files.value(i).to_string(), rows.value(i));
-        if !per_row.contains_key(&(f.clone(), r)) {
-            rejects.push(Reject {
-                file: f,
-                row: r,
-                reason: "the pipeline's mapping produced no pair for this row".into(),
-                raw: None,
-            });
-        }
-    }
-    Ok(Mapped { pairs, rejects })
 }
 
 /// One build while it streams its sources into the temporary folder.
@@ -352,8 +308,6 @@ struct Run<'a> {
     w: Writer,
     seen: Seen,
     progress: Progress,
-    /// With `--cluster`: the checked pairs, staged for the tokenising plan.
-    staged: Option<Staged>,
     /// Every Parquet file's key-value metadata.
     meta: Vec<(String, String)>,
     /// The files the plan's tasks wrote (paths relative to the output).
@@ -372,10 +326,6 @@ impl<'a> Run<'a> {
     ) -> Result<Self> {
         let meta = Self::file_metadata(opts, tok, tokenizer)?;
         let out = Outputs::new(tmp, opts.shard_rows, &meta, "")?;
-        let staged = match opts.cluster {
-            Some(_) => Some(Staged::new(tmp.join(crate::dest::STAGED))?),
-            None => None,
-        };
         Ok(Self {
             opts,
             tok,
@@ -383,7 +333,6 @@ impl<'a> Run<'a> {
             w: Writer::new(out),
             seen: Seen::default(),
             progress: Progress::new(opts.progress, total_bytes, t0),
-            staged,
             meta,
             task_files: Vec::new(),
             t0,
@@ -458,16 +407,15 @@ impl<'a> Run<'a> {
         st: &mut SourceStats,
         chunk: Chunk,
     ) -> Result<()> {
-        st.rows_read += (chunk.batch.num_rows() + chunk.rejects.len()) as u64;
-        let Mapped { pairs, mut rejects } = map_chunk(mapper, file, chunk)?;
-        st.rows_rejected += rejects.len() as u64;
+        let c = check_chunk(spec, file, mapper, chunk, self.opts)?;
+        st.rows_read += c.rows_read;
+        st.rows_rejected += c.row_rejects.len() as u64;
+        st.pairs += c.pairs.len() as u64;
+        let mut rejects = c.row_rejects;
         let row_rejects = rejects.len();
-        st.pairs += pairs.len() as u64;
-        let mut checked = Vec::with_capacity(pairs.len());
-        for (m, idx) in pairs {
-            match check_pair(m, idx, spec, self.opts) {
-                // With --cluster, the plan finds the duplicates.
-                Ok(p) if self.staged.is_some() => checked.push(p),
+        let mut checked = Vec::with_capacity(c.pairs.len());
+        for p in c.pairs {
+            match p {
                 Ok(p) => match self.seen.first_seen(p.key, &p.file, p.row) {
                     Some(first) => rejects.push(p.duplicate(&first)),
                     None => checked.push(p),
@@ -476,58 +424,57 @@ impl<'a> Run<'a> {
             }
         }
         let (mut s1, mut s2) = (Vec::new(), Vec::new());
-        match &mut self.staged {
-            Some(staged) => staged.write(&checked, self.opts)?,
-            None => {
-                let (opts, tokenizer) = (self.opts, self.tokenizer);
-                let made: Vec<_> = checked
-                    .into_par_iter()
-                    .map(|p| {
-                        let m = stage_rows(&p, opts, tokenizer).map_err(Rejected::Pair);
-                        (p, m)
-                    })
-                    .collect();
-                for m in made {
-                    tally(m, st, (&mut s1, &mut s2), &mut rejects);
-                }
-            }
+        let (opts, tokenizer) = (self.opts, self.tokenizer);
+        let made: Vec<_> = checked
+            .into_par_iter()
+            .map(|p| {
+                let m = stage_rows(&p, opts, tokenizer).map_err(Rejected::Pair);
+                (p, m)
+            })
+            .collect();
+        for m in made {
+            tally(m, st, (&mut s1, &mut s2), &mut rejects);
         }
         st.pairs_rejected += (rejects.len() - row_rejects) as u64;
         self.w.write_rows(&spec.name, st, &s1, &s2, &rejects)
     }
 
-    /// With `--cluster`: tokenises the staged pairs in one plan on the target, whose tasks
-    /// write the shards into the build's folder, and adds up what they wrote (then removes
-    /// the staged files).
-    fn planned(mut self, tmp: &Path, dest: &Dest) -> Result<Self> {
-        let (Some(staged), Some(target)) = (self.staged.take(), self.opts.cluster.clone()) else {
-            return Ok(self);
-        };
+    /// With `--cluster`: the whole build as one plan on `target`, whose tasks read, check,
+    /// deduplicate, tokenise and write the shards into the build's folder (or its store); adds
+    /// up what they wrote.
+    fn planned(
+        mut self,
+        target: &crate::cluster::Target,
+        sources: &Sources,
+        tmp: &Path,
+        dest: &Dest,
+    ) -> Result<Self> {
         let model = match &self.opts.model {
             Some(m) => Some(std::fs::canonicalize(m).map_err(|e| Error::input(m, e))?),
             None => None,
         };
         let sql = crate::plan::sql(self.opts, model.as_deref())?;
+        let scan = ScanSpec::new(&sources.specs, &sources.files, self.opts)?;
         let t0 = Instant::now();
-        if staged.pairs > 0 {
-            let spec = SinkSpec {
-                dest: dest.sink(tmp)?,
-                seed: self.opts.seed,
-                both_orders: self.opts.both_orders,
-                drop_over: self.opts.drop_over,
-                shard_rows: self.opts.shard_rows,
-                labels: self.tokenizer.map(|t| (t.labels.a, t.labels.b)),
-                meta: self.meta.clone(),
-            };
-            let bar = planned_bar(self.opts.progress, staged.pairs, &target);
-            let parts = crate::plan::run(&target, &staged.dir, &sql, &spec, self.opts.partitions)?;
-            bar.finish_and_clear();
-            for p in parts {
-                self.w.stats.absorb(&p.stats);
-                self.task_files.extend(p.files);
-            }
+        let spec = SinkSpec {
+            dest: dest.sink(tmp)?,
+            seed: self.opts.seed,
+            both_orders: self.opts.both_orders,
+            drop_over: self.opts.drop_over,
+            shard_rows: self.opts.shard_rows,
+            labels: self.tokenizer.map(|t| (t.labels.a, t.labels.b)),
+            meta: self.meta.clone(),
+        };
+        let bar = planned_bar(self.opts.progress, scan.files(), target);
+        let parts = crate::plan::run(target, &scan, &sql, &spec, self.opts.partitions)?;
+        bar.finish_and_clear();
+        for s in &sources.specs {
+            self.w.stats.sources.entry(s.name.clone()).or_default();
         }
-        std::fs::remove_dir_all(&staged.dir).map_err(|e| Error::output(&staged.dir, e))?;
+        for p in parts {
+            self.w.stats.absorb(&p.stats);
+            self.task_files.extend(p.files);
+        }
         self.w.stats.plan_seconds = Some(t0.elapsed().as_secs_f64());
         Ok(self)
     }

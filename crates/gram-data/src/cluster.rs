@@ -1,5 +1,5 @@
 //! gram-data's plans on a [`Target`]: sessions that know [`crate::udf::functions`] and the
-//! shard-writing plan node ([`crate::sink`]).
+//! plan nodes that read the sources ([`crate::scan`]) and write the shards ([`crate::sink`]).
 
 use std::sync::Arc;
 
@@ -11,7 +11,10 @@ pub use gram_session::Target;
 pub fn extensions() -> gram_session::Extensions {
     gram_session::Extensions {
         functions: crate::udf::functions(),
-        nodes: vec![Arc::new(crate::sink::SinkNode)],
+        nodes: vec![
+            Arc::new(crate::scan::ScanNode),
+            Arc::new(crate::sink::SinkNode),
+        ],
     }
 }
 

@@ -15,9 +15,6 @@ use crate::sink::SinkDest;
 /// The manifest: the file that says a dataset is complete, written last.
 const MANIFEST: &str = "manifest.json";
 
-/// Where the staged pairs go inside the build's folder (never part of the dataset).
-pub(crate) const STAGED: &str = ".pairs";
-
 /// A build's output.
 pub(crate) enum Dest {
     /// A folder: `out`, in `parent`, named `name`.
@@ -145,12 +142,12 @@ impl Dest {
     }
 
     /// Makes the finished build in `tmp` the dataset: renamed into place, or put on the store
-    /// (every file but the staged pairs, the manifest last) and `tmp` removed.
+    /// (the manifest last) and `tmp` removed.
     pub(crate) fn publish(&self, tmp: &Path) -> Result<()> {
         match self {
             Self::Folder { out, parent, name } => move_into_place(tmp, out, parent, name),
             Self::Store(loc) => {
-                let skip = |rel: &str| rel == MANIFEST || rel.starts_with(&format!("{STAGED}/"));
+                let skip = |rel: &str| rel == MANIFEST;
                 on_store(loc.put_dir(tmp, &skip))?;
                 on_store(loc.put_file(&tmp.join(MANIFEST), MANIFEST))?;
                 std::fs::remove_dir_all(tmp).map_err(|e| Error::output(tmp, e))

@@ -51,7 +51,7 @@ pub enum Error {
     #[error("{0}")]
     Store(String),
     /// A plan that could not be run where `--cluster` sent it: the scheduler cannot be reached,
-    /// or an executor cannot read the staged pairs or the model.
+    /// or a task of the plan failed (an input file or the model it could not read, among others).
     #[error("--cluster {target}: {msg}")]
     Cluster {
         /// The target as given.
@@ -59,6 +59,10 @@ pub enum Error {
         /// DataFusion's or Ballista's error.
         msg: String,
     },
+    /// Inside a plan: the task whose rows a task reads failed (with this message, already the
+    /// one the user sees: [`gram_session::one_line`]).
+    #[error("{0}")]
+    Upstream(String),
     /// A broken invariant: a bug in gram-data, not in the input.
     #[error("internal error (please report): {0}")]
     Internal(String),

@@ -10,6 +10,7 @@ pub mod map;
 mod pairs;
 mod plan;
 pub mod read;
+mod scan;
 mod shards;
 mod sink;
 pub mod spec;

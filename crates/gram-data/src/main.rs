@@ -32,7 +32,7 @@ enum Cmd {
     ///   gram-data build pipelines/*.toml --model /shared/model.gguf --out /shared/data/all \
     ///       --cluster df://scheduler:50050
     ///   gram-data build pipelines/*.toml --model /shared/model.gguf --out s3://bucket/gram/all \
-    ///       --cluster df://scheduler:50050 --work-dir /shared/tmp
+    ///       --cluster df://scheduler:50050
     #[command(verbatim_doc_comment)]
     Build {
         /// Pipeline spec files.
@@ -43,8 +43,7 @@ enum Cmd {
         #[arg(long, short)]
         out: PathBuf,
         /// With an object-store OUT: the local folder the build writes into before its files go
-        /// up (default: the system's temporary folder). With --cluster df://, give one that every
-        /// executor reads: the pairs are staged there.
+        /// up (default: the system's temporary folder).
         #[arg(long)]
         work_dir: Option<PathBuf>,
         /// Model folder or .gguf whose tokenizer and chat template tokenise the data (none: text only).
@@ -97,12 +96,13 @@ enum Cmd {
         /// Worker threads for reading and tokenising (default: RAYON_NUM_THREADS, else one per core).
         #[arg(long)]
         threads: Option<usize>,
-        /// Tokenise in one DataFusion plan run by a Ballista cluster (df://HOST:PORT, a
-        /// gram-scheduler), by a scheduler and executor in this process (`standalone`), or by
-        /// this process (`local`). On a cluster, the model and OUT's parent folder (or, with an
-        /// object-store OUT, --work-dir) must be on paths every executor reads (a shared file
-        /// system): the pairs are staged there. The executors write the shards into OUT, or put
-        /// them on its object store (with the AWS_* settings of their own environment).
+        /// Run the whole build as one DataFusion plan on a Ballista cluster (df://HOST:PORT, a
+        /// gram-scheduler), on a scheduler and executor in this process (`standalone`), or in
+        /// this process (`local`). Its tasks read the input files (one task per file), map,
+        /// check, deduplicate, tokenise and write the shards. On a cluster, the pipelines'
+        /// files, the model and (for a folder OUT) OUT's parent folder must be on paths every
+        /// executor reads (a shared file system); with an object-store OUT each executor puts
+        /// its shards there (with the AWS_* settings of its own environment).
         #[arg(long, value_parser = gram_data::cluster::Target::parse)]
         cluster: Option<gram_data::cluster::Target>,
         /// With --cluster: tasks the plan is cut into after the pairs are repartitioned by

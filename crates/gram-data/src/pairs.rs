@@ -2,11 +2,13 @@
 //! identical responses, duplicates ([`crate::dedup`]), a stable id, and the split by a hash of
 //! the prompt.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use crate::build::BuildOptions;
-use crate::map::MappedPair;
-use crate::read::Reject;
+use crate::error::{OrInternal, Result};
+use crate::map::{MappedPair, Mapper};
+use crate::read::{Chunk, Reject};
 use crate::spec::Spec;
 
 /// Whitespace-normalised text (what dedup and the split compare).
@@ -194,4 +196,84 @@ pub(crate) fn check_pair(
         raw_label: m.label.clone(),
         key: u128::from_le_bytes(k),
     })
+}
+
+/// One chunk of a source file, mapped and checked: what a build without `--cluster` and a plan's
+/// read tasks ([`crate::scan`]) both make of it.
+pub(crate) struct Checked {
+    /// Input rows in the chunk (read or not).
+    pub(crate) rows_read: u64,
+    /// Rows that became no pair: unreadable, or mapped to none.
+    pub(crate) row_rejects: Vec<Reject>,
+    /// Every pair the mapping produced, in its order: checked, or its reject.
+    pub(crate) pairs: Vec<std::result::Result<Pair, Reject>>,
+}
+
+/// Maps and checks one chunk of `file` (whether a pair was seen before is the caller's check).
+pub(crate) fn check_chunk(
+    spec: &Spec,
+    file: &Path,
+    mapper: &Mapper,
+    chunk: Chunk,
+    opts: &BuildOptions,
+) -> Result<Checked> {
+    let rows_read = (chunk.batch.num_rows() + chunk.rejects.len()) as u64;
+    let Mapped { pairs, rejects } = map_chunk(mapper, file, chunk)?;
+    Ok(Checked {
+        rows_read,
+        row_rejects: rejects,
+        pairs: pairs
+            .into_iter()
+            .map(|(m, idx)| check_pair(m, idx, spec, opts))
+            .collect(),
+    })
+}
+
+/// The rows of one chunk after mapping: each pair with its index within its input row, and the
+/// rejects so far (unreadable rows, and rows the mapping turned into no pair).
+struct Mapped {
+    pairs: Vec<(MappedPair, u32)>,
+    rejects: Vec<Reject>,
+}
+
+/// Maps a chunk of `file`. Rows the mapping turned into no pair are rejected, never dropped.
+fn map_chunk(mapper: &Mapper, file: &Path, chunk: Chunk) -> Result<Mapped> {
+    use arrow::array::{Array, AsArray};
+    let mut rejects = chunk.rejects;
+    let b = &chunk.batch;
+    let files = b
+        .column_by_name("_file")
+        .or_internal("a source chunk without `_file`")?
+        .as_string::<i32>()
+        .clone();
+    let rows = b
+        .column_by_name("_row")
+        .or_internal("a source chunk without `_row`")?
+        .as_primitive::<arrow::datatypes::UInt64Type>()
+        .clone();
+    let mapped = mapper.map(chunk.batch, file)?;
+    // Each pair's index within its input row (part of its id); the keys are the rows that
+    // produced pairs.
+    let mut per_row: HashMap<(String, u64), u32> = HashMap::new();
+    let pairs = mapped
+        .into_iter()
+        .map(|m| {
+            let k = per_row.entry((m.file.clone(), m.row)).or_default();
+            *k += 1;
+            let idx = *k - 1;
+            (m, idx)
+        })
+        .collect();
+    for i in 0..files.len() {
+        let (f, r) = (files.value(i).to_string(), rows.value(i));
+        if !per_row.contains_key(&(f.clone(), r)) {
+            rejects.push(Reject {
+                file: f,
+                row: r,
+                reason: "the pipeline's mapping produced no pair for this row".into(),
+                raw: None,
+            });
+        }
+    }
+    Ok(Mapped { pairs, rejects })
 }

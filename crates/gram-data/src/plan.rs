@@ -1,123 +1,38 @@
-//! A build's tokenisation and writing as one DataFusion plan, for `--cluster`: the checked pairs
-//! are staged as Parquet in the build's folder ([`Staged`]), a query over them calls
-//! `gram_tokens` for every example ([`sql`]) wherever the session runs it (this process, or a
-//! Ballista cluster whose executors read the staged files and the model from the same paths),
-//! each result row becomes the pair's stage rows ([`rows_of`]) exactly as a build without
-//! `--cluster` makes them (one [`crate::stage::assemble`] for both), and the plan's tasks write
-//! them ([`crate::sink`]).
+//! A `--cluster` build as one DataFusion plan: its tasks read, map and check the input files
+//! ([`crate::scan`]), a query over their rows deduplicates, splits and calls `gram_tokens` for
+//! every example ([`sql`]) wherever the session runs it (this process, or a Ballista cluster
+//! whose executors read the inputs and the model from the same paths), each result row becomes
+//! the pair's stage rows ([`rows_of`]) exactly as a build without `--cluster` makes them (one
+//! [`crate::stage::assemble`] for both), and the plan's tasks write them ([`crate::sink`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, StructArray, UInt64Array,
+    Array, AsArray, RecordBatch, StringArray, StructArray, UInt8Array, UInt64Array,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type, UInt64Type};
+use arrow::datatypes::{DataType, UInt8Type, UInt32Type, UInt64Type};
+use datafusion::prelude::DataFrame;
 use gram_core::fit::Tokens;
-use parquet::arrow::ArrowWriter;
-
-use datafusion::prelude::{DataFrame, ParquetReadOptions};
 
 use crate::build::BuildOptions;
 use crate::cluster::Target;
 use crate::error::{Error, OrInternal, Result};
 use crate::pairs::Pair;
-use crate::shards::Rejected;
+use crate::read::Reject;
+use crate::scan::{Kind, Scan, ScanSpec};
+use crate::shards::{Item, Rejected};
 use crate::sink::{ShardSink, SinkSpec};
-use crate::stage::{Example, StageRow, assemble, swapped};
+use crate::stage::{Example, StageRow, assemble};
 
-/// The staged pairs' table in the plan's session.
+/// The scan's table in the plan's session.
 pub(crate) const TABLE: &str = "gram_pairs";
 
-/// The checked pairs of a build, written as Parquet files (one per input chunk) under `dir`.
-pub(crate) struct Staged {
-    pub(crate) dir: PathBuf,
-    files: usize,
-    /// Pairs staged.
-    pub(crate) pairs: u64,
-    schema: SchemaRef,
-}
-
-impl Staged {
-    pub(crate) fn new(dir: PathBuf) -> Result<Self> {
-        std::fs::create_dir_all(&dir).map_err(|e| Error::output(&dir, e))?;
-        let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
-        let schema = Arc::new(Schema::new(vec![
-            s("source", false),
-            s("file", false),
-            Field::new("row", DataType::UInt64, false),
-            s("id", false),
-            s("prompt", false),
-            s("response_a", false),
-            s("response_b", false),
-            s("label", true),
-            s("metadata", true),
-            Field::new("swap", DataType::Boolean, false),
-            s("raw_label", true),
-            // Dedup: the pair's key, and its place in the input (the first of equal keys stays).
-            s("dedup_key", false),
-            Field::new("seq", DataType::UInt64, false),
-        ]));
-        Ok(Self {
-            dir,
-            files: 0,
-            pairs: 0,
-            schema,
-        })
-    }
-
-    /// Stages one chunk's checked pairs.
-    pub(crate) fn write(&mut self, pairs: &[Pair], opts: &BuildOptions) -> Result<()> {
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        let strings = |f: &dyn Fn(&Pair) -> Option<&str>| -> ArrayRef {
-            Arc::new(pairs.iter().map(f).collect::<StringArray>())
-        };
-        let cols: Vec<ArrayRef> = vec![
-            strings(&|p| Some(&p.source)),
-            strings(&|p| Some(&p.file)),
-            Arc::new(pairs.iter().map(|p| p.row).collect::<UInt64Array>()),
-            strings(&|p| Some(&p.id)),
-            strings(&|p| Some(&p.prompt)),
-            strings(&|p| Some(&p.a)),
-            strings(&|p| Some(&p.b)),
-            strings(&|p| p.label),
-            strings(&|p| p.metadata.as_deref()),
-            Arc::new(
-                pairs
-                    .iter()
-                    .map(|p| Some(swapped(p, opts)))
-                    .collect::<BooleanArray>(),
-            ),
-            strings(&|p| p.raw_label.as_deref()),
-            Arc::new(
-                pairs
-                    .iter()
-                    .map(|p| Some(format!("{:032x}", p.key)))
-                    .collect::<StringArray>(),
-            ),
-            Arc::new((self.pairs..).take(pairs.len()).collect::<UInt64Array>()),
-        ];
-        let batch = RecordBatch::try_new(self.schema.clone(), cols).or_internal("staged pairs")?;
-        let path = self.dir.join(format!("pairs-{:05}.parquet", self.files));
-        let file = std::fs::File::create(&path).map_err(|e| Error::output(&path, e))?;
-        let props = gram_core::parquet_props().build();
-        let mut w = ArrowWriter::try_new(file, self.schema.clone(), Some(props))
-            .map_err(|e| Error::output(&path, e))?;
-        w.write(&batch).map_err(|e| Error::output(&path, e))?;
-        w.close().map_err(|e| Error::output(&path, e))?;
-        self.files += 1;
-        self.pairs += pairs.len() as u64;
-        Ok(())
-    }
-}
-
-/// The query that deduplicates, splits and tokenises the staged pairs with the model at
-/// `model` (an absolute path the executors can read; none: text only): the pair's columns; its
-/// split by `gram_split` (as the build's checks computed it); for a duplicate (a pair whose key
-/// an earlier pair of the input has), where that first one is (`dup_file`, `dup_row`); and, per
-/// example of the others, `gram_tokens`'s struct (`t1`: stage 1 in the pair's seeded order;
+/// The query that deduplicates, splits and tokenises the scan's pairs with the model at
+/// `model` (an absolute path the executors can read; none: text only): the scan's columns; a
+/// pair's split by `gram_split` (as the build's checks computed it); for a duplicate (a pair
+/// whose key an earlier pair of the input has), where that first one is (`dup_file`,
+/// `dup_row`); and, per example of the other pairs, `gram_tokens`'s struct (`t1`: stage 1 in the pair's seeded order;
 /// `t_ab`, `t_ba`: stage 2 as given and exchanged, for labeled pairs in the orders the build
 /// presents).
 pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
@@ -132,7 +47,8 @@ pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
     );
     let base = format!(
         "source, file, row, id, {split}, prompt, response_a, response_b, label, metadata, \
-         raw_label, CASE WHEN gram_rank > 1 THEN first_file END AS dup_file, \
+         raw_label, dedup_key, kind, reason, raw, n_rows, n_pairs, \
+         CASE WHEN gram_rank > 1 THEN first_file END AS dup_file, \
          CASE WHEN gram_rank > 1 THEN first_row END AS dup_row"
     );
     let Some(model) = model else {
@@ -164,9 +80,10 @@ pub(crate) fn sql(opts: &BuildOptions, model: Option<&Path>) -> Result<String> {
     } else {
         ("NOT swap", "swap")
     };
-    let labeled = "gram_rank = 1 AND label IN ('a', 'b')";
+    let kept = format!("gram_rank = 1 AND kind = {}", Kind::Pair as u8);
+    let labeled = format!("{kept} AND label IN ('a', 'b')");
     Ok(format!(
-        "SELECT {base}, CASE WHEN gram_rank = 1 THEN {t1} END AS t1, \
+        "SELECT {base}, CASE WHEN {kept} THEN {t1} END AS t1, \
          CASE WHEN {labeled} AND {ab} THEN {} END AS t_ab, \
          CASE WHEN {labeled} AND {ba} THEN {} END AS t_ba \
          FROM {ranked}",
@@ -209,12 +126,17 @@ pub(crate) type Made = (
     std::result::Result<(Vec<StageRow>, Vec<StageRow>), crate::shards::Rejected>,
 );
 
-/// The pair columns of a result batch (the staged table's, as text), and where a duplicate's
-/// first pair is.
+/// The pair columns of a result batch (the scan's, as text), where a duplicate's first pair
+/// is, and the other kinds' columns.
 struct PairColumns {
     text: [StringArray; 10],
     row: UInt64Array,
     dup: (StringArray, UInt64Array),
+    kind: UInt8Array,
+    /// A reject's reason and raw text.
+    reject: (StringArray, StringArray),
+    /// A chunk's rows read and pairs mapped.
+    counts: (UInt64Array, UInt64Array),
 }
 
 impl PairColumns {
@@ -241,10 +163,42 @@ impl PairColumns {
             let c = arrow::compute::cast(c, &DataType::UInt64).or_internal(name)?;
             Ok(c.as_primitive::<UInt64Type>().clone())
         };
+        let kind = b.column_by_name("kind").or_internal("kind")?;
+        let kind = arrow::compute::cast(kind, &DataType::UInt8).or_internal("kind")?;
         Ok(Self {
             text: text.try_into().ok().or_internal("pair columns")?,
             row: u64s("row")?,
             dup: (self::text(b, "dup_file")?, u64s("dup_row")?),
+            kind: kind.as_primitive::<UInt8Type>().clone(),
+            reject: (self::text(b, "reason")?, self::text(b, "raw")?),
+            counts: (u64s("n_rows")?, u64s("n_pairs")?),
+        })
+    }
+
+    /// Row `i` if it is not a pair: a reject or a chunk's counts.
+    fn other(&self, i: usize) -> Result<Option<Item>> {
+        let kind = Kind::of(self.kind.value(i))
+            .ok_or_else(|| Error::internal(format!("a scan row of kind {}", self.kind.value(i))))?;
+        let source = || self.text[0].value(i).to_string();
+        let (reason, raw) = &self.reject;
+        let reject = || Reject {
+            file: self.text[1].value(i).to_string(),
+            row: self.row.value(i),
+            reason: reason.value(i).to_string(),
+            raw: raw.is_valid(i).then(|| raw.value(i).to_string()),
+        };
+        Ok(match kind {
+            Kind::Pair => None,
+            Kind::RowReject | Kind::PairReject => Some(Item::Rejected {
+                source: source(),
+                reject: reject(),
+                row: kind == Kind::RowReject,
+            }),
+            Kind::Counts => Some(Item::Counts {
+                source: source(),
+                rows: self.counts.0.value(i),
+                pairs: self.counts.1.value(i),
+            }),
         })
     }
 
@@ -255,7 +209,7 @@ impl PairColumns {
             .then(|| crate::dedup::seen_at(file.value(i), row.value(i)))
     }
 
-    /// Row `i` as the checked pair it was staged from.
+    /// Row `i` as the checked pair the scan made.
     fn pair(&self, i: usize) -> Result<Pair> {
         let [
             source,
@@ -288,22 +242,26 @@ impl PairColumns {
     }
 }
 
-/// The pairs of one result batch with their stage rows, assembled from the plan's token columns
-/// (`labels`: the ids of `A` and `B`, when a model is given).
+/// The rows of one result batch: pairs with their stage rows, assembled from the plan's token
+/// columns (`labels`: the ids of `A` and `B`, when a model is given), rejects and counts.
 pub(crate) fn rows_of(
     b: &RecordBatch,
     opts: &BuildOptions,
     labels: Option<(u32, u32)>,
-) -> Result<Vec<Made>> {
+) -> Result<Vec<Item>> {
     let pairs = PairColumns::new(b)?;
     let t = |n: &str| b.column_by_name(n).map(|c| c.as_struct().clone());
     let (t1, tab, tba) = (t("t1"), t("t_ab"), t("t_ba"));
     let mut out = Vec::with_capacity(b.num_rows());
     for i in 0..b.num_rows() {
+        if let Some(item) = pairs.other(i)? {
+            out.push(item);
+            continue;
+        }
         let p = pairs.pair(i)?;
         if let Some(first) = pairs.first_of(i) {
             let reject = p.duplicate(&first);
-            out.push((p, Err(Rejected::Row(reject))));
+            out.push(Item::Made(Box::new((p, Err(Rejected::Row(reject))))));
             continue;
         }
         let mut missing = None;
@@ -328,7 +286,7 @@ pub(crate) fn rows_of(
                 p.id
             )));
         }
-        out.push((p, made.map_err(Rejected::Pair)));
+        out.push(Item::Made(Box::new((p, made.map_err(Rejected::Pair)))));
     }
     Ok(out)
 }
@@ -337,7 +295,7 @@ fn static_split(s: &str) -> Result<&'static str> {
     crate::shards::SPLITS
         .into_iter()
         .find(|x| *x == s)
-        .ok_or_else(|| Error::internal(format!("a staged pair with split `{s}`")))
+        .ok_or_else(|| Error::internal(format!("a scanned pair with split `{s}`")))
 }
 
 fn static_label(s: Option<&str>) -> Result<Option<&'static str>> {
@@ -346,7 +304,7 @@ fn static_label(s: Option<&str>) -> Result<Option<&'static str>> {
         Some("a") => Ok(Some("a")),
         Some("b") => Ok(Some("b")),
         Some("tie") => Ok(Some("tie")),
-        Some(other) => Err(Error::internal(format!("a staged pair labeled `{other}`"))),
+        Some(other) => Err(Error::internal(format!("a scanned pair labeled `{other}`"))),
     }
 }
 
@@ -358,12 +316,12 @@ pub(crate) fn check_reachable(target: &Target) -> Result<()> {
     })
 }
 
-/// Runs `sql` over the staged pairs in `dir` on `target`, with its rows written as the build's
+/// Runs `sql` over the scan of `scan` on `target`, with its rows written as the build's
 /// shards where the plan's tasks run ([`crate::sink`]) in `partitions` partitions (None: the
 /// session's default); what each partition wrote.
 pub(crate) fn run(
     target: &Target,
-    dir: &Path,
+    scan: &ScanSpec,
     sql: &str,
     spec: &SinkSpec,
     partitions: Option<usize>,
@@ -377,24 +335,18 @@ pub(crate) fn run(
         target: target.to_string(),
         msg: gram_session::one_line(&e),
     };
-    // Absolute: executors resolve a relative path against their own working folder.
-    let dir = std::fs::canonicalize(dir).map_err(|e| Error::output(dir, e))?;
-    let dir = dir
-        .to_str()
-        .ok_or_else(|| Error::output(&dir, "not a UTF-8 path"))?;
+    let extension = |node| LogicalPlan::Extension(Extension { node });
     rt.block_on(async {
         let ctx = crate::cluster::connect(target, partitions)
             .await
             .map_err(fail)?;
-        ctx.register_parquet(TABLE, dir, ParquetReadOptions::default())
-            .await
+        // A view of the scan: the query's plan holds the scan node itself.
+        let scan = extension(Arc::new(Scan::new(scan).map_err(fail)?));
+        ctx.register_table(TABLE, DataFrame::new(ctx.state(), scan).into_view())
             .map_err(fail)?;
         let query = ctx.sql(sql).await.map_err(fail)?;
         let sink = ShardSink::new(query.logical_plan().clone(), spec).map_err(fail)?;
-        let plan = LogicalPlan::Extension(Extension {
-            node: Arc::new(sink),
-        });
-        let written = DataFrame::new(ctx.state(), plan)
+        let written = DataFrame::new(ctx.state(), extension(Arc::new(sink)))
             .collect()
             .await
             .map_err(fail)?;

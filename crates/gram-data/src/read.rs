@@ -345,11 +345,25 @@ pub fn read_file(
     counter: Arc<AtomicU64>,
     sink: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<()> {
+    let name = path.display().to_string();
+    read_file_as(spec, path, &name, chunk_rows, counter, sink)
+}
+
+/// [`read_file`], with the rows' `_file` (and their rejects' file) named `file` instead of
+/// `path` (a plan's task opens the absolute path of the file the build names as given).
+pub fn read_file_as(
+    spec: &Spec,
+    path: &Path,
+    file: &str,
+    chunk_rows: usize,
+    counter: Arc<AtomicU64>,
+    sink: &mut dyn FnMut(Chunk) -> Result<()>,
+) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| Error::input(path, e))?;
     if meta.len() == 0 {
         return Err(Error::input(path, "empty file (no rows)"));
     }
-    let file = path.display().to_string();
+    let file = file.to_string();
     match spec.format {
         Format::Jsonl => read_jsonl(spec, path, &file, chunk_rows, counter, sink),
         Format::Json => read_json_array(spec, path, &file, chunk_rows, counter, sink),

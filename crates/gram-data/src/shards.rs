@@ -277,21 +277,41 @@ impl Writer {
         Ok(())
     }
 
-    /// Pairs the tokenising plan made: counted into their sources and written.
-    pub(crate) fn made(&mut self, made: Vec<Made>) -> Result<()> {
-        let mut by_source: BTreeMap<String, Vec<Made>> = BTreeMap::new();
-        for m in made {
-            by_source.entry(m.0.source.clone()).or_default().push(m);
+    /// What a partition of the build's plan made: counted into their sources and written.
+    pub(crate) fn items(&mut self, items: Vec<Item>) -> Result<()> {
+        let mut by_source: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+        for it in items {
+            by_source
+                .entry(it.source().to_string())
+                .or_default()
+                .push(it);
         }
-        for (source, made) in by_source {
+        for (source, items) in by_source {
             let mut st = self.stats.sources.remove(&source).unwrap_or_default();
             let (mut s1, mut s2, mut rejects) = (Vec::new(), Vec::new(), Vec::new());
             let written = st.pairs_written;
-            for m in made {
-                tally(m, &mut st, (&mut s1, &mut s2), &mut rejects);
+            for it in items {
+                match it {
+                    Item::Made(m) => {
+                        let before = rejects.len();
+                        tally(*m, &mut st, (&mut s1, &mut s2), &mut rejects);
+                        st.pairs_rejected += (rejects.len() - before) as u64;
+                    }
+                    Item::Rejected { reject, row, .. } => {
+                        match row {
+                            true => st.rows_rejected += 1,
+                            false => st.pairs_rejected += 1,
+                        }
+                        rejects.push(reject);
+                    }
+                    Item::Counts { rows, pairs, .. } => {
+                        st.rows_read += rows;
+                        st.pairs += pairs;
+                        self.stats.rows_read += rows;
+                    }
+                }
             }
             self.stats.pairs_written += st.pairs_written - written;
-            st.pairs_rejected += rejects.len() as u64;
             let result = self.write_rows(&source, &mut st, &s1, &s2, &rejects);
             self.stats.sources.insert(source, st);
             result?;
@@ -303,6 +323,33 @@ impl Writer {
     pub(crate) fn close(self) -> Result<(Stats, Vec<String>)> {
         let files = self.out.close()?;
         Ok((self.stats, files))
+    }
+}
+
+/// One row of a build's plan, as its writing task sees it.
+pub(crate) enum Item {
+    /// A checked pair, with its stage rows or why it is not written.
+    Made(Box<Made>),
+    /// An input row that became no pair (`row`), or a mapped pair that failed its checks.
+    Rejected {
+        source: String,
+        reject: Reject,
+        row: bool,
+    },
+    /// Input rows read and pairs mapped in one chunk of a source.
+    Counts {
+        source: String,
+        rows: u64,
+        pairs: u64,
+    },
+}
+
+impl Item {
+    fn source(&self) -> &str {
+        match self {
+            Self::Made(m) => &m.0.source,
+            Self::Rejected { source, .. } | Self::Counts { source, .. } => source,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The plan node that writes a build's shards where its tasks run: each partition of the
-//! tokenising plan becomes stage rows and rejects, assembled as a build without `--cluster`
+//! build's plan becomes stage rows and rejects, assembled as a build without `--cluster`
 //! assembles them ([`crate::plan::rows_of`]), written under names of its own
-//! (`{split}-pHHHH-NNNNN.parquet`, `HHHH` from the partition's first pair) into the build's
+//! (`{split}-pHHHH-NNNNN.parquet`, `HHHH` from the partition's first row) into the build's
 //! temporary folder, or into a folder of the task's own and then put on the object store the
 //! build writes to; and counted. The node's output is one row per partition with those counts
 //! and the files written, which the build adds up into its stats and its manifest. A shard
@@ -240,7 +240,7 @@ impl ExecutionPlan for ShardSinkExec {
         let written = futures::stream::once(async move {
             write_partition(&spec, partition, input)
                 .await
-                .map_err(|e| DataFusionError::External(Box::new(e)))
+                .map_err(gram_session::task_error)
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(
             output_schema(),
@@ -300,26 +300,36 @@ async fn write_rows(
     let opts = spec.options();
     let mut w: Option<Writer> = None;
     while let Some(batch) = input.next().await {
-        let batch = batch.map_err(|e| Error::internal(gram_session::one_line(&e)))?;
-        let made = crate::plan::rows_of(&batch, &opts, spec.labels)?;
-        let Some(first) = made.first() else {
+        let batch = batch.map_err(|e| Error::Upstream(gram_session::one_line(&e)))?;
+        let items = crate::plan::rows_of(&batch, &opts, spec.labels)?;
+        let Some(first) = batch_tag(&batch) else {
             continue;
         };
         let w = match &mut w {
             Some(w) => w,
             None => {
-                let tag = format!("-p{:016x}", hash64(&[first.0.id.as_bytes()]));
+                let tag = format!("-p{:016x}", hash64(&[first.as_bytes()]));
                 let out = Outputs::new(dir, spec.shard_rows, &spec.meta, &tag)?;
                 w.insert(Writer::new(out))
             }
         };
-        w.made(made)?;
+        w.items(items)?;
     }
     let (stats, files) = match w {
         Some(w) => w.close()?,
         None => (Stats::default(), Vec::new()),
     };
     Ok(Part { stats, files })
+}
+
+/// What names a partition's files: the `dedup_key` of its first row (a pair's key, or a
+/// reject's or count's own; the same in every run of the task).
+fn batch_tag(b: &RecordBatch) -> Option<String> {
+    use arrow::array::{Array, AsArray};
+    let c = b.column_by_name("dedup_key")?;
+    let c = arrow::compute::cast(c, &DataType::Utf8).ok()?;
+    let c = c.as_string::<i32>();
+    (!c.is_empty() && c.is_valid(0)).then(|| c.value(0).to_string())
 }
 
 /// What each partition wrote, from the sink's output rows.

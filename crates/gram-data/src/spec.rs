@@ -124,8 +124,13 @@ impl Spec {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::spec(path, format!("cannot read the pipeline spec: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    /// A spec from its text, as if read from `path` (how a plan's tasks get the client's specs).
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let f: SpecFile =
-            toml::from_str(&text).map_err(|e| Error::spec(path, e.to_string().trim()))?;
+            toml::from_str(text).map_err(|e| Error::spec(path, e.to_string().trim()))?;
         let mut columns = Vec::new();
         for (name, ty) in &f.source.columns {
             let t = ColumnType::parse(ty).ok_or_else(|| {

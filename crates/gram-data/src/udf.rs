@@ -133,7 +133,7 @@ fn tokenizer(setting: &Setting) -> DfResult<&'static Tokenizer<'static>> {
     }
     let (model, chat, max_tokens) = setting;
     let fail = |e: gram_core::Error| {
-        DataFusionError::Execution(format!(
+        gram_session::task_error(format!(
             "gram_tokens: loading the tokenizer of {model}: {e}"
         ))
     };

@@ -59,7 +59,7 @@ fn judge(setting: &Setting) -> DfResult<&'static Judge> {
         Threads::split(cores, cores),
         limits,
     )
-    .map_err(|e| DataFusionError::Execution(format!("gram_judge: opening {model}: {e}")))?;
+    .map_err(|e| gram_session::task_error(format!("gram_judge: opening {model}: {e}")))?;
     let j: &'static Judge = Box::leak(Box::new(j));
     open.insert(setting.clone(), j);
     Ok(j)

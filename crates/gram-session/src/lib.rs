@@ -170,11 +170,42 @@ impl std::fmt::Display for Target {
 }
 
 /// A DataFusion or Ballista error on one line (gRPC statuses carry details on lines of their
-/// own), for the one-line errors the tools print.
+/// own), for the one-line errors the tools print; a [`task_error`] comes out as its own text.
 pub fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string()
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" ")
+    let text = e.to_string();
+    if let Some((_, rest)) = text.split_once(TaskError::OPEN)
+        && let Some((msg, _)) = rest.split_once(TaskError::CLOSE)
+    {
+        return msg.to_string();
+    }
+    text.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+}
+
+/// The error of a task of one of the project's plans, whose text reaches the client whole:
+/// Ballista passes a failed task's error on as its debug text, which for this type is the
+/// message between two marks that [`one_line`] finds.
+pub struct TaskError(String);
+
+impl TaskError {
+    const OPEN: &str = "<<gram: ";
+    const CLOSE: &str = " :gram>>";
+}
+
+impl std::fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}{}", Self::OPEN, self.0, Self::CLOSE)
+    }
+}
+
+impl std::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+/// A task's failure with message `e`, as the client will print it.
+pub fn task_error(e: impl std::fmt::Display) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::External(Box::new(TaskError(e.to_string())))
 }

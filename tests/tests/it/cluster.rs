@@ -405,6 +405,105 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
     Ok(())
 }
 
+/// Rows rejected at every step before the plan's dedup (unreadable, mapped to no pair, failing
+/// the checks) and a duplicate across two files: the same rejects and counts from the plan's
+/// read tasks as from the build without `--cluster`; an unreadable file stops the job with one
+/// line that names it, and leaves no dataset.
+#[test]
+fn the_plan_reads_maps_and_checks_the_inputs_as_the_plain_build() -> Result<()> {
+    let dir = scratch("cluster-rejects")?;
+    let good = r#"{"prompt": "p1", "chosen": "yes", "rejected": "no"}"#;
+    let a = [
+        good,
+        r#"{"prompt": "p2", "chosen": "yes", "rejected": "no""#,
+        r#"{"prompt": "p3", "chosen": "yes"}"#,
+        r#"{"prompt": "p4", "chosen": 7, "rejected": "no"}"#,
+        r#"{"prompt": "p5", "chosen": "same", "rejected": "same"}"#,
+        r#"{"prompt": "skip", "chosen": "yes", "rejected": "no"}"#,
+    ];
+    let mut first = a.join("\n").into_bytes();
+    first.extend_from_slice(
+        b"\n{\"prompt\": \"p7\", \"chosen\": \"caf\xe9\", \"rejected\": \"no\"}\n",
+    );
+    std::fs::write(dir.join("a.jsonl"), first)?;
+    let b = [
+        r#"{"prompt": "p8", "chosen": "yes", "rejected": "no"}"#,
+        good,
+    ];
+    std::fs::write(dir.join("b.jsonl"), b.join("\n") + "\n")?;
+    let columns = r#"{ prompt = "utf8", chosen = "utf8", rejected = "utf8" }"#;
+    let sql = "SELECT _file, _row, prompt, chosen AS response_a, rejected AS response_b, 'a' AS label \
+               FROM source WHERE prompt <> 'skip'";
+    let spec = dir.join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"bad\"\n[source]\nformat = \"jsonl\"\nfiles = [\"*.jsonl\"]\ncolumns = {columns}\n[map]\nsql = \"{sql}\"\n"
+        ),
+    )?;
+    let build = |out: &str, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("gram-data")?);
+        cmd.arg("build")
+            .arg(&spec)
+            .arg("--out")
+            .arg(dir.join(out))
+            .arg("--quiet")
+            .args(extra);
+        run_ok(&mut cmd, out).map(|_| ())
+    };
+    build("plain", &[])?;
+    let cluster = ["--cluster", "standalone", "--partitions", "2"];
+    build("standalone", &cluster)?;
+    let reference = built(&dir.join("plain"))?;
+    for reason in [
+        "malformed JSON",
+        "column `rejected` is missing",
+        "expected a string, got a number",
+        "responses are identical",
+        "mapping produced no pair",
+        "not UTF-8",
+        "duplicate of pair at",
+    ] {
+        ensure!(
+            reference.1.iter().any(|r| r.contains(reason)),
+            "no reject `{reason}` in the reference: {:?}",
+            reference.1
+        );
+    }
+    same_build(
+        &reference,
+        &built(&dir.join("standalone"))?,
+        "rejects, --cluster standalone",
+    )?;
+
+    // A truncated gzip file: the task that reads it fails the job.
+    let gz = dir.join("c.jsonl.gz");
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, format!("{good}\n").repeat(2000).as_bytes())?;
+    let z = z.finish()?;
+    std::fs::write(&gz, &z[..z.len() / 2])?;
+    for target in ["standalone", "local"] {
+        let mut cmd = std::process::Command::new(bin("gram-data")?);
+        cmd.arg("build")
+            .arg(&spec)
+            .arg("--input")
+            .arg(&gz)
+            .arg("--out")
+            .arg(dir.join("broken"))
+            .args(["--cluster", target]);
+        let says = format!(
+            "--cluster {target}: {}: unreadable after line",
+            gz.display()
+        );
+        crate::common::refused_in_one_line(&mut cmd, &says)?;
+    }
+    ensure!(
+        !dir.join("broken").exists(),
+        "a failed build left its output"
+    );
+    Ok(())
+}
+
 /// A free TCP port on the loopback interface.
 pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -130,6 +130,19 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> Result<std::proces
     Ok(o)
 }
 
+/// `cmd` (a job refused for the user's input or environment) exits 1 with one line that `says`
+/// why.
+pub fn refused_in_one_line(cmd: &mut std::process::Command, says: &str) -> Result<()> {
+    let o = cmd.output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(o.status.code() == Some(1), "exit {:?}: {err}", o.status);
+    ensure!(
+        err.trim().lines().count() == 1 && err.contains(says),
+        "not a one-line refusal: {err}"
+    );
+    Ok(())
+}
+
 /// The path of one of the workspace's binaries, built first (once per test run) with the same
 /// cargo, profile and target dir as this test binary, so it is never stale.
 pub fn bin(name: &str) -> Result<PathBuf> {

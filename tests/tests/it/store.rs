@@ -12,7 +12,7 @@ use crate::cluster::{
     Kill, built, free_port, gram_data_build, gram_data_build_env, same_build, same_scores,
     start_cluster_env, written_by_tasks,
 };
-use crate::common::{bin, repo_root, run_ok, scratch};
+use crate::common::{bin, refused_in_one_line, repo_root, run_ok, scratch};
 
 /// The limits every build here uses (truncation and `--drop-over` rejects both happen).
 const LIMITS: [&str; 4] = ["--max-tokens", "512", "--drop-over", "700"];
@@ -24,19 +24,6 @@ fn emptied(work: &Path) -> Result<()> {
         .map(|e| e.path())
         .collect();
     ensure!(left.is_empty(), "left in the work folder: {left:?}");
-    Ok(())
-}
-
-/// `cmd` (a job onto an occupied output, without `--overwrite`) exits 1 with one line that
-/// `says` why.
-fn refused_in_one_line(cmd: &mut Command, says: &str) -> Result<()> {
-    let o = cmd.output()?;
-    let err = String::from_utf8_lossy(&o.stderr);
-    ensure!(o.status.code() == Some(1), "exit {:?}: {err}", o.status);
-    ensure!(
-        err.trim().lines().count() == 1 && err.contains(says),
-        "not a one-line refusal: {err}"
-    );
     Ok(())
 }
 
