@@ -12,7 +12,9 @@ pub fn extensions() -> gram_session::Extensions {
     gram_session::Extensions {
         functions: crate::udf::functions(),
         nodes: vec![
-            Arc::new(crate::scan::ScanNode),
+            Arc::new(gram_session::work::WorkNode(Arc::new(
+                crate::scan::ScanWork,
+            ))),
             Arc::new(crate::sink::SinkNode),
         ],
     }

@@ -20,7 +20,7 @@ use crate::cluster::Target;
 use crate::error::{Error, OrInternal, Result};
 use crate::pairs::Pair;
 use crate::read::Reject;
-use crate::scan::{Kind, Scan, ScanSpec};
+use crate::scan::{Kind, ScanSpec};
 use crate::shards::{Item, Rejected};
 use crate::sink::{ShardSink, SinkSpec};
 use crate::stage::{Example, StageRow, assemble};
@@ -341,7 +341,7 @@ pub(crate) fn run(
             .await
             .map_err(fail)?;
         // A view of the scan: the query's plan holds the scan node itself.
-        let scan = extension(Arc::new(Scan::new(scan).map_err(fail)?));
+        let scan = crate::scan::plan(scan).map_err(fail)?;
         ctx.register_table(TABLE, DataFrame::new(ctx.state(), scan).into_view())
             .map_err(fail)?;
         let query = ctx.sql(sql).await.map_err(fail)?;

@@ -1,13 +1,11 @@
-//! The plan node that reads a build's sources where its tasks run: one partition per input
-//! file, each read, mapped by its pipeline's SQL and checked chunk by chunk exactly as a build
+//! The plan leaf that reads a build's sources where its tasks run ([`gram_session::work`]): one
+//! item per input file, each read, mapped by its pipeline's SQL and checked chunk by chunk exactly as a build
 //! without `--cluster` does it ([`crate::pairs::check_chunk`]). Its rows are the checked pairs,
 //! and, so that nothing is lost on the way to the writing tasks ([`crate::sink`]), the rejects
 //! of reading, mapping and checking and one row of counts per chunk ([`Kind`]). Each row has a
 //! `seq` that orders the whole input as the build reads it (file, then place in the file), and a
 //! `dedup_key`: the pair's, or one of its own for the other kinds.
 
-use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -16,17 +14,9 @@ use arrow::array::{
     ArrayRef, BooleanBuilder, RecordBatch, StringBuilder, UInt8Builder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{DFSchema, DFSchemaRef, DataFusionError, Result as DfResult};
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::{
-    Expr, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
-};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
-use gram_session::PlanNode;
+use datafusion::common::{DataFusionError, Result as DfResult};
+use futures::stream::BoxStream;
+use gram_session::work::Work;
 use serde::{Deserialize, Serialize};
 
 use crate::build::BuildOptions;
@@ -119,7 +109,7 @@ impl ScanSpec {
         })
     }
 
-    /// Input files (the scan's partitions).
+    /// Input files (the scan's items).
     pub(crate) fn files(&self) -> usize {
         self.files.len()
     }
@@ -349,272 +339,40 @@ fn read_partition(
     )
 }
 
-/// The logical node: the scan of a build's sources (a leaf).
-#[derive(Debug, Clone)]
-pub(crate) struct Scan {
-    /// The [`ScanSpec`] as JSON (how it travels, and what tells two scans apart).
-    spec: String,
-    schema: DFSchemaRef,
-}
-
-impl Scan {
-    pub(crate) fn new(spec: &ScanSpec) -> DfResult<Self> {
-        let spec = serde_json::to_string(spec).map_err(|e| DataFusionError::External(e.into()))?;
-        Self::with_spec(spec)
-    }
-
-    fn with_spec(spec: String) -> DfResult<Self> {
-        let schema = Arc::new(DFSchema::try_from(schema())?);
-        Ok(Self { spec, schema })
-    }
-}
-
-impl PartialEq for Scan {
-    fn eq(&self, other: &Self) -> bool {
-        self.spec == other.spec
-    }
-}
-
-impl Eq for Scan {}
-
-impl PartialOrd for Scan {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        self.spec.partial_cmp(&other.spec)
-    }
-}
-
-impl Hash for Scan {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.spec.hash(state);
-    }
-}
-
-impl UserDefinedLogicalNodeCore for Scan {
-    fn name(&self) -> &str {
-        "GramScan"
-    }
-
-    fn inputs(&self) -> Vec<&LogicalPlan> {
-        Vec::new()
-    }
-
-    fn schema(&self) -> &DFSchemaRef {
-        &self.schema
-    }
-
-    fn expressions(&self) -> Vec<Expr> {
-        Vec::new()
-    }
-
-    fn fmt_for_explain(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "GramScan")
-    }
-
-    fn with_exprs_and_inputs(
-        &self,
-        _exprs: Vec<Expr>,
-        _inputs: Vec<LogicalPlan>,
-    ) -> DfResult<Self> {
-        Ok(self.clone())
-    }
-}
-
-/// The physical node. Its input is a table of file numbers, one per partition, in memory: a
-/// leaf Ballista hands each task its own share of (it cannot cut a leaf it does not know, and
-/// would run every partition of one in every task); each partition reads the files it is given.
+/// The scan as the project's plan leaf ([`gram_session::work`]): its items are the input files.
 #[derive(Debug)]
-pub(crate) struct ScanExec {
-    spec: ScanSpec,
-    input: Arc<dyn ExecutionPlan>,
-    properties: Arc<PlanProperties>,
-}
+pub(crate) struct ScanWork;
 
-impl ScanExec {
-    /// The scan of `spec`, over the file numbers of its files.
-    fn new(spec: ScanSpec) -> DfResult<Self> {
-        use datafusion::datasource::memory::MemorySourceConfig;
-        use datafusion::datasource::source::DataSourceExec;
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "file",
-            DataType::UInt32,
-            false,
-        )]));
-        let parts = (0..spec.files.len() as u32)
-            .map(|i| {
-                let n = Arc::new(arrow::array::UInt32Array::from(vec![i]));
-                RecordBatch::try_new(schema.clone(), vec![n]).map(|b| vec![b])
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let source = MemorySourceConfig::try_new(&parts, schema, None)?;
-        Ok(Self::with_input(
-            spec,
-            DataSourceExec::from_data_source(source),
-        ))
+impl Work for ScanWork {
+    fn name(&self) -> &'static str {
+        "gram-data/scan"
     }
 
-    fn with_input(spec: ScanSpec, input: Arc<dyn ExecutionPlan>) -> Self {
-        let partitions = input.properties().output_partitioning().partition_count();
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(schema()),
-            datafusion::physical_plan::Partitioning::UnknownPartitioning(partitions),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
-        Self {
-            spec,
-            input,
-            properties: Arc::new(properties),
-        }
-    }
-}
-
-impl DisplayAs for ScanExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "GramScanExec: files={}", self.spec.files.len())
-    }
-}
-
-impl ExecutionPlan for ScanExec {
-    fn name(&self) -> &str {
-        "GramScanExec"
+    fn schema(&self) -> SchemaRef {
+        schema()
     }
 
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
+    fn run(
         &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> DfResult<TreeNodeRecursion>,
-    ) -> DfResult<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let [input] = <[Arc<dyn ExecutionPlan>; 1]>::try_from(children)
-            .map_err(|_| DataFusionError::Plan("GramScanExec takes one input".into()))?;
-        Ok(Arc::new(Self::with_input(self.spec.clone(), input)))
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> DfResult<SendableRecordBatchStream> {
-        use futures::{StreamExt, TryStreamExt};
-        let input = self.input.execute(partition, context)?;
-        let spec = self.spec.clone();
-        let rows = futures::stream::once(async move {
-            let batches: Vec<RecordBatch> = input.try_collect().await?;
-            let mut files = Vec::new();
-            for b in &batches {
-                let c = b
-                    .column(0)
-                    .as_any()
-                    .downcast_ref::<arrow::array::UInt32Array>();
-                let c = c.ok_or_else(|| {
-                    DataFusionError::Internal("GramScanExec: file numbers".into())
-                })?;
-                files.extend(c.values().iter().map(|&i| i as usize));
-            }
-            read_files(spec, files)
-        })
-        .map(|r| match r {
-            Ok(rows) => rows,
-            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-        })
-        .flatten();
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema(), rows)))
-    }
-}
-
-/// The rows of `files` (numbers into `spec`), read in a thread of their own: reading and
-/// mapping are blocking work (the mapping runs a DataFusion query of its own).
-fn read_files(
-    spec: ScanSpec,
-    files: Vec<usize>,
-) -> DfResult<futures::stream::BoxStream<'static, DfResult<RecordBatch>>> {
-    use futures::StreamExt;
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    std::thread::Builder::new()
-        .name("gram-scan".into())
-        .spawn(move || {
+        spec: &str,
+        files: Vec<usize>,
+    ) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>> {
+        let spec: ScanSpec = serde_json::from_str(spec)
+            .map_err(|e| DataFusionError::Plan(format!("{}: {e}", self.name())))?;
+        // Reading and mapping block (the mapping runs a DataFusion query of its own).
+        gram_session::work::blocking("gram-scan", move |tx| {
             for i in files {
-                if let Err(e) = read_partition(&spec, i, &tx) {
+                if let Err(e) = read_partition(&spec, i, tx) {
                     let _ = tx.blocking_send(Err(gram_session::task_error(e)));
                     return;
                 }
             }
         })
-        .map_err(|e| DataFusionError::External(Box::new(e)))?;
-    let rows =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    Ok(rows.boxed())
+    }
 }
 
-/// How [`Scan`] is planned and travels (registered with [`crate::sink::SinkNode`]).
-#[derive(Debug)]
-pub(crate) struct ScanNode;
-
-fn parse_spec(bytes: &[u8], node: &str) -> DfResult<ScanSpec> {
-    serde_json::from_slice(bytes).map_err(|e| DataFusionError::Plan(format!("{node}: {e}")))
-}
-
-impl PlanNode for ScanNode {
-    fn name(&self) -> &'static str {
-        "gram-data/scan"
-    }
-
-    fn encode_logical(&self, node: &dyn UserDefinedLogicalNode) -> Option<DfResult<Vec<u8>>> {
-        let n = node.as_any().downcast_ref::<Scan>()?;
-        Some(Ok(n.spec.as_bytes().to_vec()))
-    }
-
-    fn decode_logical(
-        &self,
-        bytes: &[u8],
-        _inputs: &[LogicalPlan],
-    ) -> DfResult<Arc<dyn UserDefinedLogicalNode>> {
-        let spec = String::from_utf8(bytes.to_vec())
-            .map_err(|e| DataFusionError::Plan(format!("GramScan: {e}")))?;
-        Ok(Arc::new(Scan::with_spec(spec)?))
-    }
-
-    fn plan(
-        &self,
-        node: &dyn UserDefinedLogicalNode,
-        _inputs: &[Arc<dyn ExecutionPlan>],
-    ) -> Option<DfResult<Arc<dyn ExecutionPlan>>> {
-        let n = node.as_any().downcast_ref::<Scan>()?;
-        let plan = parse_spec(n.spec.as_bytes(), "GramScan").and_then(ScanExec::new);
-        Some(plan.map(|s| Arc::new(s) as _))
-    }
-
-    fn encode_physical(&self, node: &dyn ExecutionPlan) -> Option<DfResult<Vec<u8>>> {
-        let n = node.downcast_ref::<ScanExec>()?;
-        Some(serde_json::to_vec(&n.spec).map_err(|e| DataFusionError::External(e.into())))
-    }
-
-    fn decode_physical(
-        &self,
-        bytes: &[u8],
-        inputs: &[Arc<dyn ExecutionPlan>],
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let input = inputs
-            .first()
-            .ok_or_else(|| DataFusionError::Plan("GramScanExec without its input".into()))?;
-        let spec = parse_spec(bytes, "GramScanExec")?;
-        Ok(Arc::new(ScanExec::with_input(spec, input.clone())))
-    }
+/// The scan of `spec`'s files, as a plan's leaf.
+pub(crate) fn plan(spec: &ScanSpec) -> DfResult<datafusion::logical_expr::LogicalPlan> {
+    let json = serde_json::to_string(spec).map_err(|e| DataFusionError::External(e.into()))?;
+    gram_session::work::plan(Arc::new(ScanWork), json, spec.files.len())
 }

@@ -1,185 +1,192 @@
-//! `--cluster`: a job's pairs scored by a plan on a [`Target`] instead of by the judge in this
-//! process. Each call stages its pairs as Parquet files under the job's parts folder (a path
-//! every executor reads), runs `gram_judge` over them ([`crate::udf`]) and returns the scores in
-//! the pairs' order; the job around it (chunks, resumable parts, the joined output) is the same.
+//! `--cluster`: a job's chunks read, scored and written where a plan's tasks run. The plan's
+//! leaf ([`gram_session::work`]) has one item per chunk still to do; a task reads its chunk's
+//! rows from the input Parquet file, scores them with the judge its process opened
+//! ([`crate::udf`]) exactly as a job without `--cluster` does ([`crate::jobs::score_chunk`]),
+//! and writes the chunk's part (`OUTPUT.parts/part-NNNNNN.parquet`, temp + rename), returning
+//! only its counts. The job around it (resuming from the parts, joining them into the output)
+//! is the same as without `--cluster`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Float32Type, Schema, SchemaRef, UInt64Type};
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use arrow::array::{AsArray, RecordBatch, RecordBatchReader, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
+use datafusion::common::{DataFusionError, Result as DfResult};
+use datafusion::prelude::DataFrame;
+use futures::stream::BoxStream;
 use gram_session::Target;
+use gram_session::work::Work;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::judge::{BatchLimits, PairScore, Scorer};
+use crate::jobs::{Mode, output_schema, part_path, score_chunk, write_parquet};
 
-/// Files each call's pairs are staged in: the plan's tasks (at most this many run at once).
-const STAGED_FILES: usize = 16;
+/// What the tasks of one job need.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ChunkSpec {
+    /// The input Parquet file (absolute).
+    pub(crate) input: String,
+    /// The judge's folder (absolute).
+    pub(crate) model: String,
+    /// Most rows and tokens per batch.
+    pub(crate) limits: (usize, usize),
+    pub(crate) mode: Mode,
+    pub(crate) chunk_rows: usize,
+    /// Rows of the job (after `--limit`).
+    pub(crate) rows: usize,
+    /// The parts folder (absolute).
+    pub(crate) parts: String,
+    /// The chunks to do (the plan's items).
+    pub(crate) chunks: Vec<usize>,
+}
 
-/// Scores pairs with a plan on a cluster.
-pub struct ClusterScorer {
-    target: Target,
-    rt: tokio::runtime::Runtime,
-    ctx: SessionContext,
-    /// Where calls stage their pairs.
-    dir: PathBuf,
-    /// The judge's folder as the executors open it (absolute).
-    model: String,
-    limits: BatchLimits,
-    calls: AtomicUsize,
-    schema: SchemaRef,
+/// One row per chunk done: its number, rows and rows without a score.
+fn counts_schema() -> SchemaRef {
+    let u = |n: &str| Field::new(n, DataType::UInt64, false);
+    Arc::new(Schema::new(vec![u("chunk"), u("rows"), u("failed")]))
+}
+
+/// The job's chunks as the project's plan leaf.
+#[derive(Debug)]
+pub(crate) struct ChunkWork;
+
+impl Work for ChunkWork {
+    fn name(&self) -> &'static str {
+        "gram-score/chunks"
+    }
+
+    fn schema(&self) -> SchemaRef {
+        counts_schema()
+    }
+
+    fn run(
+        &self,
+        spec: &str,
+        items: Vec<usize>,
+    ) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>> {
+        let spec: ChunkSpec = serde_json::from_str(spec)
+            .map_err(|e| DataFusionError::Plan(format!("{}: {e}", self.name())))?;
+        // Reading, onnxruntime and writing block.
+        gram_session::work::blocking("gram-chunks", move |tx| {
+            for i in items {
+                let done = spec
+                    .chunks
+                    .get(i)
+                    .ok_or_else(|| {
+                        Error::Runtime(format!("chunk item {i} of {}", spec.chunks.len()))
+                    })
+                    .and_then(|&k| do_chunk(&spec, k));
+                let sent = match done {
+                    Ok(b) => tx.blocking_send(Ok(b)),
+                    Err(e) => tx.blocking_send(Err(gram_session::task_error(e))),
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// Rows `first..first + n` of the Parquet file `path`.
+fn read_rows(path: &Path, first: usize, n: usize) -> Result<RecordBatch> {
+    let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| {
+            b.with_offset(first)
+                .with_limit(n)
+                .with_batch_size(n.max(1))
+                .build()
+        })
+        .map_err(|e| Error::file(path, format!("not a readable Parquet file: {e}")))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::file(path, format!("reading rows {first}..: {e}")))?;
+    arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::Runtime(e.to_string()))
+}
+
+/// Reads, scores and writes chunk `k`; its counts.
+fn do_chunk(spec: &ChunkSpec, k: usize) -> Result<RecordBatch> {
+    let first = k * spec.chunk_rows;
+    let n = spec.chunk_rows.min(spec.rows.saturating_sub(first));
+    let input = Path::new(&spec.input);
+    let batch = read_rows(input, first, n)?;
+    if batch.num_rows() != n {
+        return Err(Error::file(
+            input,
+            format!("rows {first}..{}: read {}", first + n, batch.num_rows()),
+        ));
+    }
+    let setting = (spec.model.clone(), spec.limits.0, spec.limits.1);
+    let judge =
+        crate::udf::judge(&setting).map_err(|e| Error::Runtime(gram_session::one_line(&e)))?;
+    let (cols, failed) = score_chunk(judge, &spec.mode, &batch, input, first)?;
+    let schema = output_schema(&batch.schema(), &spec.mode);
+    let mut all = batch.columns().to_vec();
+    all.extend(cols);
+    let out = RecordBatch::try_new(schema.clone(), all)
+        .map_err(|e| Error::Runtime(format!("building output rows: {e}")))?;
+    write_parquet(&part_path(Path::new(&spec.parts), k), schema, [out])?;
+    let u = |v: usize| Arc::new(UInt64Array::from(vec![v as u64])) as _;
+    RecordBatch::try_new(counts_schema(), vec![u(k), u(n), u(failed)])
+        .map_err(|e| Error::Runtime(e.to_string()))
+}
+
+/// What the chunks' tasks did: rows scored, rows failed.
+pub(crate) struct Done {
+    pub(crate) rows: usize,
+    pub(crate) failed: usize,
 }
 
 fn cluster_error(target: &Target, e: &dyn std::fmt::Display) -> Error {
     Error::Input(format!("--cluster {target}: {}", gram_session::one_line(e)))
 }
 
-impl ClusterScorer {
-    /// A scorer on `target` for the judge at `model`, staging under `dir`. Fails at once when
-    /// the target is a scheduler nothing answers at.
-    pub fn new(target: Target, model: &Path, dir: &Path, limits: BatchLimits) -> Result<Self> {
-        target
-            .check_reachable()
-            .map_err(|e| cluster_error(&target, &e))?;
-        let model = std::fs::canonicalize(model).map_err(|e| Error::file(model, e))?;
-        let model = model
-            .to_str()
-            .ok_or_else(|| Error::file(&model, "not a UTF-8 path"))?
-            .to_string();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Runtime(format!("starting tokio: {e}")))?;
-        let ctx = rt
-            .block_on(target.connect(&crate::udf::extensions(), None))
-            .map_err(|e| cluster_error(&target, &e))?;
-        let s = |n: &str| Field::new(n, DataType::Utf8, false);
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("row", DataType::UInt64, false),
-            s("prompt"),
-            s("a"),
-            s("b"),
-        ]));
-        Ok(Self {
-            target,
-            rt,
-            ctx,
-            // Absolute: executors resolve a relative path against their own working folder.
-            dir: std::fs::canonicalize(dir).map_err(|e| Error::file(dir, e))?,
-            model,
-            limits,
-            calls: AtomicUsize::new(0),
-            schema,
-        })
-    }
-
-    /// Writes `pairs` as up to [`STAGED_FILES`] Parquet files under a new folder.
-    fn stage(&self, pairs: &[(&str, &str, &str)], dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-        let per_file = pairs.len().div_ceil(STAGED_FILES).max(1);
-        for (k, part) in pairs.chunks(per_file).enumerate() {
-            let first = (k * per_file) as u64;
-            let text = |k: usize| -> ArrayRef {
-                let texts = part.iter().map(|&(x, a, b)| Some([x, a, b][k]));
-                Arc::new(texts.collect::<StringArray>())
-            };
-            let cols: Vec<ArrayRef> = vec![
-                Arc::new(UInt64Array::from_iter_values(
-                    first..first + part.len() as u64,
-                )),
-                text(0),
-                text(1),
-                text(2),
-            ];
-            let batch = RecordBatch::try_new(self.schema.clone(), cols)
-                .map_err(|e| Error::Runtime(format!("staging pairs: {e}")))?;
-            let path = dir.join(format!("pairs-{k:03}.parquet"));
-            crate::jobs::write_parquet(&path, self.schema.clone(), std::iter::once(batch))?;
-        }
-        Ok(())
-    }
-
-    /// Runs the scoring query over the staged folder `dir` (table `table`).
-    fn query(&self, dir: &Path, table: &str) -> Result<Vec<RecordBatch>> {
-        let fail = |e: datafusion::error::DataFusionError| cluster_error(&self.target, &e);
-        let path = dir
-            .to_str()
-            .ok_or_else(|| Error::file(dir, "not a UTF-8 path"))?;
-        let sql = format!(
-            "SELECT row, gram_judge('{}', {}, {}, prompt, a, b) AS s FROM {table}",
-            self.model.replace('\'', "''"),
-            self.limits.max_rows,
-            self.limits.max_tokens
-        );
-        self.rt.block_on(async {
-            self.ctx
-                .register_parquet(table, path, ParquetReadOptions::default())
-                .await
-                .map_err(fail)?;
-            let result = async { self.ctx.sql(&sql).await?.collect().await }.await;
-            self.ctx.deregister_table(table).map_err(fail)?;
-            result.map_err(fail)
-        })
-    }
+/// Fails at once when `target` is a scheduler nothing answers at.
+pub(crate) fn check_reachable(target: &Target) -> Result<()> {
+    target
+        .check_reachable()
+        .map_err(|e| cluster_error(target, &e))
 }
 
-/// The scores of result batches of `(row, s)`, in row order.
-fn scores_of(
-    batches: &[RecordBatch],
-    n: usize,
-) -> Result<Vec<std::result::Result<PairScore, String>>> {
-    let mut out: Vec<Option<std::result::Result<PairScore, String>>> = vec![None; n];
-    for b in batches {
-        let row = arrow::compute::cast(b.column(0), &DataType::UInt64)
-            .map_err(|e| Error::Runtime(e.to_string()))?;
-        let row = row.as_primitive::<UInt64Type>();
-        let s = b.column(1).as_struct();
-        let f = |k: usize| s.column(k).as_primitive::<Float32Type>().clone();
-        let (score_a, p_ab, p_ba) = (f(0), f(1), f(2));
-        let (truncated, error) = (s.column(3).as_boolean(), s.column(4).as_string::<i32>());
+/// Runs the chunks of `spec` on `target`.
+pub(crate) fn run(target: &Target, spec: &ChunkSpec) -> Result<Done> {
+    let fail = |e: DataFusionError| cluster_error(target, &e);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Runtime(format!("starting tokio: {e}")))?;
+    let json = serde_json::to_string(spec).map_err(|e| Error::Runtime(e.to_string()))?;
+    let batches = rt.block_on(async {
+        let ctx = target
+            .connect(&crate::udf::extensions(), None)
+            .await
+            .map_err(fail)?;
+        let leaf =
+            gram_session::work::plan(Arc::new(ChunkWork), json, spec.chunks.len()).map_err(fail)?;
+        DataFrame::new(ctx.state(), leaf)
+            .collect()
+            .await
+            .map_err(fail)
+    })?;
+    let mut done = Done { rows: 0, failed: 0 };
+    let mut chunks = 0;
+    for b in &batches {
+        let col = |i: usize| b.column(i).as_primitive::<UInt64Type>().clone();
+        let (rows, failed) = (col(1), col(2));
         for i in 0..b.num_rows() {
-            let r = row.value(i) as usize;
-            let slot = out
-                .get_mut(r)
-                .ok_or_else(|| Error::Runtime(format!("the plan returned row {r} of {n}")))?;
-            *slot = Some(if error.is_valid(i) {
-                Err(error.value(i).to_string())
-            } else {
-                Ok(PairScore {
-                    score_a: score_a.value(i),
-                    p_ab: p_ab.value(i),
-                    p_ba: p_ba.value(i),
-                    truncated: truncated.value(i),
-                })
-            });
+            done.rows += rows.value(i) as usize;
+            done.failed += failed.value(i) as usize;
         }
+        chunks += b.num_rows();
     }
-    out.into_iter()
-        .enumerate()
-        .map(|(i, s)| s.ok_or_else(|| Error::Runtime(format!("the plan returned no row {i}"))))
-        .collect()
-}
-
-impl Scorer for ClusterScorer {
-    fn score_pairs(
-        &self,
-        pairs: &[(&str, &str, &str)],
-    ) -> Result<Vec<std::result::Result<PairScore, String>>> {
-        if pairs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let k = self.calls.fetch_add(1, Ordering::Relaxed);
-        let dir = self.dir.join(format!("cluster-{k:06}"));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
-        }
-        self.stage(pairs, &dir)?;
-        let result = self
-            .query(&dir, &format!("gram_pairs_{k}"))
-            .and_then(|b| scores_of(&b, pairs.len()));
-        let _ = std::fs::remove_dir_all(&dir);
-        result
+    if chunks != spec.chunks.len() {
+        return Err(Error::Runtime(format!(
+            "the plan did {chunks} of {} chunks",
+            spec.chunks.len()
+        )));
     }
+    Ok(done)
 }

@@ -262,16 +262,7 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         batches: reader,
     } = crate::input::open(input, opts.limit, chunk_rows)?;
     check_schema(&in_schema, mode, input)?;
-    let mut fields: Vec<Field> = in_schema
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.extend(mode.output_fields());
-    let out_schema: SchemaRef = Arc::new(Schema::new_with_metadata(
-        fields,
-        in_schema.metadata().clone(),
-    ));
+    let out_schema = output_schema(&in_schema, mode);
 
     let key = JobKey {
         input: std::fs::canonicalize(input).unwrap_or_else(|_| input.clone()),
@@ -309,40 +300,25 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         gram_core::atomic_write(&key_file, &json)?;
     }
 
-    let cluster = match &opts.cluster {
-        Some(t) => Some(crate::cluster::ClusterScorer::new(
-            t.clone(),
-            &judge.dir,
-            &parts,
-            judge.limits,
-        )?),
-        None => None,
-    };
-    let scorer: &dyn Scorer = match &cluster {
-        Some(c) => c,
-        None => judge,
-    };
     let n_chunks = rows.div_ceil(chunk_rows);
     let bar = progress(rows as u64, opts.quiet);
-    let (mut scored, mut failed, mut resumed) = (0usize, 0usize, 0usize);
-    for (k, batch) in reader.enumerate() {
-        let batch = batch?;
-        let part = parts.join(format!("part-{k:06}.parquet"));
-        if part.exists() {
-            resumed += 1;
-            bar.inc(batch.num_rows() as u64);
-            continue;
+    let chunks = Chunks {
+        parts: &parts,
+        chunk_rows,
+        bar: &bar,
+    };
+    let (scored, failed, resumed) = match &opts.cluster {
+        Some(target) => {
+            let input = Input {
+                path: input,
+                schema: in_schema,
+                rows,
+                batches: reader,
+            };
+            chunks.on_cluster(target, judge, mode, input)?
         }
-        let (cols, n_failed) = score_chunk(scorer, mode, &batch, input, k * chunk_rows)?;
-        let mut all: Vec<ArrayRef> = batch.columns().to_vec();
-        all.extend(cols);
-        let out = RecordBatch::try_new(out_schema.clone(), all)
-            .map_err(|e| Error::Runtime(format!("building output rows: {e}")))?;
-        write_parquet(&part, out_schema.clone(), std::iter::once(out))?;
-        scored += batch.num_rows();
-        failed += n_failed;
-        bar.inc(batch.num_rows() as u64);
-    }
+        None => chunks.here(judge, mode, input, reader, &out_schema)?,
+    };
     bar.finish_and_clear();
     finish(&parts, &opts.output, out_schema, n_chunks, rows)?;
     Ok(JobReport {
@@ -353,6 +329,136 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         seconds: t0.elapsed().as_secs_f64(),
         work: judge.stats(),
     })
+}
+
+/// The columns of a job's output: the input's, then the scores.
+pub(crate) fn output_schema(in_schema: &Schema, mode: &Mode) -> SchemaRef {
+    let mut fields: Vec<Field> = in_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.extend(mode.output_fields());
+    Arc::new(Schema::new_with_metadata(
+        fields,
+        in_schema.metadata().clone(),
+    ))
+}
+
+/// The part file of chunk `k`.
+pub(crate) fn part_path(parts: &Path, k: usize) -> PathBuf {
+    parts.join(format!("part-{k:06}.parquet"))
+}
+
+/// A job's input as opened.
+struct Input<'a> {
+    path: &'a Path,
+    schema: SchemaRef,
+    rows: usize,
+    batches: Box<dyn Iterator<Item = Result<RecordBatch>>>,
+}
+
+/// A job's chunks and their parts.
+struct Chunks<'a> {
+    parts: &'a Path,
+    chunk_rows: usize,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl Chunks<'_> {
+    /// Scores the chunks without a part with `judge`: (rows scored, rows failed, chunks resumed).
+    fn here(
+        &self,
+        judge: &Judge,
+        mode: &Mode,
+        input: &Path,
+        reader: Box<dyn Iterator<Item = Result<RecordBatch>>>,
+        out_schema: &SchemaRef,
+    ) -> Result<(usize, usize, usize)> {
+        let (mut scored, mut failed, mut resumed) = (0usize, 0usize, 0usize);
+        for (k, batch) in reader.enumerate() {
+            let batch = batch?;
+            let part = part_path(self.parts, k);
+            if part.exists() {
+                resumed += 1;
+                self.bar.inc(batch.num_rows() as u64);
+                continue;
+            }
+            let first = k * self.chunk_rows;
+            let (cols, n_failed) = score_chunk(judge, mode, &batch, input, first)?;
+            let mut all: Vec<ArrayRef> = batch.columns().to_vec();
+            all.extend(cols);
+            let out = RecordBatch::try_new(out_schema.clone(), all)
+                .map_err(|e| Error::Runtime(format!("building output rows: {e}")))?;
+            write_parquet(&part, out_schema.clone(), std::iter::once(out))?;
+            scored += batch.num_rows();
+            failed += n_failed;
+            self.bar.inc(batch.num_rows() as u64);
+        }
+        Ok((scored, failed, resumed))
+    }
+
+    /// Scores the chunks without a part on `target`, whose tasks read the input (JSON Lines
+    /// first written as Parquet into the parts folder) and write the parts.
+    fn on_cluster(
+        &self,
+        target: &gram_session::Target,
+        judge: &Judge,
+        mode: &Mode,
+        input: Input<'_>,
+    ) -> Result<(usize, usize, usize)> {
+        crate::cluster::check_reachable(target)?;
+        let n_chunks = input.rows.div_ceil(self.chunk_rows);
+        let todo: Vec<usize> = (0..n_chunks)
+            .filter(|&k| !part_path(self.parts, k).exists())
+            .collect();
+        let resumed = n_chunks - todo.len();
+        let done_rows = input.rows
+            - todo
+                .iter()
+                .map(|&k| self.rows_of(k, input.rows))
+                .sum::<usize>();
+        self.bar.inc(done_rows as u64);
+        if todo.is_empty() {
+            return Ok((0, 0, resumed));
+        }
+        let source = if crate::input::is_json_lines(input.path) {
+            let p = self.parts.join("input.parquet");
+            write_parquet(
+                &p,
+                input.schema.clone(),
+                input.batches.collect::<Result<Vec<_>>>()?,
+            )?;
+            p
+        } else {
+            input.path.to_path_buf()
+        };
+        let abs = |p: &Path| -> Result<String> {
+            let a = std::fs::canonicalize(p).map_err(|e| Error::file(p, e))?;
+            a.to_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::file(&a, "not a UTF-8 path"))
+        };
+        let spec = crate::cluster::ChunkSpec {
+            input: abs(&source)?,
+            model: abs(&judge.dir)?,
+            limits: (judge.limits.max_rows, judge.limits.max_tokens),
+            mode: mode.clone(),
+            chunk_rows: self.chunk_rows,
+            rows: input.rows,
+            parts: abs(self.parts)?,
+            chunks: todo,
+        };
+        let done = crate::cluster::run(target, &spec)?;
+        self.bar.inc(done.rows as u64);
+        Ok((done.rows, done.failed, resumed))
+    }
+
+    /// Rows in chunk `k` of a job of `rows` rows.
+    fn rows_of(&self, k: usize, rows: usize) -> usize {
+        self.chunk_rows
+            .min(rows.saturating_sub(k * self.chunk_rows))
+    }
 }
 
 fn progress(total: u64, quiet: bool) -> indicatif::ProgressBar {
@@ -470,7 +576,7 @@ fn texts<'a>(
 }
 
 /// Scores one chunk; returns the added columns and how many rows failed.
-fn score_chunk(
+pub(crate) fn score_chunk(
     judge: &dyn Scorer,
     mode: &Mode,
     batch: &RecordBatch,

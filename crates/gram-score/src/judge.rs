@@ -52,8 +52,8 @@ impl PairScore {
     }
 }
 
-/// What scores pairs in both orders: a [`Judge`] in this process, or a plan on a cluster
-/// (`crate::cluster::ClusterScorer`). Jobs and best-of-n see only this.
+/// What scores pairs in both orders (a [`Judge`]). Jobs and best-of-n
+/// see only this.
 pub trait Scorer {
     /// Both-order scores of pairs (prompt, a, b); a pair that cannot be encoded gets its reason.
     fn score_pairs(

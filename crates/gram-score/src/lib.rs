@@ -2,7 +2,7 @@
 //! batch jobs over Parquet (pairwise, against a reference, best-of-n), accuracy on labeled
 //! pairs, and an HTTP reward server with dynamic batching.
 
-pub mod cluster;
+mod cluster;
 pub mod error;
 pub mod eval;
 pub mod input;

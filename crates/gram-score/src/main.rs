@@ -261,10 +261,12 @@ struct JobArgs {
     /// Discard the parts of an earlier, different job at OUT.parts instead of refusing.
     #[arg(long)]
     restart: bool,
-    /// Score in DataFusion plans run by a Ballista cluster (df://HOST:PORT, a gram-scheduler),
+    /// Score in a DataFusion plan run by a Ballista cluster (df://HOST:PORT, a gram-scheduler),
     /// by a scheduler and executor in this process (`standalone`), or by this process
-    /// (`local`). The executors open --model and read the pairs staged in OUT.parts, so both
-    /// must be on paths every executor reads (a shared file system).
+    /// (`local`): one task per chunk, which reads the chunk's rows from INPUT (JSON Lines are
+    /// first written as Parquet into OUT.parts), scores them with --model and writes the
+    /// chunk's part into OUT.parts. So INPUT, --model and OUT.parts must be on paths every
+    /// executor reads and writes (a shared file system).
     #[arg(long, value_parser = gram_session::Target::parse)]
     cluster: Option<gram_session::Target>,
     #[command(flatten)]

@@ -27,11 +27,13 @@ pub fn functions() -> Vec<Arc<ScalarUDF>> {
     vec![Arc::new(ScalarUDF::from(JudgeUdf::new()))]
 }
 
-/// What scoring plans add to a session: [`functions`].
+/// What scoring plans add to a session: [`functions`], and the leaf of a `--cluster` job's
+/// chunks ([`crate::cluster`]).
 pub fn extensions() -> gram_session::Extensions {
+    use gram_session::work::WorkNode;
     gram_session::Extensions {
         functions: functions(),
-        nodes: Vec::new(),
+        nodes: vec![Arc::new(WorkNode(Arc::new(crate::cluster::ChunkWork)))],
     }
 }
 
@@ -39,7 +41,7 @@ pub fn extensions() -> gram_session::Extensions {
 type Setting = (String, usize, usize);
 
 /// The judges opened in this process, one per setting, for the process's lifetime.
-fn judge(setting: &Setting) -> DfResult<&'static Judge> {
+pub(crate) fn judge(setting: &Setting) -> DfResult<&'static Judge> {
     static OPEN: OnceLock<Mutex<HashMap<Setting, &'static Judge>>> = OnceLock::new();
     let mut open = OPEN
         .get_or_init(Default::default)

@@ -18,6 +18,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub mod nodes;
 pub mod store;
+pub mod work;
 pub use nodes::PlanNode;
 
 /// What the project adds to DataFusion: functions plans call, and plan nodes of its own.

@@ -956,3 +956,106 @@ fn scoring_jobs_on_the_cluster_equal_the_in_process_job() -> Result<()> {
     }
     Ok(())
 }
+
+/// A cluster scoring job over JSON Lines (written as Parquet for the tasks first) equals the
+/// job without `--cluster`; one whose parts folder holds a finished part keeps that part and
+/// scores only the other chunks.
+#[test]
+fn cluster_scoring_reads_json_lines_and_resumes_from_its_parts() -> Result<()> {
+    use crate::score::{f32s, read};
+    let dir = scratch("cluster-score-resume")?;
+    let data = dir.join("data");
+    gram_data_build(&["llmbar.toml"], &data, &["--max-tokens", "512"])?;
+    let stage2 = read(&data.join("stage2/test-00000.parquet"))?;
+    let text = |n: &str| -> Result<arrow::array::StringArray> {
+        let c = stage2.column_by_name(n).context("column")?;
+        Ok(arrow::compute::cast(c, &DataType::Utf8)?
+            .as_string::<i32>()
+            .clone())
+    };
+    let (p, a, b) = (text("prompt")?, text("response_a")?, text("response_b")?);
+    let n = p.len().min(80);
+    ensure!(n > 40, "only {n} rows to score");
+    let mut jsonl = String::new();
+    for i in 0..n {
+        let row = serde_json::json!({"prompt": p.value(i), "response_a": a.value(i), "response_b": b.value(i)});
+        jsonl.push_str(&format!("{row}\n"));
+    }
+    let input = dir.join("pairs.jsonl");
+    std::fs::write(&input, jsonl)?;
+    let judge = crate::score::judge()?;
+    let score = |out: &Path, cluster: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("gram-score")?);
+        cmd.args(["pairwise", "--chunk-rows", "16", "--model"])
+            .arg(judge)
+            .arg("--input")
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .args(cluster);
+        Ok::<_, anyhow::Error>(cmd)
+    };
+    let plain = dir.join("plain.parquet");
+    run_ok(&mut score(&plain, &[])?, "pairwise without --cluster")?;
+    let local = dir.join("local.parquet");
+    run_ok(
+        &mut score(&local, &["--cluster", "local"])?,
+        "pairwise --cluster local",
+    )?;
+    let worst = same_scores(&plain, &local, "JSON Lines, --cluster local")?;
+    ensure!(
+        worst <= 1e-6,
+        "JSON Lines on the cluster: scores differ by {worst:.2e}"
+    );
+
+    // A job that stopped after writing its job.json (no scheduler there), then a finished
+    // part planted with a score no judge gives: the resumed job keeps it.
+    let resumed = dir.join("resumed.parquet");
+    let port = free_port()?;
+    let nowhere = format!("df://127.0.0.1:{port}");
+    crate::common::refused_in_one_line(
+        &mut score(&resumed, &["--cluster", &nowhere])?,
+        "no scheduler answers",
+    )?;
+    let parts = dir.join("resumed.parquet.parts");
+    ensure!(
+        parts.join("job.json").exists(),
+        "no job.json in {}",
+        parts.display()
+    );
+    let first = read(&plain)?.slice(0, 16);
+    let mut cols = first.columns().to_vec();
+    let at = first.schema().index_of("score_a")?;
+    let mut planted = f32s(&first, "score_a")?;
+    planted[0] = Some(42.0);
+    cols[at] = std::sync::Arc::new(arrow::array::Float32Array::from(planted));
+    let part = RecordBatch::try_new(first.schema(), cols)?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(parts.join("part-000000.parquet"))?,
+        part.schema(),
+        None,
+    )?;
+    w.write(&part)?;
+    w.close()?;
+    let o = run_ok(
+        &mut score(&resumed, &["--cluster", "standalone"])?,
+        "resumed on standalone",
+    )?;
+    let said = String::from_utf8_lossy(&o.stdout);
+    ensure!(said.contains("; 16 from an earlier run"), "{said}");
+    let (want, got) = (
+        f32s(&read(&plain)?, "score_a")?,
+        f32s(&read(&resumed)?, "score_a")?,
+    );
+    ensure!(
+        got.len() == n && got[0] == Some(42.0),
+        "the planted part was not kept: {:?}",
+        got.first()
+    );
+    for (i, (x, y)) in want.iter().zip(&got).enumerate().skip(1) {
+        let d = (x.unwrap_or(f32::NAN) - y.unwrap_or(f32::NAN)).abs();
+        ensure!(d <= 1e-6, "row {i}: {x:?} vs {y:?}");
+    }
+    ensure!(!parts.exists(), "the finished job left its parts");
+    Ok(())
+}

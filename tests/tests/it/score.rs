@@ -120,7 +120,7 @@ fn write(path: &Path, batch: RecordBatch) -> Result<()> {
     Ok(())
 }
 
-fn read(path: &Path) -> Result<RecordBatch> {
+pub(crate) fn read(path: &Path) -> Result<RecordBatch> {
     let r = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?.build()?;
     let batches = r.collect::<Result<Vec<_>, _>>()?;
     ensure!(!batches.is_empty(), "{} is empty", path.display());
@@ -130,7 +130,7 @@ fn read(path: &Path) -> Result<RecordBatch> {
     )?)
 }
 
-fn f32s(b: &RecordBatch, name: &str) -> Result<Vec<Option<f32>>> {
+pub(crate) fn f32s(b: &RecordBatch, name: &str) -> Result<Vec<Option<f32>>> {
     let c = b
         .column_by_name(name)
         .with_context(|| format!("no column {name}"))?;
