@@ -108,18 +108,63 @@ fn same_type(a: &DataType, b: &DataType) -> bool {
     }
 }
 
-/// The shards of one split in a dataset folder (`DIR/{split}-NNNNN.parquet`), in order.
+/// The shards of one split in a dataset folder (`DIR/{split}-*.parquet`), in name order. When
+/// the build's `manifest.json` beside DIR names its files, those are the shards (a file the
+/// manifest does not name, such as one a lost task wrote after the build ended, is not part of
+/// the dataset; a named one that is missing is an error); otherwise every file that matches.
 pub fn split_files(dir: &Path, split: &str) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let is_shard =
+        |name: &str| name.starts_with(&format!("{split}-")) && name.ends_with(".parquet");
+    if let Some(listed) = manifest_files(dir)? {
+        let mut files = Vec::new();
+        for name in listed.iter().filter(|n| is_shard(n)) {
+            let path = dir.join(name);
+            if !path.is_file() {
+                let msg = format!("{} is in manifest.json but not on disk", path.display());
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, msg));
+            }
+            files.push(path);
+        }
+        files.sort();
+        return Ok(files);
+    }
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{split}-")) && n.ends_with(".parquet"))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_shard))
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// The names of DIR's files that the manifest beside DIR lists (its `files`, paths relative to
+/// the build's folder), if it lists them.
+fn manifest_files(dir: &Path) -> std::io::Result<Option<Vec<String>>> {
+    let (Some(parent), Some(sub)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
+        return Ok(None);
+    };
+    let path = parent.join("manifest.json");
+    let Ok(text) = std::fs::read(&path) else {
+        return Ok(None);
+    };
+    let bad = |e: &dyn std::fmt::Display| {
+        let msg = format!("{}: {e}", path.display());
+        std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(&e))?;
+    let Some(files) = v.get("files").and_then(|f| f.as_array()) else {
+        return Ok(None);
+    };
+    let prefix = format!("{sub}/");
+    let mut names = Vec::new();
+    for f in files {
+        let f = f
+            .as_str()
+            .ok_or_else(|| bad(&"`files` holds a non-string"))?;
+        if let Some(name) = f.strip_prefix(&prefix).filter(|n| !n.contains('/')) {
+            names.push(name.to_string());
+        }
+    }
+    Ok(Some(names))
 }
 
 /// Checks that `actual` has every column of `dataset` with its type (extra columns allowed);
@@ -166,6 +211,46 @@ pub fn check(actual: &Schema, dataset: Dataset, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_files_are_the_manifests_when_it_lists_them() -> std::io::Result<()> {
+        let root = std::env::temp_dir().join(format!("gram-split-files-{}", std::process::id()));
+        let dir = root.join("stage2");
+        std::fs::create_dir_all(&dir)?;
+        for f in [
+            "train-p1-00000.parquet",
+            "train-p2-00000.parquet",
+            "valid-p1-00000.parquet",
+        ] {
+            std::fs::write(dir.join(f), b"")?;
+        }
+        let names = |v: Vec<std::path::PathBuf>| -> Vec<String> {
+            v.iter()
+                .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+                .collect()
+        };
+        // No manifest: every matching file.
+        let all = names(split_files(&dir, "train")?);
+        assert_eq!(all, ["train-p1-00000.parquet", "train-p2-00000.parquet"]);
+        // A manifest that lists its files: only those (train-p2 is a stray).
+        let manifest = r#"{"files": ["stage2/train-p1-00000.parquet", "stage2/valid-p1-00000.parquet", "stage1/train-p2-00000.parquet"]}"#;
+        std::fs::write(root.join("manifest.json"), manifest)?;
+        assert_eq!(
+            names(split_files(&dir, "train")?),
+            ["train-p1-00000.parquet"]
+        );
+        // A listed file that is gone is an error.
+        std::fs::remove_file(dir.join("train-p1-00000.parquet"))?;
+        let err = split_files(&dir, "train").map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("not on disk"), "{err}");
+        // A manifest without `files` (an older build): every matching file again.
+        std::fs::write(root.join("manifest.json"), "{}")?;
+        assert_eq!(
+            names(split_files(&dir, "train")?),
+            ["train-p2-00000.parquet"]
+        );
+        std::fs::remove_dir_all(&root)
+    }
 
     #[test]
     fn every_schema_file_parses() {
