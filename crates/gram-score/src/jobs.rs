@@ -5,7 +5,8 @@
 //! file (`OUTPUT.parts/part-NNNNNN.parquet`, temp + rename) next to a `job.json` that pins the
 //! input, the model and the options. A killed job re-run with the same arguments skips the parts
 //! it has, so no row is scored twice or lost; when all parts exist they are joined into OUTPUT
-//! (temp + rename) and the parts removed. Rows that cannot be scored (a null text, a template
+//! (temp + rename) and the parts removed, or, sharded, the parts folder becomes OUTPUT with a
+//! manifest naming its parts. Rows that cannot be scored (a null text, a template
 //! that cannot fit) keep their place with null scores and the reason in `score_error`.
 
 use std::fs::File;
@@ -134,6 +135,8 @@ pub struct JobOptions {
     pub quiet: bool,
     /// Score on this target (a Ballista cluster) instead of with the judge in this process.
     pub cluster: Option<gram_session::Target>,
+    /// The output is a folder of the parts and a manifest, not one file.
+    pub sharded: bool,
 }
 
 /// What a job did.
@@ -320,7 +323,10 @@ pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
         None => chunks.here(judge, mode, input, reader, &out_schema)?,
     };
     bar.finish_and_clear();
-    finish(&parts, &opts.output, out_schema, n_chunks, rows)?;
+    match opts.sharded {
+        true => publish_parts(&parts, &opts.output, n_chunks, rows)?,
+        false => finish(&parts, &opts.output, out_schema, n_chunks, rows)?,
+    }
     Ok(JobReport {
         rows,
         rows_scored: scored,
@@ -554,6 +560,45 @@ fn finish(
         return Err(e);
     }
     std::fs::remove_dir_all(parts).map_err(|e| Error::file(parts, e))
+}
+
+/// Makes the parts the output folder: checks their rows add up (from their footers), writes
+/// the manifest naming them and moves the folder into place (an old OUTPUT goes first).
+fn publish_parts(parts: &Path, output: &Path, n_chunks: usize, rows: usize) -> Result<()> {
+    let mut files = Vec::with_capacity(n_chunks);
+    let mut count = 0usize;
+    for k in 0..n_chunks {
+        let p = part_path(parts, k);
+        let f = File::open(&p).map_err(|e| Error::file(&p, e))?;
+        let r = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::file(&p, e))?;
+        count += usize::try_from(r.metadata().file_metadata().num_rows()).unwrap_or(0);
+        files.push(format!("part-{k:06}.parquet"));
+    }
+    if count != rows {
+        return Err(Error::Runtime(format!(
+            "{count} rows in the parts, {rows} in the input: not writing {}",
+            output.display()
+        )));
+    }
+    for extra in ["job.json", "input.parquet"] {
+        let p = parts.join(extra);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::file(&p, e))?;
+        }
+    }
+    let manifest = serde_json::json!({
+        "builder": format!("gram-score {}", env!("CARGO_PKG_VERSION")),
+        "rows": rows,
+        "files": files,
+    });
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Runtime(e.to_string()))?;
+    gram_core::atomic_write(&parts.join(crate::out::MANIFEST), &text)?;
+    if output.is_dir() {
+        std::fs::remove_dir_all(output).map_err(|e| Error::file(output, e))?;
+    } else if output.exists() {
+        std::fs::remove_file(output).map_err(|e| Error::file(output, e))?;
+    }
+    std::fs::rename(parts, output).map_err(|e| Error::file(output, e))
 }
 
 /// A row's texts or why it has none.

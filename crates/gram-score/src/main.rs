@@ -241,6 +241,12 @@ struct JobArgs {
     /// Replace OUT if it exists (without it an existing OUT is an error).
     #[arg(long)]
     overwrite: bool,
+    /// Make OUT a folder (or object-store prefix) of the job's parts, part-NNNNNN.parquet in
+    /// input order, and a manifest.json naming them, written last, instead of one Parquet
+    /// file: the rows are not read again at the end (with --cluster, the executors' parts are
+    /// the output).
+    #[arg(long)]
+    sharded: bool,
     /// With an object-store OUT: the local folder the job writes into (its parts too) before
     /// the output goes up; default: a folder in the system's temporary folder named after OUT.
     /// With --cluster df://, give one that every executor reads.
@@ -309,7 +315,7 @@ impl RunArgs {
 }
 
 fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
-    let out = gram_score::out::Output::new(&job.output, job.work_dir.as_deref())?;
+    let out = gram_score::out::Output::new(&job.output, job.work_dir.as_deref(), job.sharded)?;
     if out.exists()? && !job.overwrite {
         return Err(Error::Input(format!(
             "{out} exists; --overwrite replaces it"
@@ -324,6 +330,7 @@ fn run_job(job: JobArgs, mode: Mode) -> gram_score::Result<()> {
         restart: job.restart,
         quiet: !gram_core::cli::progress(job.run.quiet),
         cluster: job.cluster,
+        sharded: job.sharded,
     };
     let r = jobs::run(&judge, &mode, &opts)?;
     out.publish()?;

@@ -1008,6 +1008,44 @@ fn cluster_scoring_reads_json_lines_and_resumes_from_its_parts() -> Result<()> {
         "JSON Lines on the cluster: scores differ by {worst:.2e}"
     );
 
+    // Sharded: the executors' parts are the output, in input order, named by the manifest.
+    let sharded = dir.join("sharded");
+    run_ok(
+        &mut score(&sharded, &["--cluster", "standalone", "--sharded"])?,
+        "pairwise --sharded on standalone",
+    )?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sharded.join("manifest.json"))?)?;
+    let files: Vec<&str> = manifest["files"]
+        .as_array()
+        .context("no files in the manifest")?
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    ensure!(
+        files.len() == n.div_ceil(16) && manifest["rows"] == n,
+        "{manifest}"
+    );
+    let parts: Vec<RecordBatch> = files
+        .iter()
+        .map(|f| read(&sharded.join(f)))
+        .collect::<Result<_>>()?;
+    let joined = dir.join("sharded-joined.parquet");
+    let mut w = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&joined)?,
+        parts[0].schema(),
+        None,
+    )?;
+    for b in &parts {
+        w.write(b)?;
+    }
+    w.close()?;
+    let worst = same_scores(&plain, &joined, "--sharded on standalone")?;
+    ensure!(
+        worst <= 1e-6,
+        "sharded output: scores differ by {worst:.2e}"
+    );
+
     // A job that stopped after writing its job.json (no scheduler there), then a finished
     // part planted with a score no judge gives: the resumed job keeps it.
     let resumed = dir.join("resumed.parquet");

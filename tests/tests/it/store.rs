@@ -259,6 +259,20 @@ fn a_scoring_job_puts_its_output_on_object_stores() -> Result<()> {
     ensure!(worst <= 1e-6, "{url}: scores differ by {worst:.2e}");
     emptied(&work)?;
     refused_in_one_line(&mut score_command(&input, &url, &[], &[])?, "exists")?;
+    // --sharded onto a file:// prefix: the parts, 6 rows in chunks of 4, and the manifest.
+    let prefix = format!("file://{}/store/sharded/", dir.display());
+    let sharded = [&on_store[..], &["--sharded"]].concat();
+    score(&input, &prefix, &sharded, &[])?;
+    let manifest = std::fs::read_to_string(dir.join("store/sharded/manifest.json"))?;
+    for part in ["part-000000.parquet", "part-000001.parquet"] {
+        ensure!(manifest.contains(part), "{manifest}");
+        ensure!(dir.join("store/sharded").join(part).is_file(), "no {part}");
+    }
+    emptied(&work)?;
+    refused_in_one_line(
+        &mut score_command(&input, &prefix, &["--sharded"], &[])?,
+        "exists",
+    )?;
     // s3:// on moto's server.
     let Some(py) = moto_python() else {
         println!("SKIPPED the s3:// half: no Python with moto's S3 server and boto3");
