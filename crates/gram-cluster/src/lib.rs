@@ -72,6 +72,9 @@ pub struct ExecutorOptions {
     pub work_dir: Option<String>,
     /// Seconds between heartbeats to the scheduler.
     pub heartbeat: u64,
+    /// Memory the tasks may hold, in bytes (Some(0): no limit; None: Ballista's default, a
+    /// share of the machine's memory).
+    pub memory_bytes: Option<u64>,
 }
 
 /// Runs an executor until the process is stopped.
@@ -92,6 +95,7 @@ pub async fn run_executor(o: ExecutorOptions) -> ballista_core::error::Result<()
         override_logical_codec: Some(extensions().codec()),
         override_physical_codec: Some(extensions().codec()),
         executor_heartbeat_interval_seconds: o.heartbeat.max(1),
+        memory_pool_size: o.memory_bytes,
         ..Default::default()
     };
     start_executor_process(Arc::new(config)).await

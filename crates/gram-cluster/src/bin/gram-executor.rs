@@ -42,6 +42,12 @@ struct Cli {
     /// Seconds between heartbeats to the scheduler (below its --executor-timeout).
     #[arg(long, default_value_t = 60)]
     heartbeat: u64,
+    /// Memory DataFusion's operators in the executor's tasks may reserve, in MiB, shared out
+    /// between its task slots (sorts spill to the work folder past it; 0: no limit; default:
+    /// 70% of the machine's or container's memory). Not a cap on the process: tokenizers,
+    /// judges and the shard writers' buffers come on top.
+    #[arg(long)]
+    memory_mib: Option<u64>,
 }
 
 #[tokio::main]
@@ -68,6 +74,7 @@ async fn main() -> ExitCode {
         task_slots: slots,
         work_dir: cli.work_dir,
         heartbeat: cli.heartbeat,
+        memory_bytes: cli.memory_mib.map(|m| m.saturating_mul(1 << 20)),
     };
     match gram_cluster::run_executor(opts).await {
         Ok(()) => ExitCode::SUCCESS,
