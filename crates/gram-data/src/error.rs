@@ -98,6 +98,18 @@ impl Error {
         Self::Internal(what.to_string())
     }
 
+    /// The failure of a plan on `target` whose message (one line) is `msg`: an
+    /// [`Error::Internal`] when a task failed with one, else an [`Error::Cluster`].
+    pub(crate) fn of_plan(target: &str, msg: String) -> Self {
+        match msg.strip_prefix(INTERNAL) {
+            Some(rest) => Self::Internal(format!("--cluster {target}: {rest}")),
+            None => Self::Cluster {
+                target: target.to_string(),
+                msg,
+            },
+        }
+    }
+
     /// True when the error is the input's (or the environment's) fault, not ours.
     pub fn is_user_error(&self) -> bool {
         match self {
@@ -107,6 +119,9 @@ impl Error {
         }
     }
 }
+
+/// How an [`Error::Internal`]'s message starts.
+const INTERNAL: &str = "internal error (please report): ";
 
 /// Turns a foreign error into an [`Error::Internal`] naming what was being done: for the steps
 /// that fail only on a bug (building an Arrow batch from columns this crate made, say).
@@ -124,5 +139,27 @@ impl<T, E: std::fmt::Display> OrInternal<T> for std::result::Result<T, E> {
 impl<T> OrInternal<T> for Option<T> {
     fn or_internal(self, what: &str) -> Result<T> {
         self.ok_or_else(|| Error::Internal(what.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tasks_internal_error_stays_internal() {
+        let task = Error::internal("the plan made no Stage1 example").to_string();
+        assert!(task.starts_with(INTERNAL), "{task}");
+        let e = Error::of_plan("standalone", task);
+        assert!(!e.is_user_error(), "{e}");
+        assert!(
+            e.to_string()
+                .contains("--cluster standalone: the plan made no"),
+            "{e}"
+        );
+        let e = Error::of_plan("standalone", "x.jsonl.gz: unreadable".into());
+        assert!(
+            e.is_user_error() && e.to_string() == "--cluster standalone: x.jsonl.gz: unreadable"
+        );
     }
 }

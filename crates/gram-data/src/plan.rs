@@ -331,9 +331,8 @@ pub(crate) fn run(
         .enable_all()
         .build()
         .or_internal("starting tokio")?;
-    let fail = |e: datafusion::error::DataFusionError| Error::Cluster {
-        target: target.to_string(),
-        msg: gram_session::one_line(&e),
+    let fail = |e: datafusion::error::DataFusionError| {
+        Error::of_plan(&target.to_string(), gram_session::one_line(&e))
     };
     let extension = |node| LogicalPlan::Extension(Extension { node });
     rt.block_on(async {
