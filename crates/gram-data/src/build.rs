@@ -80,6 +80,8 @@ pub struct BuildOptions {
     pub cluster: Option<crate::cluster::Target>,
     /// Tasks the `--cluster` plan is cut into; None: the session's target partitions.
     pub partitions: Option<usize>,
+    /// With `--cluster`: an uncompressed JSON Lines file is read by one task per this many MiB.
+    pub split_mib: u64,
 }
 
 impl Default for BuildOptions {
@@ -104,6 +106,7 @@ impl Default for BuildOptions {
             progress: true,
             cluster: None,
             partitions: None,
+            split_mib: 64,
         }
     }
 }

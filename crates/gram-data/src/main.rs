@@ -110,6 +110,10 @@ enum Cmd {
         /// target partitions (on Ballista 16; locally one per core).
         #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u32).range(1..))]
         partitions: Option<u32>,
+        /// With --cluster: an uncompressed JSON Lines file is read by one task per this many
+        /// MiB (cut at line starts; other formats and gzip: one task per file).
+        #[arg(long, requires = "cluster", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        split_mib: u64,
     },
 }
 
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
         threads,
         cluster,
         partitions,
+        split_mib,
     } = cli.cmd;
     gram_core::cli::set_threads(threads);
     let opts = BuildOptions {
@@ -172,6 +177,7 @@ fn main() -> ExitCode {
         progress: gram_core::cli::progress(quiet),
         cluster,
         partitions: partitions.map(|p| p as usize),
+        split_mib,
     };
     match build(&opts) {
         Ok(stats) => {

@@ -312,7 +312,12 @@ fn open(path: &Path, counter: Arc<AtomicU64>) -> Result<Box<dyn Read + Send>> {
     } else {
         Box::new(counted)
     };
-    // A UTF-8 byte-order mark (editors on Windows write one) is not part of the first row.
+    without_bom(path, text)
+}
+
+/// `text` past a UTF-8 byte-order mark at its start (editors on Windows write one; it is not
+/// part of the first row).
+fn without_bom(path: &Path, text: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
     let mut r = BufReader::with_capacity(1 << 16, text);
     let mut head = [0u8; 3];
     let mut n = 0;
@@ -380,10 +385,107 @@ fn read_jsonl(
     counter: Arc<AtomicU64>,
     sink: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<()> {
-    let mut r = BufReader::with_capacity(1 << 20, open(path, counter)?);
+    let r = BufReader::with_capacity(1 << 20, open(path, counter)?);
+    let rows = jsonl_lines(spec, path, file, r, 0, chunk_rows, sink)?;
+    if rows == 0 {
+        return Err(Error::input(path, "no rows (only blank lines)"));
+    }
+    Ok(())
+}
+
+/// A part of an uncompressed JSON Lines file that a task reads alone: bytes `start..end`, both
+/// at the start of a line, the first of which is line `first_line + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LineRange {
+    /// First byte.
+    pub start: u64,
+    /// Past the last byte.
+    pub end: u64,
+    /// Lines before `start`.
+    pub first_line: u64,
+}
+
+/// `path` (a JSON Lines file of `spec`) cut at line starts into ranges of about `bytes` bytes
+/// each; None when it is not cut (another format, gzip, or not larger than `bytes`).
+pub fn line_ranges(spec: &Spec, path: &Path, bytes: u64) -> Result<Option<Vec<LineRange>>> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::input(path, e))?
+        .len();
+    if !matches!(spec.format, Format::Jsonl) || len <= bytes.max(1) || is_gzip(path)? {
+        return Ok(None);
+    }
+    let file = File::open(path).map_err(|e| Error::input(path, e))?;
+    let mut f = BufReader::with_capacity(1 << 20, file);
+    let bytes = bytes.max(1);
+    // The range being cut starts at `start`, after `first` lines; `lines` so far, to `pos`.
+    let (mut ranges, mut start, mut first, mut lines, mut pos) = (Vec::new(), 0, 0, 0, 0u64);
+    loop {
+        let buf = f.fill_buf().map_err(|e| Error::input(path, e))?;
+        if buf.is_empty() {
+            break;
+        }
+        for (j, _) in buf.iter().enumerate().filter(|(_, c)| **c == b'\n') {
+            lines += 1;
+            let next = pos + j as u64 + 1;
+            if next - start >= bytes && next < len {
+                let end = next;
+                ranges.push(LineRange {
+                    start,
+                    end,
+                    first_line: first,
+                });
+                (start, first) = (next, lines);
+            }
+        }
+        let n = buf.len();
+        pos += n as u64;
+        f.consume(n);
+    }
+    ranges.push(LineRange {
+        start,
+        end: len,
+        first_line: first,
+    });
+    Ok(Some(ranges))
+}
+
+/// Reads the lines of `range` of the JSON Lines file `path` (as [`read_file_as`] reads a
+/// whole one; a range may hold only blank lines).
+pub fn read_jsonl_range(
+    spec: &Spec,
+    path: &Path,
+    file: &str,
+    range: LineRange,
+    chunk_rows: usize,
+    sink: &mut dyn FnMut(Chunk) -> Result<()>,
+) -> Result<()> {
+    use std::io::Seek;
+    let mut f = File::open(path).map_err(|e| Error::input(path, e))?;
+    f.seek(std::io::SeekFrom::Start(range.start))
+        .map_err(|e| Error::input(path, e))?;
+    let part: Box<dyn Read + Send> = Box::new(f.take(range.end - range.start));
+    let part = match range.start {
+        0 => without_bom(path, part)?,
+        _ => part,
+    };
+    let r = BufReader::with_capacity(1 << 20, part);
+    jsonl_lines(spec, path, file, r, range.first_line, chunk_rows, sink).map(|_| ())
+}
+
+/// The lines of `r`, the first being line `first_line + 1` of `path`, as rows and rejects;
+/// the rows it held (blank lines are none).
+fn jsonl_lines(
+    spec: &Spec,
+    path: &Path,
+    file: &str,
+    mut r: impl BufRead,
+    first_line: u64,
+    chunk_rows: usize,
+    sink: &mut dyn FnMut(Chunk) -> Result<()>,
+) -> Result<u64> {
     let mut b = RowBuilder::new(spec, file, false);
     let mut line = Vec::new();
-    let mut lineno = 0u64;
+    let mut lineno = first_line;
     let mut rows = 0u64;
     loop {
         line.clear();
@@ -429,10 +531,8 @@ fn read_jsonl(
         }
         b.flush_if_full(chunk_rows, sink)?;
     }
-    if rows == 0 {
-        return Err(Error::input(path, "no rows (only blank lines)"));
-    }
-    b.flush_rest(sink)
+    b.flush_rest(sink)?;
+    Ok(rows)
 }
 
 fn read_json_array(
@@ -665,4 +765,76 @@ fn read_parquet(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jsonl_spec() -> Spec {
+        let text = "name = \"t\"\n[source]\nformat = \"jsonl\"\nfiles = [\"x.jsonl\"]\n\
+                    columns = { prompt = \"utf8\" }\n[map]\nsql = \"SELECT 1\"\n";
+        Spec::parse(text, Path::new("t.toml")).expect("a spec")
+    }
+
+    #[test]
+    fn line_ranges_cut_at_line_starts_and_count_the_lines_before() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("gram-ranges-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::output(&dir, e))?;
+        let path = dir.join("x.jsonl");
+        let mut text = String::new();
+        for i in 0..40 {
+            text.push_str(&format!("{{\"prompt\": \"{}\"}}\n", "p".repeat(i % 7)));
+            if i % 9 == 0 {
+                text.push('\n');
+            }
+        }
+        text.push_str("{\"prompt\": \"last, no newline\"}");
+        std::fs::write(&path, &text).map_err(|e| Error::output(&path, e))?;
+        let spec = jsonl_spec();
+        let len = text.len() as u64;
+        assert_eq!(
+            line_ranges(&spec, &path, len)?,
+            None,
+            "a file no larger than a range"
+        );
+        let ranges = line_ranges(&spec, &path, 100)?.expect("ranges");
+        assert!(ranges.len() > 5, "{ranges:?}");
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        for r in &ranges {
+            assert_eq!(r.start, at, "contiguous");
+            assert!(
+                r.start == 0 || bytes[r.start as usize - 1] == b'\n',
+                "{r:?}"
+            );
+            let before = bytes[..r.start as usize]
+                .iter()
+                .filter(|c| **c == b'\n')
+                .count();
+            assert_eq!(r.first_line, before as u64, "{r:?}");
+            at = r.end;
+        }
+        assert_eq!(at, len);
+        // Read range by range: every row once, with the line numbers of the whole file.
+        let mut rows = Vec::new();
+        for r in &ranges {
+            read_jsonl_range(&spec, &path, "x.jsonl", *r, 8, &mut |c| {
+                let col = c.batch.column_by_name("_row").or_internal("_row")?;
+                let col = col.as_any().downcast_ref::<arrow::array::UInt64Array>();
+                rows.extend(col.or_internal("u64")?.values().iter().copied());
+                Ok(())
+            })?;
+        }
+        let mut whole = Vec::new();
+        read_file(&spec, &path, 8, Arc::new(AtomicU64::new(0)), &mut |c| {
+            let col = c.batch.column_by_name("_row").or_internal("_row")?;
+            let col = col.as_any().downcast_ref::<arrow::array::UInt64Array>();
+            whole.extend(col.or_internal("u64")?.values().iter().copied());
+            Ok(())
+        })?;
+        assert_eq!(rows, whole);
+        assert_eq!(rows.len(), 41);
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::output(&dir, e))
+    }
 }

@@ -1,5 +1,5 @@
 //! The plan leaf that reads a build's sources where its tasks run ([`gram_session::work`]): one
-//! item per input file, each read, mapped by its pipeline's SQL and checked chunk by chunk exactly as a build
+//! item per input file (per `--split-mib` of an uncompressed JSON Lines file), each read, mapped by its pipeline's SQL and checked chunk by chunk exactly as a build
 //! without `--cluster` does it ([`crate::pairs::check_chunk`]). Its rows are the checked pairs,
 //! and, so that nothing is lost on the way to the writing tasks ([`crate::sink`]), the rejects
 //! of reading, mapping and checking and one row of counts per chunk ([`Kind`]). Each row has a
@@ -23,7 +23,7 @@ use crate::build::BuildOptions;
 use crate::error::{Error, OrInternal, Result};
 use crate::map::Mapper;
 use crate::pairs::{Checked, Pair, check_chunk};
-use crate::read::{Reject, read_file_as};
+use crate::read::{LineRange, Reject, line_ranges, read_file_as, read_jsonl_range};
 use crate::spec::Spec;
 use crate::stage::swapped;
 
@@ -61,6 +61,8 @@ struct ScanFile {
     name: String,
     /// Its absolute path, which the tasks open.
     path: String,
+    /// The part of it this item reads (None: all of it).
+    range: Option<LineRange>,
 }
 
 /// Everything the scan's tasks need: the pipelines (as the build names them, and their text),
@@ -91,11 +93,18 @@ impl ScanSpec {
             pipelines.push((utf8(&spec.path)?.to_string(), text));
             for f in files {
                 let abs = std::fs::canonicalize(f).map_err(|e| Error::input(f, e))?;
-                scan_files.push(ScanFile {
-                    pipeline: i,
-                    name: f.display().to_string(),
-                    path: utf8(&abs)?.to_string(),
-                });
+                let ranges = match line_ranges(spec, f, opts.split_mib.saturating_mul(1 << 20))? {
+                    Some(r) => r.into_iter().map(Some).collect(),
+                    None => vec![None],
+                };
+                for range in ranges {
+                    scan_files.push(ScanFile {
+                        pipeline: i,
+                        name: f.display().to_string(),
+                        path: utf8(&abs)?.to_string(),
+                        range,
+                    });
+                }
             }
         }
         Ok(Self {
@@ -323,20 +332,18 @@ fn read_partition(
     let mut seq = (i as u64) << SEQ_BITS;
     let counter = Arc::new(AtomicU64::new(0));
     let name = Path::new(&f.name);
-    read_file_as(
-        &pipeline,
-        Path::new(&f.path),
-        &f.name,
-        opts.chunk_rows,
-        counter,
-        &mut |chunk| {
-            let checked = check_chunk(&pipeline, name, &mapper, chunk, &opts)?;
-            let batch = chunk_batch(&pipeline.name, &f.name, checked, &opts, &mut seq)?;
-            // A closed channel: the query stopped (cancelled, or failed elsewhere).
-            tx.blocking_send(Ok(batch))
-                .map_err(|_| Error::internal("the scan's reader was dropped"))
-        },
-    )
+    let sink = &mut |chunk| {
+        let checked = check_chunk(&pipeline, name, &mapper, chunk, &opts)?;
+        let batch = chunk_batch(&pipeline.name, &f.name, checked, &opts, &mut seq)?;
+        // A closed channel: the query stopped (cancelled, or failed elsewhere).
+        tx.blocking_send(Ok(batch))
+            .map_err(|_| Error::internal("the scan's reader was dropped"))
+    };
+    let path = Path::new(&f.path);
+    match f.range {
+        Some(r) => read_jsonl_range(&pipeline, path, &f.name, r, opts.chunk_rows, sink),
+        None => read_file_as(&pipeline, path, &f.name, opts.chunk_rows, counter, sink),
+    }
 }
 
 /// The scan as the project's plan leaf ([`gram_session::work`]): its items are the input files.

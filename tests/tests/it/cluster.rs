@@ -504,6 +504,82 @@ fn the_plan_reads_maps_and_checks_the_inputs_as_the_plain_build() -> Result<()> 
     Ok(())
 }
 
+/// A JSON Lines file larger than `--split-mib` is read by several tasks, cut at line starts:
+/// the same rows, line numbers in rejects, duplicates across the cuts and stats as the build
+/// without `--cluster`.
+#[test]
+fn a_large_json_lines_file_is_read_in_ranges_as_one_file() -> Result<()> {
+    let dir = scratch("cluster-ranges")?;
+    let mut text = String::new();
+    let filler = "x".repeat(400);
+    for i in 0..6000 {
+        let line = match i % 997 {
+            13 => "{\"prompt\": \"broken\"".to_string(),
+            500 => String::new(),
+            // The same pair again, in another range.
+            700 => r#"{"prompt": "p-1", "chosen": "yes", "rejected": "no"}"#.to_string(),
+            _ => format!(r#"{{"prompt": "p-{i}", "chosen": "yes {filler}", "rejected": "no"}}"#),
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text.insert_str(
+        0,
+        "{\"prompt\": \"p-1\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n",
+    );
+    ensure!(
+        text.len() > 2 << 20,
+        "{} bytes: too small to cut",
+        text.len()
+    );
+    std::fs::write(dir.join("big.jsonl"), &text)?;
+    let spec = dir.join("spec.toml");
+    std::fs::write(
+        &spec,
+        "name = \"big\"\n[source]\nformat = \"jsonl\"\nfiles = [\"big.jsonl\"]\n\
+         columns = { prompt = \"utf8\", chosen = \"utf8\", rejected = \"utf8\" }\n[map]\n\
+         sql = \"SELECT _file, _row, prompt, chosen AS response_a, rejected AS response_b, 'a' AS label FROM source\"\n",
+    )?;
+    let build = |out: &str, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("gram-data")?);
+        cmd.arg("build")
+            .arg(&spec)
+            .arg("--out")
+            .arg(dir.join(out))
+            .arg("--quiet")
+            .args(extra);
+        run_ok(&mut cmd, out).map(|_| ())
+    };
+    build("plain", &[])?;
+    build(
+        "ranges",
+        &[
+            "--cluster",
+            "standalone",
+            "--partitions",
+            "2",
+            "--split-mib",
+            "1",
+        ],
+    )?;
+    let reference = built(&dir.join("plain"))?;
+    ensure!(
+        reference.1.iter().any(|r| r.contains("duplicate of pair")),
+        "no duplicate in the reference"
+    );
+    ensure!(
+        reference
+            .1
+            .iter()
+            .filter(|r| r.contains("malformed JSON"))
+            .count()
+            >= 6,
+        "too few malformed lines in the reference"
+    );
+    same_build(&reference, &built(&dir.join("ranges"))?, "--split-mib 1")?;
+    Ok(())
+}
+
 /// A free TCP port on the loopback interface.
 pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
