@@ -281,11 +281,11 @@ impl Progress {
     }
 }
 
-/// A spinner while the plan reads `files` input files and tokenises and writes their pairs on
-/// `target` (its tasks report when the job ends).
+/// A spinner while the plan's `tasks` read tasks read the input and the plan tokenises and
+/// writes its pairs on `target` (its tasks report when the job ends).
 fn planned_bar(
     show: bool,
-    files: usize,
+    tasks: usize,
     target: &crate::cluster::Target,
 ) -> indicatif::ProgressBar {
     if !show {
@@ -293,7 +293,7 @@ fn planned_bar(
     }
     let b = indicatif::ProgressBar::new_spinner();
     let template = format!(
-        "{{spinner}} reading {files} file(s), tokenising and writing on {target} ({{elapsed}})"
+        "{{spinner}} reading ({tasks} task(s)), tokenising and writing on {target} ({{elapsed}})"
     );
     b.set_style(
         indicatif::ProgressStyle::with_template(&template)
@@ -468,7 +468,7 @@ impl<'a> Run<'a> {
             labels: self.tokenizer.map(|t| (t.labels.a, t.labels.b)),
             meta: self.meta.clone(),
         };
-        let bar = planned_bar(self.opts.progress, scan.files(), target);
+        let bar = planned_bar(self.opts.progress, scan.items(), target);
         let parts = crate::plan::run(target, &scan, &sql, &spec, self.opts.partitions)?;
         bar.finish_and_clear();
         for s in &sources.specs {

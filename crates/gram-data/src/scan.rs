@@ -118,8 +118,8 @@ impl ScanSpec {
         })
     }
 
-    /// Input files (the scan's items).
-    pub(crate) fn files(&self) -> usize {
+    /// The scan's items: input files, or ranges of one.
+    pub(crate) fn items(&self) -> usize {
         self.files.len()
     }
 
@@ -381,5 +381,5 @@ impl Work for ScanWork {
 /// The scan of `spec`'s files, as a plan's leaf.
 pub(crate) fn plan(spec: &ScanSpec) -> DfResult<datafusion::logical_expr::LogicalPlan> {
     let json = serde_json::to_string(spec).map_err(|e| DataFusionError::External(e.into()))?;
-    gram_session::work::plan(Arc::new(ScanWork), json, spec.files.len())
+    gram_session::work::plan(Arc::new(ScanWork), json, spec.items())
 }
