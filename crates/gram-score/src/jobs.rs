@@ -253,7 +253,7 @@ fn check_schema(schema: &Schema, mode: &Mode, file: &Path) -> Result<()> {
 }
 
 /// Runs a job; see the module docs. The chunks are scored by `judge`, or with `opts.cluster`
-/// by a plan on that target whose tasks read, score and write them ([`crate::cluster`]).
+/// by a plan on that target whose tasks read, score and write them (module `cluster`).
 pub fn run(judge: &Judge, mode: &Mode, opts: &JobOptions) -> Result<JobReport> {
     let t0 = std::time::Instant::now();
     let input = &opts.input;
