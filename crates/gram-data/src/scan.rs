@@ -178,6 +178,28 @@ struct Row<'a> {
     counts: (u64, u64),
 }
 
+impl<'a> Row<'a> {
+    fn reject(j: &'a Reject) -> Self {
+        let (file, row) = (j.file.as_str(), j.row);
+        Self {
+            file,
+            row,
+            reject: Some(j),
+            ..Self::default()
+        }
+    }
+
+    fn pair(p: &'a Pair, swap: bool) -> Self {
+        let (file, row) = (p.file.as_str(), p.row);
+        Self {
+            file,
+            row,
+            pair: Some((p, swap)),
+            ..Self::default()
+        }
+    }
+}
+
 /// The scan's columns, filled row by row.
 #[derive(Default)]
 struct Columns {
@@ -273,34 +295,12 @@ fn chunk_batch(
         *seq += 1;
     };
     for j in &c.row_rejects {
-        let r = Row {
-            file: &j.file,
-            row: j.row,
-            reject: Some(j),
-            ..Row::default()
-        };
-        push(Kind::RowReject, r);
+        push(Kind::RowReject, Row::reject(j));
     }
     for p in &c.pairs {
         match p {
-            Ok(p) => {
-                let r = Row {
-                    file: &p.file,
-                    row: p.row,
-                    pair: Some((p, swapped(p, opts))),
-                    ..Row::default()
-                };
-                push(Kind::Pair, r);
-            }
-            Err(j) => {
-                let r = Row {
-                    file: &j.file,
-                    row: j.row,
-                    reject: Some(j),
-                    ..Row::default()
-                };
-                push(Kind::PairReject, r);
-            }
+            Ok(p) => push(Kind::Pair, Row::pair(p, swapped(p, opts))),
+            Err(j) => push(Kind::PairReject, Row::reject(j)),
         }
     }
     let counts = Row {
@@ -367,13 +367,8 @@ impl Work for ScanWork {
         let spec: ScanSpec = serde_json::from_str(spec)
             .map_err(|e| DataFusionError::Plan(format!("{}: {e}", self.name())))?;
         // Reading and mapping block (the mapping runs a DataFusion query of its own).
-        gram_session::work::blocking("gram-scan", move |tx| {
-            for i in files {
-                if let Err(e) = read_partition(&spec, i, tx) {
-                    let _ = tx.blocking_send(Err(gram_session::task_error(e)));
-                    return;
-                }
-            }
+        gram_session::work::each_item("gram-scan", files, move |i, tx| {
+            read_partition(&spec, i, tx)
         })
     }
 }

@@ -68,23 +68,14 @@ impl Work for ChunkWork {
         let spec: ChunkSpec = serde_json::from_str(spec)
             .map_err(|e| DataFusionError::Plan(format!("{}: {e}", self.name())))?;
         // Reading, onnxruntime and writing block.
-        gram_session::work::blocking("gram-chunks", move |tx| {
-            for i in items {
-                let done = spec
-                    .chunks
-                    .get(i)
-                    .ok_or_else(|| {
-                        Error::Runtime(format!("chunk item {i} of {}", spec.chunks.len()))
-                    })
-                    .and_then(|&k| do_chunk(&spec, k));
-                let sent = match done {
-                    Ok(b) => tx.blocking_send(Ok(b)),
-                    Err(e) => tx.blocking_send(Err(gram_session::task_error(e))),
-                };
-                if sent.is_err() {
-                    return;
-                }
-            }
+        gram_session::work::each_item("gram-chunks", items, move |i, tx| {
+            let k = spec.chunks.get(i).ok_or_else(|| {
+                Error::Runtime(format!("chunk item {i} of {}", spec.chunks.len()))
+            })?;
+            let counts = do_chunk(&spec, *k)?;
+            // A closed channel: the query stopped (cancelled, or failed elsewhere).
+            tx.blocking_send(Ok(counts))
+                .map_err(|_| Error::Runtime("the chunks' reader was dropped".into()))
         })
     }
 }

@@ -37,7 +37,7 @@ pub trait Work: fmt::Debug + Send + Sync {
     /// The rows the work puts out.
     fn schema(&self) -> SchemaRef;
     /// Items `items` of the work `spec` describes: their rows, as they come. Called where the
-    /// task runs; blocking work belongs on a thread of its own ([`blocking`]).
+    /// task runs; blocking work belongs on a thread of its own ([`each_item`]).
     fn run(
         &self,
         spec: &str,
@@ -45,16 +45,32 @@ pub trait Work: fmt::Debug + Send + Sync {
     ) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>>;
 }
 
-/// The rows `f` sends, run on a thread of its own (for work that blocks: files, onnxruntime).
-/// `f` stops when a send fails (the query no longer reads).
-pub fn blocking<F>(name: &str, f: F) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>>
+/// The rows `f` sends for each of `items` in turn, run on a thread of its own (for work that
+/// blocks: files, onnxruntime). The first item `f` fails ends the stream with its error, as
+/// the client will print it ([`crate::task_error`]); `f` should stop when a send fails (the
+/// query no longer reads).
+pub fn each_item<F, E>(
+    name: &str,
+    items: Vec<usize>,
+    f: F,
+) -> DfResult<BoxStream<'static, DfResult<RecordBatch>>>
 where
-    F: FnOnce(&tokio::sync::mpsc::Sender<DfResult<RecordBatch>>) + Send + 'static,
+    F: Fn(usize, &tokio::sync::mpsc::Sender<DfResult<RecordBatch>>) -> Result<(), E>
+        + Send
+        + 'static,
+    E: fmt::Display,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || f(&tx))
+        .spawn(move || {
+            for i in items {
+                if let Err(e) = f(i, &tx) {
+                    let _ = tx.blocking_send(Err(crate::task_error(e)));
+                    return;
+                }
+            }
+        })
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
     let rows =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
