@@ -405,6 +405,18 @@ fn cluster_builds_of_the_three_real_sets_equal_the_plain_build() -> Result<()> {
     Ok(())
 }
 
+/// `gram-data build SPEC --out OUT` without a model (text only) and with `extra` arguments.
+fn build_text_only(spec: &Path, out: &Path, extra: &[&str]) -> Result<()> {
+    let mut cmd = std::process::Command::new(bin("gram-data")?);
+    cmd.arg("build")
+        .arg(spec)
+        .arg("--out")
+        .arg(out)
+        .arg("--quiet")
+        .args(extra);
+    run_ok(&mut cmd, &format!("gram-data build {extra:?}")).map(|_| ())
+}
+
 /// Rows rejected at every step before the plan's dedup (unreadable, mapped to no pair, failing
 /// the checks) and a duplicate across two files: the same rejects and counts from the plan's
 /// read tasks as from the build without `--cluster`; an unreadable file stops the job with one
@@ -441,16 +453,7 @@ fn the_plan_reads_maps_and_checks_the_inputs_as_the_plain_build() -> Result<()> 
             "name = \"bad\"\n[source]\nformat = \"jsonl\"\nfiles = [\"*.jsonl\"]\ncolumns = {columns}\n[map]\nsql = \"{sql}\"\n"
         ),
     )?;
-    let build = |out: &str, extra: &[&str]| {
-        let mut cmd = std::process::Command::new(bin("gram-data")?);
-        cmd.arg("build")
-            .arg(&spec)
-            .arg("--out")
-            .arg(dir.join(out))
-            .arg("--quiet")
-            .args(extra);
-        run_ok(&mut cmd, out).map(|_| ())
-    };
+    let build = |out: &str, extra: &[&str]| build_text_only(&spec, &dir.join(out), extra);
     build("plain", &[])?;
     let cluster = ["--cluster", "standalone", "--partitions", "2"];
     build("standalone", &cluster)?;
@@ -540,16 +543,7 @@ fn a_large_json_lines_file_is_read_in_ranges_as_one_file() -> Result<()> {
          columns = { prompt = \"utf8\", chosen = \"utf8\", rejected = \"utf8\" }\n[map]\n\
          sql = \"SELECT _file, _row, prompt, chosen AS response_a, rejected AS response_b, 'a' AS label FROM source\"\n",
     )?;
-    let build = |out: &str, extra: &[&str]| {
-        let mut cmd = std::process::Command::new(bin("gram-data")?);
-        cmd.arg("build")
-            .arg(&spec)
-            .arg("--out")
-            .arg(dir.join(out))
-            .arg("--quiet")
-            .args(extra);
-        run_ok(&mut cmd, out).map(|_| ())
-    };
+    let build = |out: &str, extra: &[&str]| build_text_only(&spec, &dir.join(out), extra);
     build("plain", &[])?;
     build(
         "ranges",
