@@ -108,6 +108,10 @@ fn same_type(a: &DataType, b: &DataType) -> bool {
     }
 }
 
+/// The file that says a dataset folder (a build's, or a sharded scoring output) is complete,
+/// and names its files: written last.
+pub const DATASET_MANIFEST: &str = "manifest.json";
+
 /// The shards of one split in a dataset folder (`DIR/{split}-*.parquet`), in name order. When
 /// the build's `manifest.json` beside DIR names its files, those are the shards (a file the
 /// manifest does not name, such as one a lost task wrote after the build ended, is not part of
@@ -142,7 +146,7 @@ fn manifest_files(dir: &Path) -> std::io::Result<Option<Vec<String>>> {
     let (Some(parent), Some(sub)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str())) else {
         return Ok(None);
     };
-    let path = parent.join("manifest.json");
+    let path = parent.join(DATASET_MANIFEST);
     let Ok(text) = std::fs::read(&path) else {
         return Ok(None);
     };

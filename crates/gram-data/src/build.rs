@@ -508,7 +508,7 @@ impl<'a> Run<'a> {
             "files": files,
         });
         for (file, value) in [
-            ("manifest.json", &manifest),
+            (gram_core::schema::DATASET_MANIFEST, &manifest),
             (
                 "stats.json",
                 &serde_json::to_value(&stats).or_internal("stats as JSON")?,

@@ -6,14 +6,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use gram_core::schema::DATASET_MANIFEST as MANIFEST;
 use gram_session::store::{Location, block_on, files_under, is_url};
 
 use crate::build::BuildOptions;
 use crate::error::{Error, Result};
 use crate::sink::SinkDest;
-
-/// The manifest: the file that says a dataset is complete, written last.
-const MANIFEST: &str = "manifest.json";
 
 /// A build's output.
 pub(crate) enum Dest {
@@ -147,9 +145,7 @@ impl Dest {
         match self {
             Self::Folder { out, parent, name } => move_into_place(tmp, out, parent, name),
             Self::Store(loc) => {
-                let skip = |rel: &str| rel == MANIFEST;
-                on_store(loc.put_dir(tmp, &skip))?;
-                on_store(loc.put_file(&tmp.join(MANIFEST), MANIFEST))?;
+                on_store(loc.put_dataset(tmp, MANIFEST))?;
                 std::fs::remove_dir_all(tmp).map_err(|e| Error::output(tmp, e))
             }
         }

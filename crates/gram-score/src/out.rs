@@ -29,7 +29,7 @@ pub enum Output {
 }
 
 /// The file that makes a sharded output complete.
-pub const MANIFEST: &str = "manifest.json";
+pub use gram_core::schema::DATASET_MANIFEST as MANIFEST;
 
 fn store<T>(f: impl std::future::Future<Output = std::result::Result<T, String>>) -> Result<T> {
     block_on(f).map_err(Error::Runtime)?.map_err(Error::Input)
@@ -120,8 +120,7 @@ impl Output {
                 local,
                 ..
             } => {
-                store(loc.put_dir(local, &|rel| rel == MANIFEST))?;
-                store(loc.put_file(&local.join(MANIFEST), MANIFEST))?;
+                store(loc.put_dataset(local, MANIFEST))?;
                 std::fs::remove_dir_all(local).map_err(|e| Error::file(local, e))?;
             }
         }

@@ -159,6 +159,13 @@ impl Location {
         Ok(rels)
     }
 
+    /// Puts a finished dataset folder `dir`: every file but `manifest`, then `manifest` last, so
+    /// that the prefix holds a complete dataset once the manifest is there.
+    pub async fn put_dataset(&self, dir: &Path, manifest: &str) -> Result<(), String> {
+        self.put_dir(dir, &|rel| rel == manifest).await?;
+        self.put_file(&dir.join(manifest), manifest).await
+    }
+
     /// Puts the files `rels` (paths relative to the local folder `dir`) at the same paths.
     pub async fn put_files(&self, dir: &Path, rels: &[String]) -> Result<(), String> {
         for rel in rels {

@@ -75,7 +75,7 @@ pub struct Split {
 pub fn shard_files(data: &Path, stage: Stage, split: &str) -> Result<Vec<PathBuf>> {
     let dir = data.join(stage.dataset_dir());
     if !dir.is_dir() {
-        let hint = if data.join("manifest.json").exists() {
+        let hint = if data.join(gram_core::schema::DATASET_MANIFEST).exists() {
             "this build wrote no such dataset"
         } else {
             "not a `gram-data build` output folder (no manifest.json)"
