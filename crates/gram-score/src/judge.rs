@@ -1,7 +1,8 @@
 //! A GRAM judge behind onnxruntime: judge prompts tokenised with the export's tokenizer and
 //! template (texts cut to fit, never the template), sequences sorted by length into batches
-//! under a token budget, batches run in parallel on a session pool, and METHOD.md's both-order
-//! score.
+//! under a token budget (each padded to its own length rounded up, so a score does not depend
+//! on the batch it ran in), batches run in parallel on a session pool, and METHOD.md's
+//! both-order score.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +20,7 @@ use crate::runtime::{Batch, PairBatch, SessionPool, Threads, shared_len};
 pub struct BatchLimits {
     /// Most rows.
     pub max_rows: usize,
-    /// Most tokens including padding (rows x longest).
+    /// Most tokens including padding (rows x padded width).
     pub max_tokens: usize,
 }
 
@@ -111,6 +112,53 @@ pub struct Judge {
     /// Batch limits.
     pub limits: BatchLimits,
     counters: Counters,
+}
+
+/// Rows are padded to a multiple of this many tokens (per part of a pair graph's input).
+pub const WIDTH_GRAIN: usize = 16;
+
+/// A batch to run: its items and the widths their rows are padded to.
+struct Planned<const P: usize> {
+    items: Vec<usize>,
+    widths: [usize; P],
+}
+
+/// Groups items, longest first, into batches under the limits. Each item is
+/// `rows_per_item` rows of `widths(i)` tokens per part. An item's rows are padded to its own
+/// widths rounded up to [`WIDTH_GRAIN`], and a batch holds only items of the same padded
+/// widths: what the graph computes for a row then depends on the row alone, not on the rows
+/// it shares a batch with, so a pair gets the same score bit for bit however the pairs
+/// around it are batched (a server's requests, a job's `--batch-rows`/`--batch-tokens`).
+fn batches<const P: usize>(
+    limits: BatchLimits,
+    n: usize,
+    rows_per_item: usize,
+    widths: impl Fn(usize) -> [usize; P],
+) -> Vec<Planned<P>> {
+    let padded: Vec<[usize; P]> = (0..n)
+        .map(|i| widths(i).map(|w| w.max(1).next_multiple_of(WIDTH_GRAIN)))
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse((padded[i].iter().sum::<usize>(), padded[i])));
+    let mut batches: Vec<Planned<P>> = Vec::new();
+    for i in order {
+        let w = padded[i];
+        let cost = |rows: usize| rows * rows_per_item * w.iter().sum::<usize>();
+        match batches.last_mut() {
+            Some(b)
+                if b.widths == w
+                    && (b.items.len() + 1) * rows_per_item <= limits.max_rows
+                    && cost(b.items.len() + 1) <= limits.max_tokens =>
+            {
+                b.items.push(i)
+            }
+            _ => batches.push(Planned {
+                items: vec![i],
+                widths: w,
+            }),
+        }
+    }
+    batches
 }
 
 /// A reward export's `(r_a, r_b, truncated)` for one pair.
@@ -205,46 +253,12 @@ impl Judge {
         }
     }
 
-    /// Groups items, longest first, into batches under the limits. Each item is
-    /// `rows_per_item` rows of `widths(i)` tokens per part; a batch costs its rows x the sum
-    /// of each part's widest.
-    fn batches<const P: usize>(
-        &self,
-        n: usize,
-        rows_per_item: usize,
-        widths: impl Fn(usize) -> [usize; P],
-    ) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(widths(i).iter().sum::<usize>()));
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        let mut cur: Vec<usize> = Vec::new();
-        let mut widest = [0usize; P];
-        for i in order {
-            let w = widths(i);
-            let grown: [usize; P] = std::array::from_fn(|k| widest[k].max(w[k]).max(1));
-            let tokens = (cur.len() + 1) * rows_per_item * grown.iter().sum::<usize>();
-            if !cur.is_empty()
-                && ((cur.len() + 1) * rows_per_item > self.limits.max_rows
-                    || tokens > self.limits.max_tokens)
-            {
-                batches.push(std::mem::take(&mut cur));
-                widest = [0; P];
-            }
-            cur.push(i);
-            widest = std::array::from_fn(|k| widest[k].max(w[k]).max(1));
-        }
-        if !cur.is_empty() {
-            batches.push(cur);
-        }
-        batches
-    }
-
     /// Runs `run` on every batch, in parallel, one session per worker; `run` returns (item,
     /// logits) for its batch's rows.
-    fn run_batches<T: Send>(
+    fn run_batches<T: Send, const P: usize>(
         &self,
-        batches: &[Vec<usize>],
-        run: impl Fn(&[usize], &mut ort::session::Session) -> Result<Scored<T>> + Sync,
+        batches: &[Planned<P>],
+        run: impl Fn(&Planned<P>, &mut ort::session::Session) -> Result<Scored<T>> + Sync,
     ) -> Result<Scored<T>> {
         let next = AtomicUsize::new(0);
         let workers = self.pool.size().min(batches.len()).max(1);
@@ -313,11 +327,12 @@ impl Judge {
     /// graph. Sequences are sorted by length into batches; batches run in parallel, one per
     /// session.
     pub fn logits(&self, seqs: &[Vec<u32>]) -> Result<Vec<[f32; 2]>> {
-        let batches = self.batches(seqs.len(), 1, |i| [seqs[i].len()]);
+        let batches = batches(self.limits, seqs.len(), 1, |i| [seqs[i].len()]);
         let plen = self.prefix_len();
-        let got = self.run_batches(&batches, |batch, sess| {
+        let got = self.run_batches(&batches, |planned, sess| {
+            let batch = &planned.items;
             let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].as_slice()).collect();
-            let b = Batch::left_padded(&rows, self.manifest.pad_id);
+            let b = Batch::left_padded_to(&rows, self.manifest.pad_id, planned.widths[0]);
             let real = rows.iter().map(|r| r.len() as u64).sum();
             let (n, w) = (b.rows as u64, b.width as u64);
             self.count(&[(&b, plen)], real, n, n * (plen + w));
@@ -342,14 +357,15 @@ impl Judge {
                 [n, (ab.len() - n).max(ba.len() - n)]
             })
             .collect();
-        let batches = self.batches(pairs.len(), 2, |i| split[i]);
+        let batches = batches(self.limits, pairs.len(), 2, |i| split[i]);
         let plen = self.prefix_len();
-        let got = self.run_batches(&batches, |batch, sess| {
+        let got = self.run_batches(&batches, |planned, sess| {
+            let batch = &planned.items;
             let rows: Vec<(&[u32], &[u32])> = batch
                 .iter()
                 .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
                 .collect();
-            let b = PairBatch::new(&rows, self.manifest.pad_id);
+            let b = PairBatch::padded_to(&rows, self.manifest.pad_id, planned.widths);
             let real = batch
                 .iter()
                 .map(|&i| (pairs[i].0.len() + pairs[i].1.len() - split[i][0]) as u64)
@@ -402,10 +418,11 @@ impl Judge {
             .flatten()
             .flat_map(|[a, b]| [a.ids.as_slice(), b.ids.as_slice()])
             .collect();
-        let batches = self.batches(seqs.len(), 1, |i| [seqs[i].len()]);
-        let got = self.run_batches(&batches, |batch, sess| {
+        let batches = batches(self.limits, seqs.len(), 1, |i| [seqs[i].len()]);
+        let got = self.run_batches(&batches, |planned, sess| {
+            let batch = &planned.items;
             let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i]).collect();
-            let b = Batch::left_padded(&rows, self.manifest.pad_id);
+            let b = Batch::left_padded_to(&rows, self.manifest.pad_id, planned.widths[0]);
             let real = rows.iter().map(|r| r.len() as u64).sum();
             let (n, w) = (b.rows as u64, b.width as u64);
             self.count(&[(&b, 0)], real, n, n * w);
@@ -521,5 +538,48 @@ impl Judge {
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_items_of_one_padded_width_under_the_limits() {
+        let limits = BatchLimits {
+            max_rows: 6,
+            max_tokens: 400,
+        };
+        // Pair-graph items: two rows each, (shared, rest) widths.
+        let widths: Vec<[usize; 2]> = (0..40)
+            .map(|i| [1 + (i * 7) % 50, 1 + (i * 13) % 90])
+            .collect();
+        let planned = batches(limits, widths.len(), 2, |i| widths[i]);
+        let mut seen = vec![0; widths.len()];
+        for b in &planned {
+            assert!(!b.items.is_empty());
+            assert!(b.widths.iter().all(|w| w % WIDTH_GRAIN == 0));
+            let rows = 2 * b.items.len();
+            let tokens = rows * b.widths.iter().sum::<usize>();
+            assert!(b.items.len() == 1 || (rows <= limits.max_rows && tokens <= limits.max_tokens));
+            for &i in &b.items {
+                seen[i] += 1;
+                // Each item's padded widths are its own, whatever else is in the batch.
+                let own = widths[i].map(|w| w.next_multiple_of(WIDTH_GRAIN));
+                assert_eq!(b.widths, own, "item {i}");
+            }
+        }
+        assert!(seen.iter().all(|&k| k == 1), "every item exactly once");
+        // Items of equal padded widths share batches where the limits allow.
+        let one = batches(limits, 3, 2, |_| [10, 20]);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].items, vec![0, 1, 2]);
+        // A single item over the token limit still runs, alone.
+        let big = batches(limits, 2, 2, |_| [300, 300]);
+        assert_eq!(
+            big.iter().map(|b| b.items.len()).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
     }
 }

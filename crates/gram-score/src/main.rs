@@ -291,7 +291,9 @@ struct RunArgs {
     /// Most sequences in one batch.
     #[arg(long, default_value_t = 64)]
     batch_rows: usize,
-    /// Most tokens (rows x longest row) in one batch.
+    /// Most tokens in one batch (rows x padded width; rows are padded to their own length rounded
+    /// up to 16 and batched with rows of the same padded length, so scores do not depend on
+    /// the batch limits).
     #[arg(long, default_value_t = 1024)]
     batch_tokens: usize,
     /// No progress bar.

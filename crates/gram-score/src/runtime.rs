@@ -169,8 +169,15 @@ pub struct PairBatch {
 }
 
 impl PairBatch {
-    /// Splits each pair `(ab, ba)` at [`shared_len`] and pads both parts on the left.
+    /// Splits each pair `(ab, ba)` at [`shared_len`] and pads both parts on the left to their
+    /// longest.
     pub fn new(pairs: &[(&[u32], &[u32])], pad: u32) -> Self {
+        Self::padded_to(pairs, pad, [0, 0])
+    }
+
+    /// As [`PairBatch::new`], padding the shared parts to at least `widths[0]` and the
+    /// continuations to at least `widths[1]`.
+    pub fn padded_to(pairs: &[(&[u32], &[u32])], pad: u32, widths: [usize; 2]) -> Self {
         let mut shared = Vec::with_capacity(pairs.len());
         let mut rest = Vec::with_capacity(2 * pairs.len());
         for &(ab, ba) in pairs {
@@ -180,8 +187,8 @@ impl PairBatch {
             rest.push(&ba[n..]);
         }
         Self {
-            shared: Batch::left_padded(&shared, pad),
-            rest: Batch::left_padded(&rest, pad),
+            shared: Batch::left_padded_to(&shared, pad, widths[0]),
+            rest: Batch::left_padded_to(&rest, pad, widths[1]),
         }
     }
 
@@ -236,7 +243,7 @@ fn take(outputs: &mut Outputs, output: &str) -> Result<(Vec<usize>, Vec<f32>)> {
 pub struct Batch {
     /// Rows.
     pub rows: usize,
-    /// Sequence length (the longest row).
+    /// Sequence length (the longest row, or the width asked for).
     pub width: usize,
     /// Token ids, row-major.
     pub ids: Vec<i64>,
@@ -247,7 +254,12 @@ pub struct Batch {
 impl Batch {
     /// Pads every sequence on the left to the longest.
     pub fn left_padded(seqs: &[&[u32]], pad: u32) -> Self {
-        let width = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+        Self::left_padded_to(seqs, pad, 0)
+    }
+
+    /// Pads every sequence on the left to `width`, or to the longest where that is longer.
+    pub fn left_padded_to(seqs: &[&[u32]], pad: u32, width: usize) -> Self {
+        let width = seqs.iter().map(|s| s.len()).fold(width, usize::max).max(1);
         let rows = seqs.len();
         let mut ids = vec![i64::from(pad); rows * width];
         let mut mask = vec![0i64; rows * width];

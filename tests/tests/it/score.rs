@@ -318,6 +318,62 @@ fn pairwise_keeps_every_row_resumes_after_kill_and_is_position_independent() -> 
     Ok(())
 }
 
+/// A pair's score does not depend on which pairs share its batch: the same 200 pairs scored in
+/// batches of one pair, under the default limits, and in large batches on one two-threaded
+/// session give the same bits (a server's batches are other pairs' company too).
+#[test]
+fn scores_do_not_depend_on_how_pairs_are_batched() -> Result<()> {
+    let root = scratch("score-batch-invariant")?;
+    let input = root.join("pairs.parquet");
+    pairs_parquet(&input, 200, None, false)?;
+    let settings: [&[&str]; 3] = [
+        &["--batch-rows", "2"],
+        &[],
+        &[
+            "--batch-rows",
+            "64",
+            "--batch-tokens",
+            "16384",
+            "--sessions",
+            "1",
+            "--threads",
+            "2",
+        ],
+    ];
+    let mut runs = Vec::new();
+    for (k, args) in settings.iter().enumerate() {
+        let out = root.join(format!("out{k}.parquet"));
+        ok(score_cmd("pairwise", &input, &out)?.args(*args))?;
+        let b = read(&out)?;
+        runs.push((
+            f32s(&b, "score_a")?,
+            f32s(&b, "p_a_first")?,
+            f32s(&b, "p_a_second")?,
+        ));
+    }
+    let bits = |v: &[Option<f32>]| v.iter().map(|x| x.map(f32::to_bits)).collect::<Vec<_>>();
+    for (k, r) in runs.iter().enumerate().skip(1) {
+        for (name, a, b) in [
+            ("score_a", &runs[0].0, &r.0),
+            ("p_a_first", &runs[0].1, &r.1),
+            ("p_a_second", &runs[0].2, &r.2),
+        ] {
+            ensure!(a.iter().all(Option::is_some), "{name}: a row failed");
+            let differ = (0..a.len()).filter(|&i| a[i] != b[i]).count();
+            let worst = (0..a.len())
+                .filter_map(|i| Some((a[i]? - b[i]?).abs()))
+                .fold(0f32, f32::max);
+            ensure!(
+                bits(a) == bits(b),
+                "{name} under {:?}: {differ} of {} rows differ from batches of one pair (max {worst:e})",
+                settings[k],
+                a.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn reference_and_best_of_n_modes() -> Result<()> {
     let root = scratch("score-modes")?;

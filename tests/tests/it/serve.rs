@@ -104,12 +104,18 @@ fn start(args: &[&str]) -> Result<Server> {
     Ok(Server { child, addr, log })
 }
 
+/// Whether a reward read from JSON is the library's f32 (JSON carries its shortest decimal).
+fn same_f32(json: f64, library: f64) -> bool {
+    (json as f32).to_bits() == (library as f32).to_bits()
+}
+
 fn floats(v: &Value) -> Vec<Option<f64>> {
     v.as_array()
         .map_or(Vec::new(), |a| a.iter().map(Value::as_f64).collect())
 }
 
-/// Both-order scores of (prompt, response, reference) from the library in this process.
+/// Both-order scores of (prompt, response, reference) from the library in this process, scored
+/// together (a server batches them with other requests' pairs: the scores must not change).
 fn expected(pairs: &[(&str, &str, &str)]) -> Result<Vec<f64>> {
     let judge = gram_score::Judge::open(
         judge()?,
@@ -169,7 +175,7 @@ fn server_answers_concurrent_clients_and_rejects_bad_requests() -> Result<()> {
                         ensure!(got.len() == n, "client {c}: {} rewards for {n}", got.len());
                         for (g, w) in got.iter().zip(want) {
                             let g = g.context("null reward")?;
-                            ensure!((g - w).abs() <= 1e-5, "client {c}: reward {g} vs {w}");
+                            ensure!(same_f32(g, w), "client {c}: reward {g} vs {w}");
                         }
                     }
                     Ok(per_client)
@@ -325,10 +331,13 @@ fn openrlhf_requests_take_labels_split_loosely_and_never_fail_whole() -> Result<
     for (i, w) in want.iter().enumerate() {
         let g = got[i]
             .with_context(|| format!("item {i} has no reward: {}", v["extra_logs"]["error"][i]))?;
-        ensure!(
-            (g - w).abs() <= 1e-5,
-            "item {i}: reward {g}, the library gives {w}"
-        );
+        // Items 1 and 2 reach the judge with the query's spacing, not the plain texts': close.
+        let close = if i == 1 || i == 2 {
+            (g - w).abs() <= 1e-5
+        } else {
+            same_f32(g, *w)
+        };
+        ensure!(close, "item {i}: reward {g}, the library gives {w}");
         let (pf, ps) = (
             v["extra_logs"]["p_first"][i].as_f64(),
             v["extra_logs"]["p_second"][i].as_f64(),
