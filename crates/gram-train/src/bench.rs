@@ -121,6 +121,7 @@ pub fn bench(spec: &BenchSpec) -> Result<BenchResult> {
     let ctx = Ctx {
         stage,
         pad: 0,
+        pad_multiple: 1,
         labels,
         eps: 0.1,
     };

@@ -159,6 +159,10 @@ struct TrainArgs {
     /// Length bucketing window in batches (1: none). [default: 32]
     #[arg(long)]
     bucket_window: Option<usize>,
+    /// Pad batches to a multiple of N tokens (fewer shapes for wgpu to compile kernels for).
+    /// [default: 64 on wgpu, 1 on cpu]
+    #[arg(long)]
+    pad_multiple: Option<usize>,
     /// Validate every N steps (0: at the end only). [default: 0]
     #[arg(long)]
     eval_every: Option<usize>,
@@ -263,6 +267,7 @@ impl TrainArgs {
         for (field, value) in [
             (&mut s.max_steps, self.max_steps),
             (&mut s.train_layers, self.train_layers),
+            (&mut s.pad_multiple, self.pad_multiple),
         ] {
             if value.is_some() {
                 *field = value;

@@ -22,6 +22,8 @@ pub struct Ctx {
     pub stage: Stage,
     /// Padding id.
     pub pad: u32,
+    /// Batches are padded to a multiple of this many tokens.
+    pub pad_multiple: usize,
     /// Label tokens.
     pub labels: LabelIds,
     /// Stage-2 label smoothing.
@@ -54,12 +56,19 @@ pub struct Eval {
     pub by_source: BTreeMap<String, f64>,
 }
 
-/// Left-pads token sequences into `ids` and `mask` tensors (mask 1 on real tokens).
+/// Left-pads token sequences into `ids` and `mask` tensors (mask 1 on real tokens), to the
+/// longest rounded up to a multiple of `multiple`.
 ///
 /// # Shapes
-/// output: two `[rows, longest]` tensors
-pub fn pad_left(seqs: &[&[u32]], pad: u32, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+/// output: two `[rows, width]` tensors
+pub fn pad_left(
+    seqs: &[&[u32]],
+    pad: u32,
+    multiple: usize,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
+    let t = longest.next_multiple_of(multiple.max(1));
     let b = seqs.len();
     let mut ids = Vec::with_capacity(b * t);
     let mut mask = Vec::with_capacity(b * t);
@@ -102,7 +111,7 @@ fn stage1_logprobs(
     device: &Device,
 ) -> (Tensor<1>, BatchStats) {
     let seqs: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).collect();
-    let (ids, mask) = pad_left(&seqs, ctx.pad, device);
+    let (ids, mask) = pad_left(&seqs, ctx.pad, ctx.pad_multiple, device);
     let h = model.forward_hidden(ids, mask);
     let [b, t, d] = h.dims();
     // Row i's token j (padded position p + j) is predicted at position p + j - 1; only the
@@ -140,7 +149,7 @@ fn stage2_logits(
 ) -> (Tensor<2>, Tensor<1, Int>, usize) {
     let seqs: Vec<&[u32]> = rows.iter().map(|r| r.ids.as_slice()).collect();
     let tokens = seqs.iter().map(|s| s.len()).sum();
-    let (ids, mask) = pad_left(&seqs, ctx.pad, device);
+    let (ids, mask) = pad_left(&seqs, ctx.pad, ctx.pad_multiple, device);
     let logits = model.last_logits(ids, mask, &[ctx.labels.a, ctx.labels.b]);
     let target = ints(
         rows.iter().map(|r| i64::from(r.label_is_b)).collect(),
@@ -284,7 +293,7 @@ fn bt_rewards(
         .chain(rows.iter().map(|r| r.other.as_slice()))
         .collect();
     let tokens = seqs.iter().map(|s| s.len()).sum();
-    let (ids, mask) = pad_left(&seqs, ctx.pad, device);
+    let (ids, mask) = pad_left(&seqs, ctx.pad, ctx.pad_multiple, device);
     let r = model.forward(ids, mask);
     (r.clone().slice(0..b), r.slice(b..2 * b), tokens)
 }
@@ -360,6 +369,59 @@ mod tests {
             pair_id: pair.into(),
             swapped,
             source: "s".into(),
+        }
+    }
+
+    #[test]
+    fn padding_to_a_multiple_widens_batches_and_leaves_the_losses() {
+        let device = gram_model::device(gram_model::Backend::Cpu).expect("the CPU device");
+        let (ids, mask) = pad_left(&[&[5, 6, 7][..], &[8][..]], 0, 4, &device);
+        assert_eq!(ids.dims(), [2, 4]);
+        let m: Vec<i64> = mask
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .expect("ints");
+        assert_eq!(m, vec![0, 1, 1, 1, 0, 0, 0, 1]);
+        let cfg = gram_core::ModelConfig::from_hf_json(
+            &serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+                "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 50, "max_position_embeddings": 256,
+                "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true
+            }),
+            std::path::Path::new("tiny"),
+        )
+        .expect("a valid config");
+        device.seed(3);
+        let model = CausalLm::init(&cfg, &device);
+        let rows: Vec<Example> = [7usize, 19, 33]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Example {
+                ids: (0..n).map(|j| 3 + ((i * 7 + j * 5) % 40) as u32).collect(),
+                prompt_len: n / 2,
+                ..row("p", i % 2 == 1, i == 1)
+            })
+            .collect();
+        let refs: Vec<&Example> = rows.iter().collect();
+        for stage in [Stage::Finetune, Stage::Pretrain] {
+            let loss = |pad_multiple| {
+                let ctx = Ctx {
+                    stage,
+                    pad: 0,
+                    pad_multiple,
+                    labels: LabelIds { a: 1, b: 2 },
+                    eps: 0.1,
+                };
+                let (l, _, _) = model.batch_loss(&refs, &ctx, &device);
+                l.into_scalar::<f32>()
+            };
+            let (plain, padded) = (loss(1), loss(64));
+            assert!(
+                (plain - padded).abs() <= 1e-5 * plain.abs().max(1.0),
+                "{stage:?}: {plain} unpadded, {padded} padded to 64"
+            );
         }
     }
 

@@ -93,6 +93,10 @@ pub struct Settings {
     pub seed: u64,
     /// Batches are sorted by length within windows of this many batches (1: no bucketing).
     pub bucket_window: usize,
+    /// Batches are padded to a multiple of this many tokens; none: 64 on wgpu (fewer shapes,
+    /// so fewer kernels compiled and tuned per run), 1 on the CPU (no padding beyond the
+    /// longest row).
+    pub pad_multiple: Option<usize>,
     /// Validate every this many optimiser steps (0: only at the end).
     pub eval_every: usize,
     /// At most this many validation rows (pairs for `bt`); 0: all.
@@ -149,6 +153,7 @@ impl Default for Settings {
             label_smoothing: 0.1,
             seed: 0,
             bucket_window: 32,
+            pad_multiple: None,
             eval_every: 0,
             max_valid: 2000,
             max_train_pairs: 0,
@@ -169,6 +174,14 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// What batches are padded to a multiple of: `pad_multiple`, else the backend's default.
+    pub fn pad_multiple(&self) -> usize {
+        self.pad_multiple.unwrap_or(match self.backend {
+            Backend::Wgpu => 64,
+            Backend::Cpu => 1,
+        })
+    }
+
     /// Reads a TOML settings file (unknown keys are an error naming the file).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -232,6 +245,9 @@ impl Settings {
         }
         if self.train_layers == Some(0) {
             return bad("train_layers must be >= 1".into());
+        }
+        if self.pad_multiple.is_some_and(|m| m == 0 || m > 4096) {
+            return bad("pad_multiple must be in 1..=4096".into());
         }
         Ok(())
     }

@@ -594,6 +594,7 @@ impl<'a> Trainer<'a> {
             ctx: Ctx {
                 stage: s.stage,
                 pad: p.tokenizer.pad_id(),
+                pad_multiple: s.pad_multiple(),
                 labels: p.labels,
                 eps: s.label_smoothing,
             },
