@@ -256,7 +256,7 @@ fn a_scoring_job_puts_its_output_on_object_stores() -> Result<()> {
     let on_store = ["--work-dir", &work_arg, "--cluster", "standalone"];
     score(&input, &url, &on_store, &[])?;
     let worst = same_scores(&local, &dir.join("store/scored.parquet"), &url)?;
-    ensure!(worst <= 1e-6, "{url}: scores differ by {worst:.2e}");
+    ensure!(worst == 0.0, "{url}: scores differ by {worst:.2e}");
     emptied(&work)?;
     refused_in_one_line(&mut score_command(&input, &url, &[], &[])?, "exists")?;
     // --sharded onto a file:// prefix: the parts, 6 rows in chunks of 4, and the manifest.
@@ -290,7 +290,7 @@ fn a_scoring_job_puts_its_output_on_object_stores() -> Result<()> {
     let copy_arg = copy.display().to_string();
     s3_client(&py, &endpoint, &["download", "gram", "scores", &copy_arg])?;
     let worst = same_scores(&local, &copy.join("pairs.parquet"), "s3://")?;
-    ensure!(worst <= 1e-6, "s3://: scores differ by {worst:.2e}");
+    ensure!(worst == 0.0, "s3://: scores differ by {worst:.2e}");
     emptied(&work)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
