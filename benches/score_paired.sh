@@ -17,19 +17,8 @@ source benches/common.sh
 VENV="$GRAM_CACHE/torch-venv"
 bench_venv "$VENV" pyarrow pyarrow
 WORK="$GRAM_CACHE/bench-score-paired"; mkdir -p "$WORK"
-[ -d "$WORK/data" ] || "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml \
-    pipelines/llmbar.toml --model "$GRAM_SMOLLM2_GGUF" --out "$WORK/data" --max-tokens 1024 --quiet >/dev/null
-# PAIRS pairs taken evenly across the test split (one order each: the job scores both).
-"$VENV/bin/python" - "$WORK/data/stage2" "$WORK/pairs.parquet" "$PAIRS" <<'PY'
-import glob, sys
-import pyarrow as pa, pyarrow.parquet as pq
-src, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rows = [r for f in sorted(glob.glob(f"{src}/test-*.parquet")) for r in pq.read_table(f).to_pylist() if not r["swapped"]]
-rows = [rows[i * len(rows) // n] for i in range(min(n, len(rows)))]
-pq.write_table(pa.table({k: [r[k] for r in rows] for k in ["prompt", "response_a", "response_b"]}), out)
-PY
-"$BIN/gram-export" onnx --model exports/gram-smollm2-135m-lora --base "$GRAM_SMOLLM2_GGUF" \
-    --out "$WORK/judge" --max-tokens 1024 --overwrite >/dev/null
+# PAIRS held-out pairs (one order each: the job scores both) and the shipped judge.
+shipped_judge_and_pairs "$WORK" "$PAIRS" "prompt response_a response_b"
 rm -f "$WORK"/*.jsonl
 run() { # side binary
     local t0 t1

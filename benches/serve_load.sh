@@ -21,21 +21,9 @@ VENV="$GRAM_CACHE/torch-venv"
 bench_venv "$VENV" pyarrow pyarrow
 WORK="$GRAM_CACHE/bench-serve"; mkdir -p "$WORK"
 
-[ -d "$WORK/data" ] || "$BIN/gram-data" build pipelines/hh-rlhf-harmless.toml pipelines/pandalm.toml \
-    pipelines/llmbar.toml --model "$GRAM_SMOLLM2_GGUF" --out "$WORK/data" --max-tokens 1024 --quiet >/dev/null
-# One (prompt, response, reference) per pair: the pair's first response against its second,
-# pairs taken evenly across the split.
-"$VENV/bin/python" - "$WORK/data/stage2" "$WORK/pairs.parquet" "$PAIRS" <<'PY'
-import glob, sys
-import pyarrow as pa, pyarrow.parquet as pq
-src, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rows = [r for f in sorted(glob.glob(f"{src}/test-*.parquet")) for r in pq.read_table(f).to_pylist() if not r["swapped"]]
-rows = [rows[i * len(rows) // n] for i in range(min(n, len(rows)))]
-pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows], "response": [r["response_a"] for r in rows],
-                         "reference": [r["response_b"] for r in rows]}), out)
-PY
-"$BIN/gram-export" onnx --model exports/gram-smollm2-135m-lora --base "$GRAM_SMOLLM2_GGUF" \
-    --out "$WORK/judge" --max-tokens 1024 --overwrite >/dev/null
+# One (prompt, response, reference) per pair: the pair's first response against its second;
+# and the shipped judge.
+shipped_judge_and_pairs "$WORK" "$PAIRS" "prompt response reference"
 for t in 1024 4096; do
     "$BIN/gram-score" reference --model "$WORK/judge" --input "$WORK/pairs.parquet" --batch-tokens "$t" \
         --out "$WORK/reference-$t.parquet" --overwrite --restart --quiet >/dev/null
