@@ -851,6 +851,14 @@ fn an_unreachable_scheduler_is_a_one_line_error_before_any_work() -> Result<()> 
     Ok(())
 }
 
+/// Column `n` of `b` as UTF-8 strings, whatever string type it was read as.
+fn utf8_column(b: &RecordBatch, n: &str) -> Result<arrow::array::StringArray> {
+    let c = b.column_by_name(n).with_context(|| format!("column {n}"))?;
+    Ok(arrow::compute::cast(c, &DataType::Utf8)?
+        .as_string::<i32>()
+        .clone())
+}
+
 /// The largest difference between two float columns' values (nulls must match), or an error.
 fn float_diff(a: &dyn Array, b: &dyn Array, what: &str) -> Result<f32> {
     use arrow::datatypes::Float32Type;
@@ -928,12 +936,7 @@ fn candidates_file(stage2: &Path, out: &Path) -> Result<()> {
     let (mut prompts, mut lists) = (StringBuilder::new(), ListBuilder::new(StringBuilder::new()));
     for b in r {
         let b = b?;
-        let s = |n: &str| -> Result<arrow::array::StringArray> {
-            let c = b.column_by_name(n).context("column")?;
-            Ok(arrow::compute::cast(c, &DataType::Utf8)?
-                .as_string::<i32>()
-                .clone())
-        };
+        let s = |n: &str| utf8_column(&b, n);
         let (p, x, y) = (s("prompt")?, s("response_a")?, s("response_b")?);
         for i in 0..b.num_rows() {
             prompts.append_value(p.value(i));
@@ -1037,12 +1040,7 @@ fn cluster_scoring_reads_json_lines_and_resumes_from_its_parts() -> Result<()> {
     let data = dir.join("data");
     gram_data_build(&["llmbar.toml"], &data, &["--max-tokens", "512"])?;
     let stage2 = read(&data.join("stage2/test-00000.parquet"))?;
-    let text = |n: &str| -> Result<arrow::array::StringArray> {
-        let c = stage2.column_by_name(n).context("column")?;
-        Ok(arrow::compute::cast(c, &DataType::Utf8)?
-            .as_string::<i32>()
-            .clone())
-    };
+    let text = |n: &str| utf8_column(&stage2, n);
     let (p, a, b) = (text("prompt")?, text("response_a")?, text("response_b")?);
     let n = p.len().min(80);
     ensure!(n > 40, "only {n} rows to score");
